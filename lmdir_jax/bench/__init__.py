@@ -1,0 +1,1 @@
+"""Benchmarks behind `lmdir bench`: one module each, with `register(subparsers)`."""

@@ -1,0 +1,98 @@
+"""The `lmdir` command: a thin argparse front over the library.
+
+Each sub-command lives in `lmdir_jax/commands/<name>.py` with a `register(subparsers)` function
+that adds its parser and sets `func` (a callable taking the parsed args and returning an exit code).
+Heavy imports (jax, flax, transformers) happen inside the handlers so `lmdir --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lmdir_jax.errors import UsageError
+
+COMMAND_MODULES = (
+    "degrade",
+    "data",
+    "model",
+    "priors",
+    "train",
+    "restore",
+    "evaluate",
+    "export",
+    "bench",
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports misuse as one line on stderr and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.key=value` (or `--config.key value`) tokens from the other arguments."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--config."):
+            if "=" in tok:
+                overrides.append(tok[len("--") :])
+            else:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{tok} needs a value (use {tok}=VALUE)")
+                overrides.append(f"{tok[len('--'):]}={argv[i + 1]}")
+                i += 1
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, overrides
+
+
+def build_parser() -> ArgumentParser:
+    """The full `lmdir` parser with every available sub-command registered."""
+    parser = ArgumentParser(
+        prog="lmdir",
+        description="LMDIR all-in-one image restoration in JAX/Flax.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"lmdir_jax.commands.{name}")
+        except ModuleNotFoundError as e:  # a command not written yet
+            if e.name == f"lmdir_jax.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lmdir` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, overrides = split_config_overrides(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.config_overrides = overrides
+        if overrides and not hasattr(args, "config"):
+            raise UsageError(f"'lmdir {args.command}' takes no --config overrides")
+        code = args.func(args)
+    except UsageError as e:
+        sys.stderr.write(f"lmdir: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("lmdir: interrupted\n")
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Defaults of the `model` config section (owned by lmdir_jax/models)."""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """LMDIR network size; the paper-scale numbers are in configs/paper.py."""
+    c = ml_collections.ConfigDict()
+    c.width = 16
+    c.blocks = (1, 1, 1, 1)  # transformer blocks per U-Net level (level 1 = full resolution)
+    c.refinement_blocks = 1
+    c.heads = (1, 2, 4, 8)
+    c.ffn_expansion = 2.66
+    c.text_dim = 32  # width of the CLIP text states fed to the prompt encoder
+    c.prompt_dim = 32  # width of the query-based prompt encoder
+    c.num_deg_queries = 4
+    c.num_content_queries = 4
+    c.catb_levels = (3, 4)  # levels (1..4) whose blocks get content cross-attention
+    c.rtb_levels = (3, 4)  # levels whose blocks get reference cross-attention
+    c.ref_tokens = 16  # reference tokens after pooling (bounded, e.g. 4x4)
+    c.zero_init_output = True  # residual output conv starts at zero: the untrained model is identity
+    c.dtype = "float32"  # compute dtype: float32 or bfloat16
+    return c

@@ -1,0 +1,23 @@
+"""Defaults of the `train` config section (owned by lmdir_jax/train)."""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Optimisation, mesh, checkpoints, logging."""
+    c = ml_collections.ConfigDict()
+    c.steps = 1000
+    c.lr = 2e-4
+    c.warmup_steps = 50
+    c.min_lr_ratio = 0.01
+    c.weight_decay = 1e-4
+    c.clip_norm = 1.0
+    c.ema_decay = 0.0  # 0 = no EMA parameters
+    c.mesh_data = -1  # -1 = all devices (divided by mesh_fsdp)
+    c.mesh_fsdp = 1
+    c.log_every = 10
+    c.ckpt_every = 100
+    c.keep_checkpoints = 3
+    c.val_every = 200
+    c.plot_every = 200
+    return c

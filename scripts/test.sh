@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: sets up .venv from nothing, then lint + pytest (8 emulated CPU devices).
+# Usage: ./scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh dev,export
+export JAX_PLATFORMS=cpu
+export PYTHONHASHSEED=0
+export TF_CPP_MIN_LOG_LEVEL=3
+echo "[test] ruff"
+.venv/bin/ruff check lmdir_jax tests configs
+echo "[test] pytest"
+exec .venv/bin/python -m pytest -q "$@"
