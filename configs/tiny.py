@@ -11,7 +11,7 @@ def get_config():
     c.name = "tiny"
     c.data.patch_size = 32
     c.data.batch_size = 8
-    c.model.width = 8
+    c.model.width = 4
     c.model.blocks = (1, 1, 1, 1)
     c.model.refinement_blocks = 1
     c.model.heads = (1, 1, 2, 2)
@@ -19,7 +19,9 @@ def get_config():
     c.model.prompt_dim = 16
     c.model.num_deg_queries = 2
     c.model.num_content_queries = 2
+    c.model.prompt_heads = 2
     c.model.ref_tokens = 4
+    c.model.ref_dim = 8
     c.priors.max_text_len = 16
     c.priors.ref_size = 32
     c.train.steps = 4

@@ -19,6 +19,11 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.mix_prob = 0.3  # probability an example gets a mixture of 2..max_kinds kinds
     c.max_kinds = 3
+    # Probability that a training example's degradation text is a random phrasing of its label
+    # ("strong rain", "a photo with mist") instead of the canonical one (robust user-guided text).
+    c.random_phrasing = 0.5
+    # Degradation text given to pairs from a paired-folder source (their label is unknown).
+    c.paired_text = ""
     # Validation: a folder (clean images degraded with val_spec at a fixed seed, or a paired folder).
     c.val_source = ""
     c.val_spec = "noise:25"

@@ -13,11 +13,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.ffn_expansion = 2.66
     c.text_dim = 32  # width of the CLIP text states fed to the prompt encoder
     c.prompt_dim = 32  # width of the query-based prompt encoder
+    c.prompt_heads = 4  # heads of the prompt encoder's attention (prompt_dim % prompt_heads == 0)
     c.num_deg_queries = 4
     c.num_content_queries = 4
     c.catb_levels = (3, 4)  # levels (1..4) whose blocks get content cross-attention
     c.rtb_levels = (3, 4)  # levels whose blocks get reference cross-attention
-    c.ref_tokens = 16  # reference tokens after pooling (bounded, e.g. 4x4)
+    c.ref_tokens = 16  # reference tokens after pooling to a sqrt x sqrt grid (a perfect square)
+    c.ref_dim = 32  # width of the reference encoder and its tokens
     c.zero_init_output = True  # residual output conv starts at zero: the untrained model is identity
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
     return c

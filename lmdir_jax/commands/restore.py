@@ -1,0 +1,180 @@
+"""`lmdir restore`: restore image files, folders or globs with a trained checkpoint.
+
+Outputs are PNG files named after the inputs (folders keep their sub-folder layout), 16-bit when
+the input was 16-bit, with the input's alpha channel passed through unchanged. An output can never
+replace an input.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from pathlib import Path
+
+from lmdir_jax.errors import UsageError
+
+
+def register(sub) -> None:
+    """Add `lmdir restore`."""
+    p = sub.add_parser(
+        "restore",
+        help="restore images with a trained checkpoint (tiled, automatic or text-guided)",
+        description="Restore image files, folders or globs. By default the degradation prior is "
+        "chosen automatically by CLIP from each image; --degradation TEXT guides it instead.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("--checkpoint", required=True, metavar="WORKDIR", help="training workdir")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the restored images")
+    p.add_argument(
+        "--tile", type=int, default=512, metavar="N",
+        help="tile side in pixels for large images (default 512; 0 = whole image at once)",
+    )
+    p.add_argument(
+        "--tile-overlap", type=int, default=32, metavar="N", help="tile overlap in pixels (default 32)"
+    )
+    p.add_argument(
+        "--tile-batch", type=int, default=1, metavar="N", help="tiles per forward pass (default 1)"
+    )
+    p.add_argument(
+        "--degradation", metavar="TEXT",
+        help="describe the degradation yourself (e.g. 'heavy rain'); default: automatic (CLIP)",
+    )
+    p.add_argument("--caption", metavar="TEXT", help="scene caption (default: zero-shot CLIP caption)")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference", metavar="IMG", help="a clean reference image of the scene")
+    ref.add_argument(
+        "--no-reference", action="store_true", help="use no reference image (the default)"
+    )
+    p.add_argument("--clip", metavar="DIR", help="CLIP folder (overrides the checkpoint's priors.clip)")
+    p.set_defaults(func=run)
+
+
+def _is_image_name(path: Path) -> bool:
+    from lmdir_jax.data.io import is_image_file
+
+    return is_image_file(path)
+
+
+def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path, bool]]:
+    """Expand files, folders and globs to (file, output-relative path, named explicitly) triples.
+
+    Folders are searched recursively for image extensions and keep their layout; a glob or a file
+    gives the bare file name. Raises `UsageError` when an input matches nothing.
+    """
+    items: list[tuple[Path, Path, bool]] = []
+    for text in inputs:
+        p = Path(text)
+        if p.is_file():
+            items.append((p, Path(p.name), True))
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_image_name(f))
+            if not files:
+                raise UsageError(f"no images in folder: {text}")
+            items.extend((f, f.relative_to(p), False) for f in files)
+        elif glob.has_magic(text):
+            files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
+            files = [f for f in files if _is_image_name(f)]
+            if not files:
+                raise UsageError(f"no images match: {text}")
+            items.extend((f, Path(f.name), False) for f in files)
+        else:
+            raise UsageError(f"no such file or folder: {text}")
+    seen: set[Path] = set()
+    unique = []
+    for f, rel, explicit in items:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((f, rel, explicit))
+    return unique
+
+
+def plan_outputs(items: list[tuple[Path, Path, bool]], output: Path) -> list[Path]:
+    """The output file of each input (`OUTPUT/rel.png`), refusing to overwrite any input.
+
+    Raises `UsageError` when an output path is an input file, or when two inputs would write the
+    same output.
+    """
+    inputs = {f.resolve() for f, _, _ in items}
+    outs: list[Path] = []
+    taken: dict[Path, Path] = {}
+    for f, rel, _ in items:
+        out = output / rel.with_suffix(".png")
+        key = out.resolve()
+        if key in inputs:
+            raise UsageError(
+                f"output {out} would overwrite an input: choose another --output folder"
+            )
+        if key in taken:
+            raise UsageError(f"{taken[key]} and {f} would both be written to {out}: restore them separately")
+        taken[key] = f
+        outs.append(out)
+    return outs
+
+
+def _read(path: Path):
+    """The decoded `LoadedImage` (rgb, alpha, bit depth), or None when it is not a readable image."""
+    from lmdir_jax.data.io import load_image
+
+    return load_image(path)
+
+
+def run(args) -> int:
+    """Handler of `lmdir restore`."""
+    if args.tile < 0 or args.tile_overlap < 0 or args.tile_batch < 1:
+        raise UsageError("--tile and --tile-overlap must be >= 0 and --tile-batch >= 1")
+    tile = args.tile or None
+    if tile is not None and tile <= 2 * args.tile_overlap:
+        raise UsageError(f"--tile ({tile}) must be more than twice --tile-overlap ({args.tile_overlap})")
+    items = collect_inputs(args.inputs)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output must be a folder, not a file: {output}")
+    outs = plan_outputs(items, output)
+    for f, _, explicit in items:
+        if explicit and not _is_image_name(f):
+            raise UsageError(f"not an image: {f}")
+
+    reference = None
+    if args.reference:
+        got = _read(Path(args.reference))
+        if got is None:
+            raise UsageError(f"--reference is not a readable image: {args.reference}")
+        reference = got.composited()
+
+    from tqdm.auto import tqdm
+
+    from lmdir_jax.data.io import write_image
+    from lmdir_jax.inference import load_restorer
+
+    restorer = load_restorer(args.checkpoint, args.clip)
+    if args.degradation is not None and restorer.clip is None:
+        raise UsageError("--degradation needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
+    if args.caption is not None and restorer.clip is None:
+        raise UsageError("--caption needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
+
+    inputs = [f for f, _, _ in items]
+    skipped = 0
+    done = 0
+    bar = tqdm(list(zip(items, outs, strict=True)), desc="restore", unit="img", disable=len(items) < 2)
+    for (f, _, explicit), out in bar:
+        got = _read(f)
+        if got is None:
+            if explicit:
+                raise UsageError(f"not an image: {f}")
+            skipped += 1
+            continue
+        rgb = got.rgb
+        priors, choice = restorer.priors_for(
+            rgb, degradation=args.degradation, caption=args.caption, reference=reference
+        )
+        restored = restorer.restore(
+            rgb, priors, tile=tile, overlap=args.tile_overlap, batch_size=args.tile_batch,
+            progress=len(items) < 2,
+        )
+        write_image(out, restored, bit_depth=got.bit_depth, alpha=got.alpha, protect=inputs)
+        tqdm.write(f"{f}: {choice.describe()} -> {out}", file=sys.stdout)
+        done += 1
+    note = f", skipped {skipped} unreadable" if skipped else ""
+    print(f"restored {done} image(s) into {output}{note}")
+    return 0

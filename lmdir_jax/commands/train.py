@@ -1,0 +1,40 @@
+"""`lmdir train --config CFG --workdir DIR [--config.key=value ...]`: train (or resume) a model."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    """Add `lmdir train`."""
+    p = sub.add_parser(
+        "train",
+        help="train LMDIR (rerun the same command to resume)",
+        description="Train LMDIR on the config's data; checkpoints, logs and plots go to WORKDIR. "
+        "Running the same command again resumes from the newest readable checkpoint.",
+    )
+    p.add_argument("--config", required=True, help="config file or name in configs/ (tiny, quickstart, ...)")
+    p.add_argument("--workdir", required=True, help="run folder (checkpoints, metrics, plots)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Load the config, train, print a one-line summary; NaN loss -> exit 1, Ctrl-C -> 130."""
+    from lmdir_jax.config import load_config
+    from lmdir_jax.train.loop import TrainingDiverged, print_summary, train
+
+    config = load_config(args.config, args.config_overrides)
+    try:
+        summary = train(config, args.workdir, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        sys.stderr.write(f"lmdir: error: {e}\n")
+        return 1
+    print_summary(summary)
+    if summary.get("interrupted"):
+        sys.stderr.write(
+            f"lmdir: interrupted at step {summary['step']}; checkpoint saved, "
+            "rerun the same command to resume\n"
+        )
+        return 130
+    return 0

@@ -1,0 +1,231 @@
+"""The training input pipeline: grain MapDataset from a source to batches of degraded/clean patches.
+
+source -> [seed, shuffle, repeat] -> random_map(crop, flips/rot90, degradation, priors)
+       -> per-host slice -> batch -> to_iter_dataset -> mp_prefetch (workers > 0)
+
+Every random choice of element i comes from (config.seed, i) through grain's per-element
+Generator, so the batches are the same for any number of workers, and a restored iterator state
+resumes on exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from lmdir_jax.data.sources import ImageSource, load_source
+from lmdir_jax.errors import UsageError
+
+log = logging.getLogger("lmdir_jax.data")
+
+
+def pad_to(img: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad an HxWxC image (both sides) so that each side is at least `size`."""
+    h, w = img.shape[:2]
+    while h < size or w < size:  # reflection can add at most side-1 pixels per pass
+        ph, pw = max(0, size - h), max(0, size - w)
+        ph, pw = min(ph, max(h - 1, 0)), min(pw, max(w - 1, 0))
+        if (ph == 0 and h < size) or (pw == 0 and w < size):  # a 1-pixel side: repeat it
+            img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="edge")
+        else:
+            img = np.pad(img, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+        h, w = img.shape[:2]
+    return img
+
+
+def random_crop(rng: np.random.Generator, size: int, *images: np.ndarray) -> list[np.ndarray]:
+    """The same random size x size window of each image (padded first when smaller)."""
+    images = tuple(pad_to(im, size) for im in images)
+    h, w = images[0].shape[:2]
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return [im[y : y + size, x : x + size] for im in images]
+
+
+def augment(rng: np.random.Generator, *images: np.ndarray) -> list[np.ndarray]:
+    """The same random 90-degree rotation and horizontal flip of each image (the 8 dihedral views)."""
+    k, flip = int(rng.integers(4)), bool(rng.integers(2))
+    out = []
+    for im in images:
+        im = np.rot90(im, k)
+        out.append(im[:, ::-1] if flip else im)
+    return out
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize an image to size x size (area filter when shrinking, cubic when enlarging)."""
+    import cv2
+
+    if img.shape[:2] == (size, size):
+        return img.astype(np.float32)
+    interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_CUBIC
+    return np.clip(cv2.resize(img.astype(np.float32), (size, size), interpolation=interp), 0, 1)
+
+
+class PriorAttacher:
+    """Adds scene_states/scene_mask/reference/has_reference from a prior cache to an element.
+
+    A missing key gets zeros with all masks False. `missing` lists the source keys without an entry.
+    """
+
+    def __init__(self, cache: Any, keys: list[str], ref_size: int, text_len: int, text_dim: int):
+        self.cache = cache
+        self.ref_size = ref_size
+        self.missing: list[str] = []
+        shape = None
+        for key in keys:
+            entry = cache.get(key)
+            if entry is None:
+                self.missing.append(key)
+            elif shape is None:
+                shape = np.asarray(entry["scene_states"]).shape
+        self.states_shape = tuple(shape) if shape is not None else (text_len, text_dim)
+        if self.missing:
+            names = ", ".join(self.missing[:5]) + (", ..." if len(self.missing) > 5 else "")
+            log.warning(
+                "prior cache has no entry for %d of %d images (%s): their scene and reference "
+                "priors are masked", len(self.missing), len(keys), names,
+            )
+
+    def __call__(self, element: dict[str, Any]) -> dict[str, Any]:
+        entry = self.cache.get(element["key"])
+        r = self.ref_size
+        if entry is None:
+            element["scene_states"] = np.zeros(self.states_shape, np.float32)
+            element["scene_mask"] = np.zeros(self.states_shape[:1], bool)
+            element["reference"] = np.zeros((r, r, 3), np.float32)
+            element["has_reference"] = np.bool_(False)
+            return element
+        element["scene_states"] = np.asarray(entry["scene_states"], np.float32)
+        element["scene_mask"] = np.asarray(entry["scene_mask"], bool)
+        ref = entry.get("reference")
+        has_ref = ref is not None and np.asarray(ref).size > 0
+        element["reference"] = resize_square(np.asarray(ref), r) if has_ref else np.zeros((r, r, 3), np.float32)
+        element["has_reference"] = np.bool_(has_ref)
+        return element
+
+
+class TrainTransform:
+    """random_map function: crop, augment and degrade one source item into a training example."""
+
+    def __init__(self, data_config, priors: PriorAttacher | None = None):
+        self.patch = int(data_config.patch_size)
+        self.augment = bool(data_config.augment)
+        self.weights = {k: float(v) for k, v in dict(data_config.tasks).items()}
+        self.mix_prob = float(data_config.mix_prob)
+        self.max_kinds = int(data_config.max_kinds)
+        self.random_phrasing = float(data_config.get("random_phrasing", 0.0))
+        self.paired_text = str(data_config.get("paired_text", ""))
+        self.priors = priors
+
+    def __call__(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        from lmdir_jax.degradations import KINDS, sample_degradation
+
+        if "degraded" in item:
+            lq, gt = random_crop(rng, self.patch, item["degraded"], item["clean"])
+            if self.augment:
+                lq, gt = augment(rng, lq, gt)
+            vector, text = np.zeros(len(KINDS), np.float32), self.paired_text
+        else:
+            (gt,) = random_crop(rng, self.patch, item["clean"])
+            if self.augment:
+                (gt,) = augment(rng, gt)
+            gt = np.ascontiguousarray(gt, dtype=np.float32)
+            lq, label = sample_degradation(gt, rng, self.weights, self.mix_prob, self.max_kinds)
+            vector = np.asarray(label.vector(), np.float32)
+            text = label.text(rng) if rng.random() < self.random_phrasing else label.text()
+        out = {
+            "lq": np.ascontiguousarray(lq, dtype=np.float32),
+            "gt": np.ascontiguousarray(gt, dtype=np.float32),
+            "deg_vector": vector,
+            "deg_text": np.str_(text),
+            "key": np.str_(item["key"]),
+        }
+        return self.priors(out) if self.priors is not None else out
+
+
+def _validate(config, process_count: int) -> int:
+    d = config.data
+    if d.patch_size < 8:
+        raise UsageError(f"data.patch_size must be >= 8, got {d.patch_size}")
+    if d.batch_size < 1 or d.batch_size % process_count:
+        raise UsageError(
+            f"data.batch_size {d.batch_size} must be a positive multiple of the {process_count} processes"
+        )
+    weights = {k: float(v) for k, v in dict(d.tasks).items()}
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise UsageError("data.tasks needs at least one positive weight and no negative one")
+    return d.batch_size // process_count
+
+
+def make_dataset(
+    config,
+    *,
+    source: ImageSource | None = None,
+    prior_cache: Any = None,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """The grain MapDataset of per-host batches (infinite); see `make_train_iterator`."""
+    import grain
+
+    per_host = _validate(config, process_count)
+    src = load_source(config.data.source) if source is None else source
+    priors = None
+    if prior_cache is not None:
+        priors = PriorAttacher(
+            prior_cache, src.keys(), int(config.priors.ref_size),
+            int(config.priors.max_text_len), int(config.model.text_dim),
+        )
+    ds = grain.MapDataset.source(src).seed(int(config.seed)).shuffle().repeat()
+    ds = ds.random_map(TrainTransform(config.data, priors))
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.batch(per_host, drop_remainder=True)
+    ds.missing_priors = [] if priors is None else priors.missing
+    return ds
+
+
+def make_train_iterator(
+    config,
+    *,
+    prior_cache: Any = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: ImageSource | None = None,
+):
+    """A grain DatasetIterator of training batches for this host.
+
+    Batches are dicts: lq/gt (b,P,P,3) f32, deg_vector (b,len(KINDS)) f32, deg_text and key (b,)
+    str, and with a prior cache scene_states/scene_mask/reference/has_reference. b is the per-host
+    batch (config.data.batch_size / process_count); process index/count default to JAX's.
+    The iterator supports get_state/set_state and grain.checkpoint.CheckpointSave/Restore; its
+    attribute `missing_priors` lists the source keys absent from the prior cache.
+    """
+    import grain
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    ds = make_dataset(
+        config, source=source, prior_cache=prior_cache,
+        process_index=process_index, process_count=process_count,
+    )
+    missing = ds.missing_priors
+    it_ds = ds.to_iter_dataset()
+    workers = int(config.data.num_workers)
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain 0.2.18 reads absl flags in mp_prefetch
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = iter(it_ds)
+    try:
+        it.missing_priors = missing
+    except AttributeError:
+        pass
+    return it

@@ -1,0 +1,355 @@
+"""Random-access sources of clean images (or degraded/clean pairs) that grain's MapDataset can read.
+
+`load_source(spec)` understands:
+- `skimage`: the colour sample photographs shipped inside scikit-image (no download);
+- a folder of clean images (searched recursively);
+- a paired folder holding `degraded/` and `clean/` (matched by identical stem, or degraded stem =
+  clean stem + '_...', as in SOTS: `0001_0.8_0.2.jpg` <-> `0001.png`);
+- `tfds:NAME:SPLIT` (a `tfds.data_source`; needs tensorflow-datasets and the prepared data).
+
+Every item is a dict with `key` (stable: the path relative to the source root, or the skimage
+name) and `clean` (float32 HxWx3 in [0, 1]); paired sources add `degraded`. Unreadable files are
+skipped, counted and reported once; a source without any usable image raises UsageError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmdir_jax.data.io import is_image_file, load_image, read_image
+from lmdir_jax.errors import UsageError
+
+log = logging.getLogger("lmdir_jax.data")
+
+# Colour photographs stored inside the scikit-image package (loaded without any download).
+SKIMAGE_NAMES: tuple[str, ...] = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+)
+DEGRADED_DIRS = ("degraded", "input", "lq", "hazy", "rainy", "low")
+CLEAN_DIRS = ("clean", "target", "gt", "clear", "norain", "high")
+FULL_CHECK_LIMIT = 4000  # folders up to this many files are fully decoded once when loaded
+
+
+def _report_bad(where: str, bad: list[str]) -> None:
+    if bad:
+        names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        log.warning("%s: skipped %d unreadable file(s): %s", where, len(bad), names)
+
+
+def _is_readable(path: Path, full: bool) -> bool:
+    """A cheap header check (PIL open), or a full decode when `full`."""
+    if full:
+        return load_image(path) is not None
+    from PIL import Image
+
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - opening parses the header and runs PIL's bomb guard
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not an image"
+        return False
+
+
+def _check_files(paths: list[Path], root: Path, check: str) -> tuple[list[Path], list[str]]:
+    full = check == "full" or (check == "auto" and len(paths) <= FULL_CHECK_LIMIT)
+    if check == "none":
+        return paths, []
+    workers = min(8, (os.cpu_count() or 1) + 1)
+    with ThreadPoolExecutor(workers) as pool:
+        ok = list(pool.map(lambda p: _is_readable(p, full), paths))
+    good = [p for p, o in zip(paths, ok, strict=True) if o]
+    bad = [p.relative_to(root).as_posix() for p, o in zip(paths, ok, strict=True) if not o]
+    return good, bad
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under `root` (recursive, sorted, hidden files and folders skipped)."""
+    root = Path(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f)]
+    return sorted(out)
+
+
+class _LRU:
+    """A tiny per-process LRU of decoded images (not pickled to worker processes)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.data: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key, make):
+        if self.size <= 0:
+            return make()
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        value = make()
+        self.data[key] = value
+        if len(self.data) > self.size:
+            self.data.popitem(last=False)
+        return value
+
+
+class ImageSource:
+    """Base of all sources: len/getitem returning {'key', 'clean'[, 'degraded']} dicts."""
+
+    paired: bool = False
+    name: str = "source"
+
+    def __init__(self, cache_size: int = 0):
+        self.cache_size = cache_size
+        self._cache = _LRU(cache_size)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache = _LRU(self.cache_size)
+
+    def keys(self) -> list[str]:
+        """The stable key of every item, in index order."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def _load(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._cache.get(index, lambda: self._load(index))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} items)"
+
+
+class SkimageSource(ImageSource):
+    """The colour sample photographs of scikit-image, decoded once and kept in memory."""
+
+    def __init__(self, names: tuple[str, ...] = SKIMAGE_NAMES):
+        super().__init__(cache_size=len(names))
+        self.name = "skimage"
+        self.names = tuple(names)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def _load(self, index: int) -> dict[str, Any]:
+        import skimage.data
+
+        a = getattr(skimage.data, self.names[index])()
+        if isinstance(a, tuple):  # stereo_motorcycle -> (left, right, disparity)
+            a = a[0]
+        a = np.asarray(a)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        return {"key": self.names[index], "clean": (a[..., :3].astype(np.float32) / 255.0)}
+
+
+class FolderSource(ImageSource):
+    """A folder of clean images (recursive); decoded per element with a small LRU cache."""
+
+    def __init__(self, root: str | Path, check: str = "auto", cache_size: int = 16):
+        super().__init__(cache_size=cache_size)
+        self.root = Path(root)
+        self.name = str(root)
+        files = list_images(self.root)
+        self.paths, bad = _check_files(files, self.root, check)
+        self.num_unreadable = len(bad)
+        self.unreadable = bad
+        _report_bad(str(root), bad)
+        if not self.paths:
+            what = "only unreadable image files" if files else "no image files"
+            raise UsageError(f"no usable image in {root}: it has {what}")
+        self._keys = [p.relative_to(self.root).as_posix() for p in self.paths]
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def _read(self, index: int) -> np.ndarray:
+        """Decode item `index`; a file that went bad after loading falls back to the next one."""
+        for k in range(len(self.paths)):
+            i = (index + k) % len(self.paths)
+            img = read_image(self.paths[i])
+            if img is not None:
+                if k:
+                    log.warning("%s: %s became unreadable; using %s instead",
+                                self.name, self._keys[index], self._keys[i])
+                return img
+        raise UsageError(f"no image in {self.root} is readable any more")
+
+    def _load(self, index: int) -> dict[str, Any]:
+        return {"key": self._keys[index], "clean": self._read(index)}
+
+
+def _find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    return None
+
+
+def is_paired_folder(root: str | Path) -> bool:
+    """True when `root` holds a degraded folder and a clean folder (e.g. degraded/ + clean/)."""
+    root = Path(root)
+    return _find_subdir(root, DEGRADED_DIRS) is not None and _find_subdir(root, CLEAN_DIRS) is not None
+
+
+def match_pairs(degraded: list[str], clean: list[str]) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Match relative paths (without suffix compared) by identical stem, or degraded stem = clean
+    stem + '_...' (longest clean stem wins). Returns (pairs, unmatched degraded, unmatched clean)."""
+
+    def stem(rel: str) -> str:
+        return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+
+    by_stem = {stem(c): c for c in clean}
+    pairs, lone = [], []
+    for d in degraded:
+        s = stem(d)
+        match = by_stem.get(s)
+        if match is None:
+            parts = s.split("_")
+            for n in range(len(parts) - 1, 0, -1):
+                match = by_stem.get("_".join(parts[:n]))
+                if match is not None:
+                    break
+        if match is None:
+            lone.append(d)
+        else:
+            pairs.append((d, match))
+    used = {c for _, c in pairs}
+    return pairs, lone, [c for c in clean if c not in used]
+
+
+class PairedSource(ImageSource):
+    """A paired folder: `degraded/` and `clean/` images matched by name (see `match_pairs`)."""
+
+    paired = True
+
+    def __init__(self, root: str | Path, check: str = "auto", cache_size: int = 16):
+        super().__init__(cache_size=cache_size)
+        self.root = Path(root)
+        self.name = str(root)
+        ddir, cdir = _find_subdir(self.root, DEGRADED_DIRS), _find_subdir(self.root, CLEAN_DIRS)
+        if ddir is None or cdir is None:
+            raise UsageError(f"{root} is not a paired folder (it needs degraded/ and clean/)")
+        dfiles, bad_d = _check_files(list_images(ddir), self.root, check)
+        cfiles, bad_c = _check_files(list_images(cdir), self.root, check)
+        _report_bad(str(root), bad_d + bad_c)
+        self.num_unreadable = len(bad_d) + len(bad_c)
+        drel = [p.relative_to(ddir).as_posix() for p in dfiles]
+        crel = [p.relative_to(cdir).as_posix() for p in cfiles]
+        pairs, lone_d, lone_c = match_pairs(drel, crel)
+        self.unmatched = [f"{ddir.name}/{d}" for d in lone_d] + [f"{cdir.name}/{c}" for c in lone_c]
+        if self.unmatched:
+            names = ", ".join(self.unmatched[:10]) + (", ..." if len(self.unmatched) > 10 else "")
+            log.warning("%s: %d unmatched file(s): %s", root, len(self.unmatched), names)
+        if not pairs:
+            raise UsageError(f"no matching degraded/clean pair in {root}")
+        self.pairs = [(ddir / d, cdir / c) for d, c in pairs]
+        self._keys = [f"{ddir.name}/{d}" for d, _ in pairs]
+        self.clean_keys = [f"{cdir.name}/{c}" for _, c in pairs]
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def _load(self, index: int) -> dict[str, Any]:
+        d, c = self.pairs[index]
+        lq, gt = read_image(d), read_image(c)
+        if lq is None or gt is None:
+            raise UsageError(f"{d if lq is None else c} became unreadable")
+        if lq.shape != gt.shape:
+            h, w = min(lq.shape[0], gt.shape[0]), min(lq.shape[1], gt.shape[1])
+            lq, gt = lq[:h, :w], gt[:h, :w]
+        return {"key": self._keys[index], "clean": gt, "degraded": lq}
+
+
+class TfdsSource(ImageSource):
+    """A TFDS dataset split read through `tfds.data_source` (random access, array_record)."""
+
+    def __init__(self, name: str, split: str, image_key: str = "image", cache_size: int = 0):
+        super().__init__(cache_size=cache_size)
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise UsageError("tfds sources need tensorflow-datasets (pip install 'lmdir-jax[tfds]')") from None
+        self.name = f"tfds:{name}:{split}"
+        try:
+            self.ds = tfds.data_source(name, split=split)
+        except Exception as e:  # noqa: BLE001 - unknown name, missing data, bad split
+            raise UsageError(f"cannot open {self.name}: {str(e).splitlines()[0]}") from None
+        self.image_key = image_key
+        self.prefix = f"{name}/{split}"
+        self.length = len(self.ds)
+        if self.length == 0:
+            raise UsageError(f"{self.name} is empty")
+
+    def keys(self) -> list[str]:
+        return [f"{self.prefix}/{i}" for i in range(self.length)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _load(self, index: int) -> dict[str, Any]:
+        ex = self.ds[index]
+        a = np.asarray(ex[self.image_key])
+        if a.ndim == 2:
+            a = a[..., None]
+        if a.shape[-1] == 1:
+            a = np.repeat(a, 3, axis=-1)
+        a = a[..., :3]
+        img = a.astype(np.float32) / (65535.0 if a.dtype == np.uint16 else 255.0)
+        return {"key": f"{self.prefix}/{index}", "clean": img}
+
+
+def load_source(spec: str | Path | ImageSource, check: str = "auto") -> ImageSource:
+    """A random-access source from 'skimage', a folder, a paired folder or 'tfds:NAME:SPLIT'.
+
+    `check`: 'auto' (decode every file once for folders up to FULL_CHECK_LIMIT files, otherwise
+    only parse headers), 'full', 'header' or 'none'. Raises UsageError for a missing path or a
+    source with no usable image.
+    """
+    if isinstance(spec, ImageSource):
+        return spec
+    text = str(spec)
+    if not text:
+        raise UsageError("no data source given (set --config.data.source)")
+    if text == "skimage":
+        return SkimageSource()
+    if text.startswith("tfds:"):
+        parts = text.split(":")
+        if len(parts) != 3 or not all(parts[1:]):
+            raise UsageError(f"bad tfds source '{text}': use tfds:NAME:SPLIT, e.g. tfds:div2k:train")
+        return TfdsSource(parts[1], parts[2])
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise UsageError(f"data source not found: {text}")
+    if not path.is_dir():
+        raise UsageError(f"data source must be a folder, 'skimage' or tfds:NAME:SPLIT, got the file {text}")
+    if is_paired_folder(path):
+        return PairedSource(path, check=check)
+    return FolderSource(path, check=check)

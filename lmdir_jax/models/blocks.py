@@ -1,0 +1,139 @@
+"""Restormer-style backbone pieces: channel attention (MDTA), gated depth-wise feed-forward (GDFN),
+and the transformer block that hosts the DATB / CATB / RTB conditioning.
+
+Block (width C, heads h), in order:
+  s1, a1, g1, s2, a2, g2 = modulation(deg_pooled)                   (DATB)
+  x = x + (1 + g1) * attn(norm1(x) * (1 + a1) + s1)
+  x = x + content_attn(x, content_prompts)                          (CATB levels only)
+  x = where(has_reference, x + ref_attn(x, ref_tokens), x)          (RTB levels only)
+  x = x + (1 + g2) * ffn(norm2(x) * (1 + a2) + s2)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmdir_jax.models.conditioning import Conditions, Modulation, SpatialCrossAttention
+from lmdir_jax.models.layers import conv, gelu, layer_norm
+
+L2_EPS = 1e-12
+
+
+def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
+    """x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
+    n = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
+    return (x.astype(jnp.float32) / jnp.maximum(n, L2_EPS)).astype(x.dtype)
+
+
+class ChannelAttention(nnx.Module):
+    """MDTA: multi-head "transposed" attention across channels (attention map C/h x C/h per head).
+
+    Parameters: temperature (heads,) init 1; qkv 1x1 conv C->3C (no bias); qkv_dw 3x3 depth-wise
+    conv 3C->3C (groups 3C, no bias); out 1x1 conv C->C (no bias). q, k, v are the first, second and
+    third C channels; head h owns channels [h*C/heads, (h+1)*C/heads). q and k are L2-normalised
+    over the pixels, logits = (q @ k^T) * temperature[h], softmax over the last axis (float32).
+    """
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.temperature = nnx.Param(jnp.ones((heads,), jnp.float32))
+        self.qkv = conv(dim, 3 * dim, 1, use_bias=False, rngs=rngs, dtype=dtype)
+        self.qkv_dw = conv(3 * dim, 3 * dim, 3, groups=3 * dim, use_bias=False, rngs=rngs, dtype=dtype)
+        self.out = conv(dim, dim, 1, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        q, k, v = jnp.split(self.qkv_dw(self.qkv(x)), 3, axis=-1)
+
+        def heads_first(t):  # (B, H, W, C) -> (B, heads, C/heads, HW)
+            return t.reshape(b, h * w, self.heads, c // self.heads).transpose(0, 2, 3, 1)
+
+        q, k, v = heads_first(q), heads_first(k), heads_first(v)
+        q, k = _l2_normalize(q, -1), _l2_normalize(k, -1)
+        logits = jnp.einsum("bhcn,bhdn->bhcd", q, k).astype(jnp.float32)
+        logits = logits * self.temperature[...][None, :, None, None]
+        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhcd,bhdn->bhcn", attn, v)  # (B, heads, C/heads, HW)
+        out = out.transpose(0, 3, 1, 2).reshape(b, h, w, c)
+        return self.out(out)
+
+
+class GatedFeedForward(nnx.Module):
+    """GDFN: hidden = int(C * expansion); 1x1 conv C->2*hidden, 3x3 depth-wise conv, then
+    gelu(first half) * second half, 1x1 conv hidden->C. No biases.
+    """
+
+    def __init__(self, dim: int, expansion: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        hidden = int(dim * expansion)
+        self.inp = conv(dim, 2 * hidden, 1, use_bias=False, rngs=rngs, dtype=dtype)
+        self.dw = conv(2 * hidden, 2 * hidden, 3, groups=2 * hidden, use_bias=False, rngs=rngs,
+                       dtype=dtype)
+        self.out = conv(hidden, dim, 1, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        a, g = jnp.split(self.dw(self.inp(x)), 2, axis=-1)
+        return self.out(gelu(a) * g)
+
+
+class TransformerBlock(nnx.Module):
+    """One backbone block: a DATB, optionally with CATB and/or RTB cross-attention (module doc).
+
+    Sub-modules: norm1, attn (ChannelAttention), norm2, ffn (GatedFeedForward), modulation (DATB),
+    content_attn (CATB, or None), ref_attn (RTB, or None).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        expansion: float,
+        prompt_dim: int,
+        ref_dim: int,
+        *,
+        catb: bool,
+        rtb: bool,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.attn = ChannelAttention(dim, heads, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.ffn = GatedFeedForward(dim, expansion, rngs=rngs, dtype=dtype)
+        self.modulation = Modulation(prompt_dim, dim, rngs=rngs, dtype=dtype)
+        self.content_attn = (
+            SpatialCrossAttention(dim, prompt_dim, heads, rngs=rngs, dtype=dtype) if catb else None
+        )
+        self.ref_attn = (
+            SpatialCrossAttention(dim, ref_dim, heads, rngs=rngs, dtype=dtype) if rtb else None
+        )
+
+    def __call__(self, x: jax.Array, cond: Conditions) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C), conditioned on the prompts and the reference."""
+        s1, a1, g1, s2, a2, g2 = self.modulation(cond.deg_pooled.astype(x.dtype))
+        x = x + (1 + g1) * self.attn(self.norm1(x) * (1 + a1) + s1)
+        if self.content_attn is not None:
+            x = x + self.content_attn(x, cond.content)
+        if self.ref_attn is not None:
+            updated = x + self.ref_attn(x, cond.ref_tokens)
+            x = jnp.where(cond.has_reference[:, None, None, None], updated, x)
+        x = x + (1 + g2) * self.ffn(self.norm2(x) * (1 + a2) + s2)
+        return x
+
+
+class BlockStack(nnx.Module):
+    """A sequence of TransformerBlocks (nnx.List `blocks`) of one U-Net level."""
+
+    def __init__(self, n: int, **block_kwargs):
+        self.blocks = nnx.List([TransformerBlock(**block_kwargs) for _ in range(n)])
+
+    def __call__(self, x: jax.Array, cond: Conditions) -> jax.Array:
+        """Run the blocks in order."""
+        for blk in self.blocks:
+            x = blk(x, cond)
+        return x

@@ -1,0 +1,138 @@
+"""Layer factories and tensor helpers shared by the LMDIR modules.
+
+Conventions (mirrored exactly by the PyTorch export):
+- activations NHWC; conv kernels HWIO; linear kernels (in, out);
+- every large kernel carries an FSDP partition annotation on its output dimension
+  (conv HWIO -> (None, None, None, 'fsdp'), linear (in, out) -> (None, 'fsdp')); biases, norms and
+  small parameters are unannotated (replicated, PartitionSpec());
+- LayerNorm: over the channel (last) axis, eps 1e-5, with scale and bias, variance computed as
+  mean((x - mean)^2) (no "fast variance" trick);
+- GELU: exact erf form;
+- pixel-unshuffle / pixel-shuffle follow torch.nn.PixelUnshuffle / PixelShuffle channel order
+  (see `pixel_unshuffle`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+FSDP = "fsdp"
+LN_EPS = 1e-5
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """The compute dtype named in the config ('float32' or 'bfloat16')."""
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+
+
+def conv(
+    cin: int,
+    cout: int,
+    kernel: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+    stride: int = 1,
+    groups: int = 1,
+    use_bias: bool = True,
+    kernel_init=default_kernel_init,
+) -> nnx.Conv:
+    """A 2-D conv with torch-style symmetric padding k//2, HWIO kernel sharded on its output dim."""
+    pad = kernel // 2
+    return nnx.Conv(
+        cin,
+        cout,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(kernel_init, (None, None, None, FSDP)),
+        rngs=rngs,
+    )
+
+
+def linear(
+    din: int,
+    dout: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+    use_bias: bool = True,
+    kernel_init=default_kernel_init,
+) -> nnx.Linear:
+    """A dense layer, kernel (in, out) sharded on its output dim."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(kernel_init, (None, FSDP)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(features: int, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> nnx.LayerNorm:
+    """LayerNorm over the last (channel) axis, eps 1e-5, exact two-pass variance."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=LN_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as torch.nn.GELU() with approximate='none'."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def pixel_unshuffle(x: jax.Array, r: int = 2) -> jax.Array:
+    """(B, H, W, C) -> (B, H/r, W/r, C*r*r); output channel c*r*r + i*r + j holds x[r*y+i, r*x+j, c].
+
+    Same order as torch.nn.PixelUnshuffle on NCHW.
+    """
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // r, r, w // r, r, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4)  # b, h/r, w/r, c, i, j
+    return x.reshape(b, h // r, w // r, c * r * r)
+
+
+def pixel_shuffle(x: jax.Array, r: int = 2) -> jax.Array:
+    """(B, H, W, C*r*r) -> (B, H*r, W*r, C): the exact inverse of `pixel_unshuffle` (torch order)."""
+    b, h, w, crr = x.shape
+    c = crr // (r * r)
+    x = x.reshape(b, h, w, c, r, r)
+    x = x.transpose(0, 1, 4, 2, 5, 3)  # b, h, i, w, j, c
+    return x.reshape(b, h * r, w * r, c)
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """(B, H, W, C) -> (B, size, size, C) with torch.nn.AdaptiveAvgPool2d bins.
+
+    Bin i along an axis of length n covers [floor(i*n/size), ceil((i+1)*n/size)).
+    """
+
+    def weights(n: int) -> jnp.ndarray:
+        rows = []
+        for i in range(size):
+            lo = (i * n) // size
+            hi = -((-(i + 1) * n) // size)
+            row = [1.0 / (hi - lo) if lo <= k < hi else 0.0 for k in range(n)]
+            rows.append(row)
+        return jnp.asarray(rows, jnp.float32)
+
+    wh = weights(x.shape[1])
+    ww = weights(x.shape[2])
+    return jnp.einsum("ih,bhwc,jw->bijc", wh, x.astype(jnp.float32), ww)

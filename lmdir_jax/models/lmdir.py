@@ -1,0 +1,155 @@
+"""The LMDIR network: a 4-level Restormer-style U-Net of DATB/CATB/RTB blocks guided by priors.
+
+Level l (1..4) has width C * 2**(l-1) and heads[l-1]; level 4 is the latent (bottleneck).
+
+    x = pad(lq)                        reflect-pad H, W at the bottom/right to a multiple of 8
+    deg, content = prompt(priors);     cond.deg_pooled = mean(deg, axis=1)
+    ref = reference(priors.reference, priors.has_reference)
+    e1 = encoders[0](embed(x))                       embed: 3x3 conv 3 -> C
+    e2 = encoders[1](downs[0](e1))                   down: 3x3 conv Cl -> Cl/2 (no bias),
+    e3 = encoders[2](downs[1](e2))                         then pixel-unshuffle(2) -> 2*Cl
+    z  = latent(downs[2](e3))
+    d3 = decoders[0](reduces[0](concat(ups[0](z), e3)))   up: 3x3 conv Cl -> 2*Cl (no bias),
+    d2 = decoders[1](reduces[1](concat(ups[1](d3), e2)))      then pixel-shuffle(2) -> Cl/2
+    d1 = decoders[2](reduces[2](concat(ups[2](d2), e1)))  reduce: 1x1 conv 2*Cl -> Cl (no bias)
+    y  = output(refinement(d1))                      output: 3x3 conv C -> 3 (bias)
+    restored = crop(x + y)                           float32
+
+Blocks on levels in `catb_levels` get CATB content cross-attention, on `rtb_levels` RTB reference
+cross-attention (refinement blocks count as level 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lmdir_jax.models.blocks import BlockStack
+from lmdir_jax.models.conditioning import Conditions
+from lmdir_jax.models.layers import compute_dtype, conv, pixel_shuffle, pixel_unshuffle
+from lmdir_jax.models.priors import Priors
+from lmdir_jax.models.prompt import PromptEncoder
+from lmdir_jax.models.reference import ReferenceEncoder
+
+MULTIPLE = 8  # three 2x down-samplings
+
+
+class Downsample(nnx.Module):
+    """3x3 conv Cl -> Cl/2 (no bias), then pixel-unshuffle(2): (B,H,W,Cl) -> (B,H/2,W/2,2Cl)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.conv = conv(dim, dim // 2, 3, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Halve the resolution, double the width."""
+        return pixel_unshuffle(self.conv(x), 2)
+
+
+class Upsample(nnx.Module):
+    """3x3 conv Cl -> 2Cl (no bias), then pixel-shuffle(2): (B,H,W,Cl) -> (B,2H,2W,Cl/2)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.conv = conv(dim, dim * 2, 3, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Double the resolution, halve the width."""
+        return pixel_shuffle(self.conv(x), 2)
+
+
+class LMDIR(nnx.Module):
+    """The LMDIR restoration network (module docstring); params float32, compute in config.dtype.
+
+    Top-level components: embed, encoders, downs, latent, ups, reduces, decoders, refinement,
+    output, prompt, reference.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        c = config
+        if len(c.blocks) != 4 or len(c.heads) != 4:
+            raise ValueError("model.blocks and model.heads need 4 entries (one per U-Net level)")
+        dtype = compute_dtype(c.dtype)
+        self.dtype = dtype
+        self.text_dim = int(c.text_dim)
+        width = int(c.width)
+        widths = [width * 2**i for i in range(4)]
+
+        def stack(n: int, level: int) -> BlockStack:
+            return BlockStack(
+                int(n),
+                dim=widths[level - 1],
+                heads=int(c.heads[level - 1]),
+                expansion=float(c.ffn_expansion),
+                prompt_dim=int(c.prompt_dim),
+                ref_dim=int(c.ref_dim),
+                catb=level in tuple(c.catb_levels),
+                rtb=level in tuple(c.rtb_levels),
+                rngs=rngs,
+                dtype=dtype,
+            )
+
+        # eager_sharding off: parameters are created unsharded and only carry the 'fsdp' metadata;
+        # the training code places them on its mesh (see `partition_specs`).
+        with nnx.use_eager_sharding(False):
+            self.prompt = PromptEncoder(
+                int(c.text_dim), int(c.prompt_dim), int(c.prompt_heads),
+                int(c.num_deg_queries), int(c.num_content_queries), rngs=rngs, dtype=dtype,
+            )
+            self.reference = ReferenceEncoder(int(c.ref_dim), int(c.ref_tokens), rngs=rngs,
+                                              dtype=dtype)
+            self.embed = conv(3, width, 3, rngs=rngs, dtype=dtype)
+            self.encoders = nnx.List([stack(c.blocks[i], i + 1) for i in range(3)])
+            self.downs = nnx.List([Downsample(widths[i], rngs=rngs, dtype=dtype) for i in range(3)])
+            self.latent = stack(c.blocks[3], 4)
+            self.ups = nnx.List([Upsample(widths[i], rngs=rngs, dtype=dtype) for i in (3, 2, 1)])
+            self.reduces = nnx.List(
+                [conv(2 * widths[i], widths[i], 1, use_bias=False, rngs=rngs, dtype=dtype)
+                 for i in (2, 1, 0)]
+            )
+            self.decoders = nnx.List([stack(c.blocks[i], i + 1) for i in (2, 1, 0)])
+            self.refinement = stack(c.refinement_blocks, 1)
+            out_init = (nnx.initializers.zeros_init() if c.zero_init_output
+                        else nnx.initializers.lecun_normal())
+            self.output = conv(width, 3, 3, rngs=rngs, dtype=dtype, kernel_init=out_init)
+
+    def conditions(self, priors: Priors) -> Conditions:
+        """Run the prompt and reference encoders once per batch."""
+        deg, content = self.prompt(priors)
+        ref = self.reference(priors.reference, priors.has_reference)
+        return Conditions(
+            deg_pooled=jnp.mean(deg, axis=1),
+            content=content,
+            ref_tokens=ref,
+            has_reference=priors.has_reference.astype(bool),
+        )
+
+    def __call__(self, lq: jax.Array, priors: Priors) -> jax.Array:
+        """Restore lq (B, H, W, 3) in [0, 1] (any H, W) given the priors; float32 output."""
+        if lq.ndim != 4 or lq.shape[-1] != 3:
+            raise ValueError(f"lq must be (B, H, W, 3), got {lq.shape}")
+        b, h, w, _ = lq.shape
+        ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
+        lq32 = lq.astype(jnp.float32)
+        x_in = jnp.pad(lq32, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+        cond = self.conditions(priors)
+
+        x = self.embed(x_in.astype(self.dtype))
+        skips = []
+        for enc, down in zip(self.encoders, self.downs, strict=True):
+            x = enc(x, cond)
+            skips.append(x)
+            x = down(x)
+        x = self.latent(x, cond)
+        for up, reduce, dec, skip in zip(self.ups, self.reduces, self.decoders, skips[::-1],
+                                         strict=True):
+            x = reduce(jnp.concatenate([up(x), skip], axis=-1))
+            x = dec(x, cond)
+        x = self.refinement(x, cond)
+        restored = x_in + self.output(x).astype(jnp.float32)
+        return restored[:, :h, :w, :]
+
+
+def build_model(config_model: ml_collections.ConfigDict, seed: int) -> LMDIR:
+    """A freshly initialised LMDIR from the `model` config section and an integer seed."""
+    return LMDIR(config_model, rngs=nnx.Rngs(seed))

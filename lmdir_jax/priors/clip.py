@@ -1,0 +1,303 @@
+"""Frozen CLIP priors: text states, zero-shot degradation weights and zero-shot scene captions.
+
+`load_clip(path)` reads a local Hugging Face CLIP folder (Flax `flax_model.msgpack`, or PyTorch
+`model.safetensors` converted on load) with its tokenizer. Everything the train step needs is a
+pure function of the frozen parameters (`text_states`, `image_features`, `auto_degradation_fn`),
+so it can run inside `jax.jit`; the `encode_text` / `auto_degradation` / `caption` methods are the
+eager (host-side, jitted once per shape) versions for the CLI, the cache builder and inference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmdir_jax.errors import UsageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+_PT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _text_tower(module, ids, mask, pos):
+    return module.text_model(input_ids=ids, attention_mask=mask, position_ids=pos)[0]
+
+
+def _text_features(module, ids, mask, pos):
+    pooled = module.text_model(input_ids=ids, attention_mask=mask, position_ids=pos)[1]
+    return module.text_projection(pooled)
+
+
+def _image_features(module, pixels):
+    pooled = module.vision_model(pixel_values=pixels)[1]
+    return module.visual_projection(pooled)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
+
+
+class ClipPrior:
+    """A frozen CLIP model with its tokenizer and preprocessing, as the restoration priors use it.
+
+    Attributes: `params` (the frozen parameter pytree), `text_dim` (width of the text states; the
+    network's `config.model.text_dim` must equal it), `max_text_len` (tokens per text, T),
+    `image_size`, `logit_scale`, `degradation_vocab` ((name, text) pairs), `scene_vocab`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_text_len: int = 32,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        resize_to: int | None = None,
+        degradation_vocab: list[tuple[str, str]] | None = None,
+        scene_vocab: list[str] | None = None,
+    ):
+        cfg = model.config
+        limit = cfg.text_config.max_position_embeddings
+        if not 2 <= max_text_len <= limit:
+            raise UsageError(f"max_text_len must be in [2, {limit}] for this CLIP, got {max_text_len}")
+        self.model = model
+        self.module = model.module
+        self.params = model.params
+        self.tokenizer = tokenizer
+        self.max_text_len = int(max_text_len)
+        self.text_dim = int(cfg.text_config.hidden_size)
+        self.projection_dim = int(cfg.projection_dim)
+        self.image_size = int(cfg.vision_config.image_size)
+        self.resize_to = int(resize_to or self.image_size)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.logit_scale = float(np.exp(np.asarray(self.params["logit_scale"])))
+        self._degradation_vocab = degradation_vocab
+        self.scene_vocab = list(scene_vocab) if scene_vocab is not None else None
+        self._banks: dict[str, tuple] = {}
+        self._jit_states = jax.jit(self.text_states)
+        self._jit_text_feats = jax.jit(self.text_features)
+        self._jit_image_feats = jax.jit(self.image_features)
+        self._jit_auto = jax.jit(self.auto_degradation_fn)
+
+    # ---- vocabularies -------------------------------------------------------------------------
+
+    @property
+    def degradation_vocab(self) -> list[tuple[str, str]]:
+        """(kind or 'clean', description) pairs: `lmdir_jax.degradations.vocabulary()` by default."""
+        if self._degradation_vocab is None:
+            from lmdir_jax.degradations import vocabulary
+
+            self._degradation_vocab = list(vocabulary())
+        return self._degradation_vocab
+
+    def _scene_vocab(self) -> list[str]:
+        if self.scene_vocab is None:
+            from lmdir_jax.priors.vocab import scene_phrases
+
+            self.scene_vocab = scene_phrases()
+        return self.scene_vocab
+
+    # ---- pure functions (jittable, params explicit) ---------------------------------------------
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (B, T) int32 and mask (B, T) bool, padded/truncated to `max_text_len`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="np",
+        )
+        return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+
+    def text_states(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Last hidden states (B, T, D) float32 of the text tower (what Stable Diffusion also uses)."""
+        pos = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+        out = self.module.apply(
+            {"params": params}, ids, mask.astype(jnp.int32), pos, method=_text_tower
+        )
+        return out.astype(jnp.float32)
+
+    def text_features(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """L2-normalised projected text embeddings (B, P) float32 (for zero-shot similarity)."""
+        pos = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+        out = self.module.apply(
+            {"params": params}, ids, mask.astype(jnp.int32), pos, method=_text_features
+        )
+        return _normalize(out.astype(jnp.float32))
+
+    def preprocess(self, images: jax.Array) -> jax.Array:
+        """CLIP preprocessing in JAX for NHWC images in [0, 1]: resize the short side to the
+        processor's size (bicubic, antialiased), centre-crop to the tower's size, mean/std."""
+        images = jnp.asarray(images, jnp.float32)
+        b, h, w, c = images.shape
+        if c != 3:
+            raise UsageError(f"CLIP needs RGB images, got {c} channels")
+        scale = self.resize_to / min(h, w)
+        nh = max(self.image_size, round(h * scale))
+        nw = max(self.image_size, round(w * scale))
+        x = jax.image.resize(images, (b, nh, nw, 3), method="bicubic", antialias=True)
+        top, left = (nh - self.image_size) // 2, (nw - self.image_size) // 2
+        x = x[:, top : top + self.image_size, left : left + self.image_size]
+        return (x.clip(0.0, 1.0) - self.mean) / self.std
+
+    def image_features(self, params, images: jax.Array) -> jax.Array:
+        """L2-normalised projected image embeddings (B, P) float32 of NHWC images in [0, 1]."""
+        out = self.module.apply({"params": params}, self.preprocess(images), method=_image_features)
+        return _normalize(out.astype(jnp.float32))
+
+    def degradation_bank(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Text features (K, P), states (K, T, D) and mask (K, T) of the degradation vocabulary."""
+        if "deg" not in self._banks:
+            texts = [text for _, text in self.degradation_vocab]
+            ids, mask = self.tokenize(texts)
+            self._banks["deg"] = (
+                self._jit_text_feats(self.params, ids, mask),
+                self._jit_states(self.params, ids, mask),
+                jnp.asarray(mask),
+            )
+        return self._banks["deg"]
+
+    def scene_bank(self) -> jax.Array:
+        """Text features (S, P) of the scene vocabulary (for zero-shot captions)."""
+        if "scene" not in self._banks:
+            ids, mask = self.tokenize(self._scene_vocab())
+            self._banks["scene"] = (self._jit_text_feats(self.params, ids, mask),)
+        return self._banks["scene"][0]
+
+    def auto_degradation_fn(self, params, images: jax.Array):
+        """Pure automatic degradation prior (AutoDIR-style) for use inside a jitted step.
+
+        Zero-shot softmax weights (B, K) of the images against the degradation vocabulary (logit
+        scale from the model), the weighted text states sum_k w_k states_k (B, T, D) and the union of
+        the vocabulary masks (B, T). The vocabulary bank is computed once and enters as a constant.
+        """
+        feats, states, mask = self.degradation_bank()
+        img = self.image_features(params, images)
+        scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+        weights = jax.nn.softmax(scale * img @ feats.T, axis=-1)
+        mixed = jnp.einsum("bk,ktd->btd", weights, states)
+        union = jnp.broadcast_to(mask.any(axis=0), (images.shape[0], mask.shape[1]))
+        return weights, mixed, union
+
+    # ---- eager API ------------------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Text states (B, T, D) float32 and mask (B, T) bool of `texts` (user-guided prior, captions)."""
+        ids, mask = self.tokenize(texts)
+        return np.asarray(self._jit_states(self.params, ids, mask)), mask
+
+    def encode_images(self, images) -> np.ndarray:
+        """Normalised image embeddings (B, P) of NHWC images in [0, 1]."""
+        return np.asarray(self._jit_image_feats(self.params, jnp.asarray(images, jnp.float32)))
+
+    def auto_degradation(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask)."""
+        w, s, m = self._jit_auto(self.params, jnp.asarray(images, jnp.float32))
+        return np.asarray(w), np.asarray(s), np.asarray(m)
+
+    def classify_degradation(self, images) -> list[str]:
+        """Name (kind or 'clean') of the most likely vocabulary entry for each image."""
+        w = self.auto_degradation(images)[0]
+        names = [name for name, _ in self.degradation_vocab]
+        return [names[i] for i in w.argmax(axis=-1)]
+
+    def caption(self, images, top_k: int = 2) -> list[str]:
+        """Zero-shot captions: the `top_k` best-matching scene phrases per image, joined by ', '."""
+        phrases = self._scene_vocab()
+        top_k = max(1, min(int(top_k), len(phrases)))
+        sims = self.encode_images(images) @ np.asarray(self.scene_bank()).T
+        order = np.argsort(-sims, axis=-1, kind="stable")[:, :top_k]
+        return [", ".join(phrases[j] for j in row) for row in order]
+
+    def check_text_dim(self, expected: int) -> None:
+        """Raise a UsageError when the network's `model.text_dim` differs from this CLIP's width."""
+        if int(expected) != self.text_dim:
+            raise UsageError(
+                f"config model.text_dim={expected} but this CLIP's text width is {self.text_dim}: "
+                f"set --config.model.text_dim={self.text_dim}"
+            )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    if (folder / "tokenizer.json").is_file():
+        return CLIPTokenizerFast.from_pretrained(str(folder))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return CLIPTokenizer.from_pretrained(str(folder))
+    raise UsageError(f"{folder} has no CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")
+
+
+def load_clip(
+    path: str | Path,
+    dtype: str = "float32",
+    *,
+    max_text_len: int = 32,
+    degradation_vocab: list[tuple[str, str]] | None = None,
+    scene_vocab: list[str] | None = None,
+) -> ClipPrior:
+    """Load a local Hugging Face CLIP folder (Flax weights, or PyTorch safetensors) as a ClipPrior.
+
+    `dtype` is the compute dtype ('float32' or 'bfloat16'); outputs are float32. A missing folder or
+    one that is not a full CLIP model (config model_type 'clip' with weights) is a UsageError.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"CLIP folder not found: {folder}")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise UsageError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    model_type = _read_json(cfg_file).get("model_type")
+    if model_type != "clip":
+        raise UsageError(f"{folder} is not a CLIP model (model_type={model_type!r}, need 'clip')")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    has_flax = any((folder / f).is_file() for f in _FLAX_WEIGHTS)
+    has_pt = any((folder / f).is_file() for f in _PT_WEIGHTS)
+    if not (has_flax or has_pt):
+        raise UsageError(f"{folder} has no CLIP weights (flax_model.msgpack or model.safetensors)")
+
+    import transformers
+    from transformers import FlaxCLIPModel
+
+    transformers.logging.set_verbosity_error()
+    model = FlaxCLIPModel.from_pretrained(
+        str(folder), dtype=getattr(jnp, dtype), from_pt=not has_flax, local_files_only=True
+    )
+    tokenizer = _load_tokenizer(folder)
+    mean, std, resize_to = CLIP_MEAN, CLIP_STD, None
+    proc = folder / "preprocessor_config.json"
+    if proc.is_file():
+        pc = _read_json(proc)
+        mean = tuple(pc.get("image_mean", mean))
+        std = tuple(pc.get("image_std", std))
+        size = pc.get("size")
+        resize_to = size.get("shortest_edge") if isinstance(size, dict) else size
+    return ClipPrior(
+        model,
+        tokenizer,
+        max_text_len=max_text_len,
+        mean=mean,
+        std=std,
+        resize_to=resize_to,
+        degradation_vocab=degradation_vocab,
+        scene_vocab=scene_vocab,
+    )
+

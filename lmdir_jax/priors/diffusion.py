@@ -1,0 +1,503 @@
+"""Frozen Stable Diffusion (diffusers' Flax UNet/VAE/DDIM) driven by our own jitted sampling loop.
+
+LMDIR's third prior is a clean *reference image* of the scene, synthesised from its caption
+(text-to-image) or from the image itself (image-to-image). diffusers 0.39's Flax pipelines are partly
+broken on current jax (bf16 casting, non-pmap img2img with batch > 1), so only its modules and the
+DDIM scheduler are used here; the loop is ours:
+
+- one `jax.jit` per (batch, size, steps, start step), `lax.fori_loop` over the DDIM timesteps;
+- classifier-free guidance with the unconditional and conditional halves in one UNet call;
+- image i's noise comes only from its own seed, so batching, padding and sharding never change it;
+- the batch is padded to a multiple of the device count and sharded over the mesh's 'data' axis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmdir_jax.errors import UsageError
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = ("float32", "bfloat16")
+
+
+class StableDiffusion:
+    """A loaded Stable Diffusion: text-to-image and image-to-image with seeded, sharded DDIM.
+
+    Build it with `load_sd(path)`. Parameters stay frozen; they are replicated once per mesh.
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: Any,
+        unet_params: Any,
+        vae: Any,
+        vae_params: Any,
+        text_encoder: Any,
+        text_params: Any,
+        tokenizer: Any,
+        scheduler: Any,
+        scheduler_state: Any,
+        dtype: str = "float32",
+    ):
+        import jax
+
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler, self.scheduler_state = tokenizer, scheduler, scheduler_state
+        self.dtype = dtype
+        self.params = {"unet": unet_params, "vae": vae_params, "text": text_params}
+        self._placed: dict[Any, Any] = {}
+        self._sample_jit = jax.jit(self._sample, static_argnames=("latent_hw", "steps", "t_start", "use_cfg"))
+
+    # ----------------------------------------------------------------------------- sizes
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD 1.x/2.x)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x UNet down-sampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The side the UNet was trained at, in pixels (512 for SD 1.5, 768 for SD 2.1)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    # ----------------------------------------------------------------------------- public API
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int | Sequence[int],
+        steps: int = 25,
+        guidance: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        negative_prompt: str | Sequence[str] | None = None,
+        mesh: Any = None,
+    ) -> np.ndarray:
+        """Images (B, height, width, 3) float32 in [0, 1] for the prompts, by DDIM from seeded noise.
+
+        `seed` is one seed per prompt, or an int s meaning seeds s, s+1, ... Image i depends only on
+        its prompt, its negative prompt and its seed.
+        """
+        prompts = _as_list(prompts)
+        self._check_size(height, width)
+        return self._generate(
+            prompts, None, seed, steps, guidance, height, width, negative_prompt, 0, mesh
+        )
+
+    def image_to_image(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        *,
+        strength: float = 0.5,
+        seed: int | Sequence[int],
+        steps: int = 25,
+        guidance: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None,
+        mesh: Any = None,
+    ) -> np.ndarray:
+        """Re-synthesise images (B, H, W, 3) in [0, 1] towards the prompts (SDEdit with DDIM).
+
+        The VAE latent mean of each image is noised to the timestep `strength` of the way along the
+        schedule and denoised from there: strength 0 gives the VAE round-trip, 1 ignores the image.
+        """
+        prompts = _as_list(prompts)
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise UsageError(f"image_to_image wants images (B, H, W, 3), got shape {images.shape}")
+        if images.shape[0] != len(prompts):
+            raise UsageError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        if not 0.0 <= strength <= 1.0:
+            raise UsageError(f"strength must be in [0, 1], got {strength}")
+        height, width = images.shape[1:3]
+        self._check_size(height, width)
+        _check_steps(steps)
+        t_start = steps - min(int(steps * strength), steps)
+        return self._generate(
+            prompts, images, seed, steps, guidance, height, width, negative_prompt, t_start, mesh
+        )
+
+    def vae_round_trip(self, images: np.ndarray) -> np.ndarray:
+        """decode(encode(images)) with the latent mean: what image_to_image gives at strength 0."""
+        import jax
+
+        x = jax.numpy.asarray(np.asarray(images, np.float32))
+        return np.asarray(jax.jit(self._round_trip)(self.params["vae"], x))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids (B, L) int32 padded/truncated to the tokenizer's model_max_length."""
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        )
+        return tok.input_ids.astype(np.int32)
+
+    # ----------------------------------------------------------------------------- internals
+    def _check_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise UsageError(f"height and width must be positive multiples of {m}, got {height}x{width}")
+
+    def _mesh_and_params(self, mesh: Any) -> tuple[Any, Any]:
+        """The mesh to use (default: all local devices on 'data') and the params replicated on it."""
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if mesh is None:
+            mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        if "data" not in mesh.axis_names:
+            raise UsageError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
+        if mesh not in self._placed:
+            self._placed[mesh] = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+        return mesh, self._placed[mesh]
+
+    def _generate(
+        self,
+        prompts: list[str],
+        images: np.ndarray | None,
+        seed: int | Sequence[int],
+        steps: int,
+        guidance: float,
+        height: int,
+        width: int,
+        negative_prompt: str | Sequence[str] | None,
+        t_start: int,
+        mesh: Any,
+    ) -> np.ndarray:
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        _check_steps(steps)
+        n = len(prompts)
+        if n == 0:
+            raise UsageError("no prompts given")
+        seeds = _seeds(seed, n)
+        negatives = _negatives(negative_prompt, n)
+        mesh, params = self._mesh_and_params(mesh)
+        per = mesh.shape["data"]
+        pad = (-n) % per
+        batch = {
+            "ids": self.encode_prompts(prompts),
+            "neg_ids": self.encode_prompts(negatives),
+            "seeds": seeds,
+        }
+        if images is not None:
+            batch["images"] = images
+        if pad:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+        batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+        shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        out = self._sample_jit(
+            params,
+            batch,
+            np.float32(guidance),
+            latent_hw=shape,
+            steps=steps,
+            t_start=t_start,
+            use_cfg=float(guidance) != 1.0,
+        )
+        return np.asarray(out)[:n]
+
+    def _round_trip(self, vae_params: Any, images: Any) -> Any:
+        return self._decode(vae_params, self._encode(vae_params, images))
+
+    def _encode(self, vae_params: Any, images: Any) -> Any:
+        """Images (B,H,W,3) in [0,1] -> scaled latent means (B,C,h,w) float32."""
+        import jax.numpy as jnp
+
+        x = jnp.transpose(images * 2.0 - 1.0, (0, 3, 1, 2)).astype(self.vae.dtype)
+        dist = self.vae.apply({"params": vae_params}, x, method=self.vae.encode).latent_dist
+        return jnp.transpose(dist.mean, (0, 3, 1, 2)).astype(jnp.float32) * self._scaling
+
+    def _decode(self, vae_params: Any, latents: Any) -> Any:
+        """Scaled latents (B,C,h,w) -> images (B,H,W,3) float32 in [0,1]."""
+        import jax.numpy as jnp
+
+        z = (latents / self._scaling).astype(self.vae.dtype)
+        x = self.vae.apply({"params": vae_params}, z, method=self.vae.decode).sample
+        x = jnp.transpose(x.astype(jnp.float32), (0, 2, 3, 1))
+        return jnp.clip(x / 2.0 + 0.5, 0.0, 1.0)
+
+    @property
+    def _scaling(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def _sample(
+        self,
+        params: Any,
+        batch: dict[str, Any],
+        guidance: Any,
+        *,
+        latent_hw: tuple[int, int],
+        steps: int,
+        t_start: int,
+        use_cfg: bool,
+    ) -> Any:
+        """The whole pipeline for one padded batch: text states, noise, DDIM loop, VAE decode."""
+        import jax
+        import jax.numpy as jnp
+
+        b = batch["seeds"].shape[0]
+        cond = self.text_encoder(batch["ids"], params=params["text"])[0]
+        if use_cfg:
+            uncond = self.text_encoder(batch["neg_ids"], params=params["text"])[0]
+            # Interleave (uncond_i, cond_i) so each device's shard holds both halves of its images.
+            context = jnp.stack([uncond, cond], axis=1).reshape(2 * b, *cond.shape[1:])
+        else:
+            context = cond
+        channels = self.unet.config.in_channels
+        noise = jax.vmap(
+            lambda s: jax.random.normal(jax.random.key(s), (channels, *latent_hw), jnp.float32)
+        )(batch["seeds"])
+        state = self.scheduler.set_timesteps(self.scheduler_state, steps)
+        timesteps = state.timesteps.astype(jnp.int32)
+        if "images" not in batch:
+            latents = noise * state.init_noise_sigma
+        else:
+            latents = self._encode(params["vae"], batch["images"])
+            if t_start < steps:
+                t0 = jnp.full((b,), timesteps[t_start])
+                latents = self.scheduler.add_noise(state, latents, noise, t0)
+
+        def denoise(i: Any, lat: Any) -> Any:
+            t = timesteps[i]
+            x = jnp.repeat(lat, 2, axis=0) if use_cfg else lat
+            x = self.scheduler.scale_model_input(state, x, t)
+            eps = self.unet.apply(
+                {"params": params["unet"]},
+                x,
+                jnp.full((x.shape[0],), t),
+                encoder_hidden_states=context,
+            ).sample.astype(jnp.float32)
+            if use_cfg:
+                eps = eps.reshape(b, 2, *eps.shape[1:])
+                eps = eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0])
+            return self.scheduler.step(state, eps, t, lat).prev_sample.astype(jnp.float32)
+
+        latents = jax.lax.fori_loop(t_start, steps, denoise, latents)
+        return self._decode(params["vae"], latents)
+
+
+# --------------------------------------------------------------------------------- helpers
+def _as_list(prompts: Sequence[str] | str) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+
+
+def _check_steps(steps: int) -> None:
+    if int(steps) < 1:
+        raise UsageError(f"steps must be >= 1, got {steps}")
+
+
+def _seeds(seed: int | Sequence[int], n: int) -> np.ndarray:
+    """Per-image seeds as uint32: a list of n, or an int s meaning s, s+1, ..., s+n-1."""
+    seeds = [int(seed) + i for i in range(n)] if np.isscalar(seed) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise UsageError(f"{len(seeds)} seeds for {n} prompts")
+    if any(not 0 <= s < 2**32 for s in seeds):
+        raise UsageError("seeds must be in [0, 2**32)")
+    return np.asarray(seeds, dtype=np.uint32)
+
+
+def _negatives(negative: str | Sequence[str] | None, n: int) -> list[str]:
+    if negative is None:
+        return [""] * n
+    if isinstance(negative, str):
+        return [negative] * n
+    negative = [str(s) for s in negative]
+    if len(negative) != n:
+        raise UsageError(f"{len(negative)} negative prompts for {n} prompts")
+    return negative
+
+
+# --------------------------------------------------------------------------------- loading
+def load_sd(path: str | Path, dtype: str = "float32") -> StableDiffusion:
+    """Load a local diffusers-layout SD 1.x/2.x folder (Flax weights or PyTorch safetensors).
+
+    The scheduler config is read into diffusers' FlaxDDIMScheduler whatever its class was (SD 1.5
+    ships PNDM's config: same betas). dtype 'bfloat16' casts all weights and computes in bf16; the
+    latents and the DDIM arithmetic stay float32.
+    """
+    import jax.numpy as jnp
+    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from lmdir_jax.priors.sd_weights import load_diffusers_model, load_text_encoder, quiet_hf
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"Stable Diffusion folder not found: {root}")
+    missing = [p for p in PARTS if not (root / p).is_dir()]
+    if missing:
+        raise UsageError(
+            f"{root} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/"
+        )
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    unet, unet_params = load_diffusers_model(FlaxUNet2DConditionModel, root / "unet", jdtype)
+    vae, vae_params = load_diffusers_model(FlaxAutoencoderKL, root / "vae", jdtype)
+    text_encoder, text_params = load_text_encoder(root / "text_encoder", jdtype)
+    with quiet_hf():
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+            scheduler, state = FlaxDDIMScheduler.from_pretrained(str(root / "scheduler"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load the tokenizer/scheduler of {root}: {e}") from e
+    return StableDiffusion(
+        unet=unet,
+        unet_params=unet_params,
+        vae=vae,
+        vae_params=vae_params,
+        text_encoder=text_encoder,
+        text_params=text_params,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        scheduler_state=state,
+        dtype=dtype,
+    )
+
+
+# --------------------------------------------------------------------------------- tiny model
+TINY_TEXT_LEN = 16
+
+
+def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> Path:
+    """Write a tiny random SD folder in the real diffusers layout (images 16-32 px, latent /2).
+
+    UNet (32, 64) channels, VAE (32, 64), CLIP text tower of width 32, H4's tiny tokenizer, an SD-style
+    DDIM config and model_index.json, each written by `save_pretrained`, so `load_sd` reads it back
+    through the path real weights take. `pytorch=True` writes the UNet and VAE as PyTorch safetensors
+    instead (needs torch), to exercise the conversion path.
+    """
+    import jax
+    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
+    from lmdir_jax.priors.sd_weights import quiet_hf
+    from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    k_unet, k_vae = jax.random.split(jax.random.PRNGKey(seed))
+    text_cfg = tiny_clip_config(text_dim=32).text_config.to_dict()
+    with quiet_hf():
+        unet = FlaxUNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+        )
+        vae = FlaxAutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            sample_size=16,
+        )
+        parts = {"unet": (unet, unet.init_weights(k_unet)), "vae": (vae, vae.init_weights(k_vae))}
+        for name, (model, params) in parts.items():
+            if pytorch:
+                _save_diffusers_as_pytorch(model, params, root / name)
+            else:
+                model.save_pretrained(str(root / name), params=params)
+        text = FlaxCLIPTextModel(CLIPTextConfig(**text_cfg), seed=seed)
+        text.save_pretrained(str(root / "text_encoder"))
+        FlaxDDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ).save_pretrained(str(root / "scheduler"))
+    save_tiny_tokenizer(root / "tokenizer", model_max_length=TINY_TEXT_LEN)
+    (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+    return root
+
+
+def _model_index() -> dict[str, Any]:
+    import diffusers
+
+    return {
+        "_class_name": "FlaxStableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "FlaxDDIMScheduler"],
+        "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "FlaxUNet2DConditionModel"],
+        "vae": ["diffusers", "FlaxAutoencoderKL"],
+    }
+
+
+def _save_diffusers_as_pytorch(flax_model: Any, params: Any, folder: Path) -> None:
+    """Save a diffusers Flax model as its PyTorch twin in safetensors (needs torch)."""
+    import diffusers
+    from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
+
+    pt_cls = getattr(diffusers, type(flax_model).__name__.removeprefix("Flax"))
+    pt = pt_cls.from_config(dict(flax_model.config))
+    pt = load_flax_weights_in_pytorch_model(pt, params)
+    pt.save_pretrained(str(folder), safe_serialization=True)
+
+
+# --------------------------------------------------------------------------------- benchmark
+def benchmark_sd(
+    sd: StableDiffusion,
+    batch: int = 2,
+    steps: int = 4,
+    size: int | None = None,
+    *,
+    repeats: int = 2,
+    mesh: Any = None,
+) -> dict[str, Any]:
+    """Time text_to_image: compile+first call, then `repeats` timed calls -> a dict of numbers."""
+    import jax
+
+    size = size or sd.default_size
+    prompts = [f"a photo of a city street {i}" for i in range(batch)]
+    kwargs = dict(seed=0, steps=steps, height=size, width=size, mesh=mesh)
+    t0 = time.perf_counter()
+    sd.text_to_image(prompts, **kwargs)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        sd.text_to_image(prompts, **kwargs)
+    elapsed = (time.perf_counter() - t0) / repeats
+    return {
+        "images_per_s": batch / elapsed,
+        "s_per_batch": elapsed,
+        "s_per_step_per_image": elapsed / (steps * batch),
+        "first_call_s": first,
+        "batch": batch,
+        "steps": steps,
+        "size": size,
+        "dtype": sd.dtype,
+        "devices": len(mesh.devices.flat) if mesh is not None else jax.local_device_count(),
+        "platform": jax.devices()[0].platform,
+    }

@@ -1,0 +1,127 @@
+"""Loading the parts of a diffusers-layout Stable Diffusion folder into Flax modules and params.
+
+diffusers 0.39's Flax `from_pretrained(from_pt=True)` only reads `diffusion_pytorch_model.bin` and
+needs torch, while current SD downloads ship `.safetensors`; this module reads Flax msgpack weights,
+PyTorch safetensors (converted without torch) or `.bin` (converted by diffusers, needs torch), and
+casts the parameters to the requested dtype (diffusers' own `to_bf16` is broken on current jax).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lmdir_jax.errors import UsageError
+
+FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
+PT_SAFETENSORS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+PT_BIN = "diffusion_pytorch_model.bin"
+
+
+@contextlib.contextmanager
+def quiet_hf():
+    """Silence the 'Flax classes are deprecated' warnings of diffusers/transformers while loading."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    old_d, old_t = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity(logging.ERROR)
+    tlog.set_verbosity(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        dlog.set_verbosity(old_d)
+        tlog.set_verbosity(old_t)
+
+
+def cast_floats(params: Any, dtype: Any) -> Any:
+    """Cast every floating-point leaf of a params pytree to `dtype` (integer leaves untouched)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+
+
+class _AsTorch:
+    """A numpy array seen through the one method diffusers' converter calls (`.numpy()`)."""
+
+    def __init__(self, array: Any):
+        self._array = array
+
+    def numpy(self) -> Any:
+        return self._array
+
+
+def _read_safetensors(file: Path) -> dict[str, Any]:
+    """Read a safetensors file as float32 numpy arrays (bf16 too, which numpy cannot hold)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(file), framework="flax") as f:
+        for key in f.keys():
+            out[key] = np.asarray(f.get_tensor(key).astype("float32"))
+    return out
+
+
+def load_diffusers_model(cls: type, folder: Path, dtype: Any) -> tuple[Any, Any]:
+    """Load a diffusers Flax model class (UNet, VAE) from `folder` -> (module, params in `dtype`).
+
+    Prefers Flax msgpack weights; otherwise converts PyTorch safetensors (no torch needed) or `.bin`.
+    """
+    import jax
+    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
+    with quiet_hf():
+        if (folder / FLAX_WEIGHTS).is_file():
+            model, params = cls.from_pretrained(str(folder), dtype=dtype)
+        elif any((folder / n).is_file() for n in PT_SAFETENSORS):
+            file = next(folder / n for n in PT_SAFETENSORS if (folder / n).is_file())
+            model = cls.from_config(cls.load_config(str(folder)), dtype=dtype)
+            state = {k: _AsTorch(v) for k, v in _read_safetensors(file).items()}
+            params = convert_pytorch_state_dict_to_flax(state, model)
+            expected = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+            want, got = flatten_dict(expected), flatten_dict(params)
+            missing = sorted("/".join(k) for k in want if k not in got)
+            if missing:
+                raise UsageError(
+                    f"{file} does not match {folder}/config.json: {len(missing)} weights missing "
+                    f"(first: {missing[0]})"
+                )
+            params = unflatten_dict({k: got[k] for k in want})
+        elif (folder / PT_BIN).is_file():
+            try:
+                model, params = cls.from_pretrained(str(folder), dtype=dtype, from_pt=True)
+            except OSError as e:  # diffusers raises EnvironmentError when torch is missing
+                raise UsageError(f"cannot read {folder / PT_BIN}: {e}") from e
+        else:
+            raise UsageError(
+                f"no weights in {folder}: expected {FLAX_WEIGHTS} or {PT_SAFETENSORS[0]}"
+            )
+    return model, cast_floats(params, dtype)
+
+
+def load_text_encoder(folder: Path, dtype: Any) -> tuple[Any, Any]:
+    """Load the Flax CLIP text tower from `folder` (Flax weights or PyTorch safetensors/bin)."""
+    from transformers import FlaxCLIPTextModel
+
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
+    from_pt = not (folder / "flax_model.msgpack").is_file()
+    with quiet_hf():
+        try:
+            model = FlaxCLIPTextModel.from_pretrained(str(folder), dtype=dtype, from_pt=from_pt)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load the text encoder in {folder}: {e}") from e
+    return model, cast_floats(model.params, dtype)

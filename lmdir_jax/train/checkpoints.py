@@ -1,0 +1,189 @@
+"""orbax checkpoints in WORKDIR/checkpoints: model + optimizer (+ EMA) + step + grain iterator state.
+
+Each checkpoint step is an `ocp.args.Composite` of items:
+  model  nnx.State of the network (all variables)
+  opt    nnx.State of the nnx.Optimizer (step counter and optax state)
+  ema    nnx.State of the EMA parameters (only when train.ema_decay > 0)
+  data   the grain iterator state (grain.checkpoint.CheckpointSave), per process
+  meta   JSON: step, device count, mesh shape
+Restoring takes abstract targets (jax.ShapeDtypeStruct with the *current* NamedSharding), so a run
+saved on 8 devices resumes on 1 (or on another mesh shape). A latest checkpoint that cannot be read
+is reported in one warning line, moved to WORKDIR/checkpoints_corrupt/, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from lmdir_jax.errors import UsageError
+
+ITEMS = ("model", "opt", "ema", "data", "meta")
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    """WORKDIR/checkpoints (absolute)."""
+    return Path(workdir).resolve() / "checkpoints"
+
+
+def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager on WORKDIR/checkpoints keeping the last `keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(keep)),
+        create=True,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: dict,
+    iterator: Any = None,
+    meta: dict | None = None,
+) -> None:
+    """Start an (asynchronous) save of the train state and the data-iterator state at `step`."""
+    import grain
+
+    items: dict[str, Any] = {
+        "model": ocp.args.StandardSave(state["model"]),
+        "opt": ocp.args.StandardSave(state["opt"]),
+        "meta": ocp.args.JsonSave(
+            {"step": int(step), "devices": jax.device_count(), **(meta or {})}
+        ),
+    }
+    if "ema" in state:
+        items["ema"] = ocp.args.StandardSave(state["ema"])
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"lmdir: warning: {message}\n")
+    sys.stderr.flush()
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+    """Move an unreadable step folder out of the manager's directory (never silently deleted)."""
+    src = Path(manager.directory) / str(step)
+    dst = Path(manager.directory).parent / "checkpoints_corrupt" / str(step)
+    if jax.process_index() == 0 and src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.move(str(src), str(dst))
+    manager.reload()
+
+
+def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+    return (Path(manager.directory) / str(step) / item).exists()
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager,
+    abstract: dict,
+    iterator: Any = None,
+    items: tuple[str, ...] = ("model", "opt", "ema", "data"),
+) -> tuple[int, dict] | None:
+    """Restore the newest readable checkpoint onto the shardings in `abstract`.
+
+    Returns (step, state) or None when there is no checkpoint. `iterator` (a grain iterator) gets
+    its saved state set in place. Unreadable checkpoints are reported, moved aside and skipped.
+    """
+    import grain
+
+    for step in sorted(manager.all_steps(), reverse=True):
+        args: dict[str, Any] = {}
+        for name in items:
+            if name == "data":
+                if iterator is not None and _has_item(manager, step, "data"):
+                    args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            elif name in abstract and (name != "ema" or _has_item(manager, step, "ema")):
+                # (EMA switched on after this checkpoint was written: EMA starts from the params.)
+                args[name] = ocp.args.StandardRestore(abstract[name])
+        try:
+            missing = [n for n in args if n != "data" and not _has_item(manager, step, n)]
+            if missing:
+                raise FileNotFoundError(f"item(s) {', '.join(missing)} missing")
+            restored = manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # a truncated / corrupt checkpoint: report, fall back
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            _warn(
+                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {first}); "
+                "using the previous one"
+            )
+            _quarantine(manager, step)
+            continue
+        state = {k: restored[k] for k in args if k != "data"}
+        return int(step), state
+    return None
+
+
+def load_config(workdir: str | Path):
+    """The resolved config saved by training as WORKDIR/config.json."""
+    from lmdir_jax.config import config_from_json
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise UsageError(f"no trained run in {workdir} (missing config.json)")
+    config = config_from_json(path.read_text())
+    model = config.model
+    with model.unlocked():
+        for k, v in list(model.items()):
+            if isinstance(v, list):
+                model[k] = tuple(v)
+    return config
+
+
+def load_for_inference(workdir: str | Path, use_ema: bool = True, step: int | None = None):
+    """(model, config) from a training workdir: config.json + the latest readable checkpoint.
+
+    Builds the network from the saved config and restores its parameters only (EMA parameters when
+    present and `use_ema`), on one device. Used by restore, evaluate and export.
+    """
+    from flax import nnx
+
+    from lmdir_jax.train.state import build_model
+
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    if not checkpoint_dir(workdir).is_dir():
+        raise UsageError(f"no checkpoints in {workdir} (missing {checkpoint_dir(workdir)})")
+    model = build_model(config)
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def target(state):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+    abstract = {"model": target(nnx.state(model))}
+    if use_ema:
+        abstract["ema"] = target(nnx.state(model, nnx.Param))
+    manager = make_manager(workdir, keep=1_000_000, async_save=False)
+    try:
+        if step is not None:
+            if step not in manager.all_steps():
+                raise UsageError(f"no checkpoint at step {step} in {workdir}")
+            args = {"model": ocp.args.StandardRestore(abstract["model"])}
+            if use_ema and _has_item(manager, step, "ema"):
+                args["ema"] = ocp.args.StandardRestore(abstract["ema"])
+            got = manager.restore(step, args=ocp.args.Composite(**args))
+            restored = (step, {k: got[k] for k in args})
+        else:
+            restored = restore_latest(manager, abstract, items=("model", "ema"))
+    finally:
+        manager.close()
+    if restored is None:
+        raise UsageError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+    _, state = restored
+    nnx.update(model, state["model"])
+    if use_ema and "ema" in state:
+        nnx.update(model, state["ema"])
+    return model, config

@@ -1,0 +1,118 @@
+"""The train state: model variables, nnx.Optimizer state and optional EMA parameters, sharded.
+
+The state is a plain dict of `nnx.State`s — `{'model', 'opt'[, 'ema']}` — so it is a pytree that a
+jitted step can take (and donate) and that orbax can save item by item. The graph definitions that
+turn it back into modules live in `TrainSetup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from lmdir_jax.train import mesh as mesh_lib
+
+
+def build_model(config) -> nnx.Module:
+    """The LMDIR network of `config.model`, seeded by `config.seed` (no eager sharding)."""
+    from lmdir_jax import models
+
+    with nnx.use_eager_sharding(False):
+        if hasattr(models, "build_model"):
+            return models.build_model(config.model, int(config.seed))
+        from lmdir_jax.models.lmdir import LMDIR
+
+        return LMDIR(config.model, rngs=nnx.Rngs(int(config.seed)))
+
+
+def learning_rate_schedule(tc) -> optax.Schedule:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
+    lr = float(tc.lr)
+    warmup = int(tc.warmup_steps)
+    steps = max(int(tc.steps), warmup + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=steps,
+        end_value=lr * float(tc.min_lr_ratio),
+    )
+
+
+def make_tx(tc) -> optax.GradientTransformation:
+    """Gradient clipping by global norm, then AdamW with the warm-up + cosine schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(float(tc.clip_norm)),
+        optax.adamw(learning_rate_schedule(tc), weight_decay=float(tc.weight_decay)),
+    )
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything static about a run: graph definitions, mesh, shardings, abstract state."""
+
+    model_graphdef: Any
+    opt_graphdef: Any
+    mesh: jax.sharding.Mesh
+    shardings: dict
+    abstract: dict  # jax.ShapeDtypeStruct leaves carrying the target NamedShardings
+    use_ema: bool
+
+
+def _create(config, model_fn: Callable[[], nnx.Module]) -> tuple[nnx.Module, nnx.Optimizer, dict]:
+    with nnx.use_eager_sharding(False):
+        model = model_fn()
+        opt = nnx.Optimizer(model, make_tx(config.train), wrt=nnx.Param)
+    state = {"model": nnx.state(model), "opt": nnx.state(opt)}
+    if float(config.train.ema_decay) > 0:
+        state["ema"] = jax.tree.map(lambda x: x + 0, nnx.state(model, nnx.Param))
+    return model, opt, state
+
+
+def make_setup(config, mesh, model_fn: Callable[[], nnx.Module] | None = None) -> TrainSetup:
+    """Trace the model/optimizer abstractly and derive graphdefs and shardings on `mesh`."""
+    model_fn = model_fn or (lambda: build_model(config))
+    with nnx.use_eager_sharding(False):
+        model, opt, state = nnx.eval_shape(lambda: _create(config, model_fn))
+    shardings = mesh_lib.state_shardings(state, mesh)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+    return TrainSetup(
+        model_graphdef=nnx.graphdef(model),
+        opt_graphdef=nnx.graphdef(opt),
+        mesh=mesh,
+        shardings=shardings,
+        abstract=abstract,
+        use_ema="ema" in state,
+    )
+
+
+def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | None = None) -> dict:
+    """A freshly initialised train state, created directly in its sharded layout."""
+    model_fn = model_fn or (lambda: build_model(config))
+
+    def create():
+        return _create(config, model_fn)[2]
+
+    with nnx.use_eager_sharding(False):
+        return jax.jit(create, out_shardings=setup.shardings)()
+
+
+def model_from_state(setup: TrainSetup, state: dict, use_ema: bool = False) -> nnx.Module:
+    """An nnx model bound to the state's variables (EMA parameters when asked and present)."""
+    model = nnx.merge(setup.model_graphdef, state["model"])
+    if use_ema and "ema" in state:
+        nnx.update(model, state["ema"])
+    return model
+
+
+def param_count(state: dict) -> int:
+    """Number of trainable parameters in a train state."""
+    params = nnx.filter_state(state["model"], nnx.Param)
+    return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,116 @@
+"""One jitted, sharded train step: priors -> prior dropout -> L1 loss -> AdamW update (+ EMA).
+
+Degradation prior: the batch's label text is tokenized on the host (`deg_ids`, `deg_tmask`) and the
+frozen CLIP text tower runs inside the step on `clip_params` (an argument that is never
+differentiated); with `priors.auto_ratio > 0` that fraction of examples uses the CLIP image tower's
+zero-shot weighted states instead. Without CLIP the degradation and scene priors are masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmdir_jax.models.priors import Priors, drop_priors
+from lmdir_jax.train.state import TrainSetup, learning_rate_schedule
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """The PRNG key of a step, a pure function of (seed, step): resumed runs draw the same."""
+    return jax.random.fold_in(jax.random.key(int(seed)), step)
+
+
+def build_priors(config, batch: dict, clip: Any, clip_params: Any, key: jax.Array) -> Priors:
+    """The Priors of a device batch (before dropout); see the module docstring."""
+    lq = batch["lq"]
+    b = lq.shape[0]
+    d = int(config.model.text_dim)
+    ref = int(config.priors.ref_size)
+    if clip is not None and "deg_ids" in batch:
+        deg_mask = batch["deg_tmask"]
+        deg_states = clip.text_states(clip_params, batch["deg_ids"], deg_mask)
+        ratio = float(config.priors.auto_ratio)
+        if ratio > 0:
+            _, auto_states, auto_mask = clip.auto_degradation_fn(clip_params, lq)
+            use_auto = jax.random.uniform(key, (b,)) < ratio
+            deg_states = jnp.where(use_auto[:, None, None], auto_states, deg_states)
+            deg_mask = jnp.where(use_auto[:, None], auto_mask, deg_mask)
+    else:
+        deg_states = jnp.zeros((b, 1, d), jnp.float32)
+        deg_mask = jnp.zeros((b, 1), bool)
+    if "scene_states" in batch:
+        scene_states, scene_mask = batch["scene_states"], batch["scene_mask"].astype(bool)
+    else:
+        scene_states = jnp.zeros((b, 1, d), jnp.float32)
+        scene_mask = jnp.zeros((b, 1), bool)
+    if "reference" in batch:
+        reference, has_reference = batch["reference"], batch["has_reference"].astype(bool)
+    else:
+        reference = jnp.zeros((b, ref, ref, 3), jnp.float32)
+        has_reference = jnp.zeros((b,), bool)
+    return Priors(
+        deg_states=deg_states.astype(jnp.float32),
+        deg_mask=deg_mask.astype(bool),
+        scene_states=scene_states.astype(jnp.float32),
+        scene_mask=scene_mask,
+        reference=reference.astype(jnp.float32),
+        has_reference=has_reference,
+    )
+
+
+def l1_loss(restored: jax.Array, gt: jax.Array) -> jax.Array:
+    """Mean absolute error in float32."""
+    return jnp.mean(jnp.abs(restored.astype(jnp.float32) - gt.astype(jnp.float32)))
+
+
+def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
+    """`step(state, batch, clip_params) -> (state, metrics)`, jitted with the state donated."""
+    pc = config.priors
+    ema_decay = float(config.train.ema_decay)
+    schedule = learning_rate_schedule(config.train)
+    if clip is not None and float(pc.auto_ratio) > 0:
+        clip.degradation_bank()  # computed eagerly once; enters the step as a constant
+
+    def train_step(state: dict, batch: dict, clip_params: Any):
+        model = nnx.merge(setup.model_graphdef, state["model"])
+        opt = nnx.merge(setup.opt_graphdef, state["opt"])
+        step = opt.step[...]
+        k_auto, k_drop = jax.random.split(step_key(config.seed, step))
+        priors = build_priors(config, batch, clip, jax.lax.stop_gradient(clip_params), k_auto)
+        priors = drop_priors(
+            priors, k_drop, pc.drop_degradation, pc.drop_scene, pc.drop_reference
+        )
+
+        def loss_fn(m):
+            return l1_loss(m(batch["lq"], priors), batch["gt"])
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        new = {"model": nnx.state(model), "opt": nnx.state(opt)}
+        if "ema" in state:
+            params = nnx.state(model, nnx.Param)
+            new["ema"] = jax.tree.map(
+                lambda e, p: e * ema_decay + p.astype(e.dtype) * (1.0 - ema_decay),
+                state["ema"],
+                params,
+            )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(step),
+        }
+        return new, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(setup.shardings, None))
+
+
+def host_tokens(clip: Any, deg_text: np.ndarray) -> dict:
+    """Tokenize the batch's degradation texts on the host: {'deg_ids', 'deg_tmask'}."""
+    ids, mask = clip.tokenize([str(t) for t in deg_text])
+    return {"deg_ids": ids, "deg_tmask": mask}

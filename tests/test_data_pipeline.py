@@ -1,0 +1,244 @@
+"""Training pipeline: batch layout, determinism, sharding, priors, resume; evaluation pairs."""
+
+import numpy as np
+import pytest
+
+from lmdir_jax.config import load_config
+from lmdir_jax.data.evaluation import iter_eval_pairs
+from lmdir_jax.data.io import write_image
+from lmdir_jax.data.pipeline import make_train_iterator, pad_to
+from lmdir_jax.data.sources import FolderSource, load_source
+from lmdir_jax.degradations import KINDS
+from lmdir_jax.errors import UsageError
+
+P = 16
+
+
+def _config(**data):
+    c = load_config("tiny")
+    c.data.patch_size = P
+    c.data.batch_size = 4
+    for k, v in data.items():
+        c.data[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_image(root / f"img{i}.png", rng.random((24 + 3 * i, 30, 3)))
+    write_image(root / "tiny.png", rng.random((5, 7, 3)))  # smaller than the patch
+    return root
+
+
+@pytest.fixture(scope="module")
+def source(folder):
+    return load_source(folder)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not diff, (diff, a["deg_text"], b["deg_text"])
+
+
+def test_batch_layout(source):
+    it = make_train_iterator(_config(), source=source, process_index=0, process_count=1)
+    b = next(it)
+    assert set(b) == {"lq", "gt", "deg_vector", "deg_text", "key"}
+    assert b["lq"].shape == b["gt"].shape == (4, P, P, 3)
+    assert b["lq"].dtype == b["gt"].dtype == np.float32
+    assert b["deg_vector"].shape == (4, len(KINDS)) and b["deg_vector"].dtype == np.float32
+    assert b["deg_text"].shape == b["key"].shape == (4,)
+    assert all(isinstance(t, str) and t for t in b["deg_text"].tolist())
+    assert set(b["key"].tolist()) <= set(source.keys())
+    assert 0.0 <= b["gt"].min() and b["gt"].max() <= 1.0
+    assert (b["deg_vector"] > 0).any(axis=1).all()  # every example is degraded
+    assert not np.array_equal(b["lq"], b["gt"])
+
+
+def test_same_seed_same_batches_other_seed_differs(source):
+    a = _take(make_train_iterator(_config(), source=source, process_index=0, process_count=1), 3)
+    b = _take(make_train_iterator(_config(), source=source, process_index=0, process_count=1), 3)
+    for x, y in zip(a, b, strict=True):
+        _same(x, y)
+    c = load_config("tiny")
+    c.data.patch_size, c.data.batch_size, c.seed = P, 4, 1
+    other = next(make_train_iterator(c, source=source, process_index=0, process_count=1))
+    assert not np.array_equal(other["gt"], a[0]["gt"])
+
+
+def test_epochs_cover_every_image_and_reshuffle(source):
+    it = make_train_iterator(_config(batch_size=6), source=source, process_index=0, process_count=1)
+    e1, e2 = next(it)["key"].tolist(), next(it)["key"].tolist()
+    assert sorted(e1) == sorted(e2) == sorted(source.keys())  # 6 images, batch of 6 = one epoch
+
+
+def test_small_images_are_reflect_padded():
+    img = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
+    out = pad_to(img, 16)
+    assert out.shape == (16, 16, 3)
+    one = pad_to(np.ones((1, 3, 3), np.float32), 8)
+    assert one.shape == (8, 8, 3)
+
+
+def test_per_host_shards_split_the_global_batch(source):
+    whole = next(make_train_iterator(_config(), source=source, process_index=0, process_count=1))
+    h0 = next(make_train_iterator(_config(), source=source, process_index=0, process_count=2))
+    h1 = next(make_train_iterator(_config(), source=source, process_index=1, process_count=2))
+    assert h0["gt"].shape[0] == h1["gt"].shape[0] == 2
+    np.testing.assert_array_equal(h0["gt"], whole["gt"][0::2])
+    np.testing.assert_array_equal(h1["lq"], whole["lq"][1::2])
+    with pytest.raises(UsageError):
+        make_train_iterator(_config(batch_size=5), source=source, process_index=0, process_count=2)
+
+
+class FakePriorCache:
+    """In-memory stand-in for priors.cache.PriorCache."""
+
+    def __init__(self, keys, ts=6, d=10, ref=40):
+        rng = np.random.default_rng(0)
+        self.entries = {
+            k: {
+                "scene_states": rng.random((ts, d), dtype=np.float32),
+                "scene_mask": np.arange(ts) < 3,
+                "reference": rng.random((ref, ref, 3), dtype=np.float32),
+            }
+            for k in keys
+        }
+
+    def get(self, key):
+        return self.entries.get(key)
+
+
+def test_prior_cache_attached_and_missing_counted(source):
+    keys = source.keys()
+    cache = FakePriorCache(keys[:-2])
+    config = _config(batch_size=6)
+    it = make_train_iterator(
+        config, source=source, prior_cache=cache, process_index=0, process_count=1
+    )
+    assert sorted(it.missing_priors) == sorted(keys[-2:])
+    b = next(it)
+    r = config.priors.ref_size
+    assert b["scene_states"].shape == (6, 6, 10) and b["scene_states"].dtype == np.float32
+    assert b["scene_mask"].dtype == bool and b["reference"].shape == (6, r, r, 3)
+    for i, key in enumerate(b["key"].tolist()):
+        if key in cache.entries:
+            assert b["has_reference"][i] and b["scene_mask"][i].sum() == 3
+            np.testing.assert_array_equal(b["scene_states"][i], cache.entries[key]["scene_states"])
+        else:
+            assert not b["has_reference"][i] and not b["scene_mask"][i].any()
+            assert not b["scene_states"][i].any() and not b["reference"][i].any()
+
+
+def test_paired_source_crops_both_alike(tmp_path):
+    rng = np.random.default_rng(0)
+    clean = rng.random((20, 20, 3))
+    write_image(tmp_path / "clean" / "a.png", clean)
+    write_image(tmp_path / "degraded" / "a_rain.png", clean * 0.5)
+    config = _config(augment=True, paired_text="rain")
+    b = next(
+        make_train_iterator(config, source=load_source(tmp_path), process_index=0, process_count=1)
+    )
+    np.testing.assert_allclose(b["lq"], b["gt"] * 0.5, atol=1.5 / 255)
+    assert b["deg_text"].tolist() == ["rain"] * 4
+
+
+def test_resume_from_state_yields_identical_batches(source):
+    config = _config()
+    it = make_train_iterator(config, source=source, process_index=0, process_count=1)
+    _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 3)
+    it2 = make_train_iterator(config, source=source, process_index=0, process_count=1)
+    it2.set_state(state)
+    for x, y in zip(expected, _take(it2, 3), strict=True):
+        _same(x, y)
+
+
+def test_resume_through_orbax_checkpoint(source, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = _config()
+    it = make_train_iterator(config, source=source, process_index=0, process_count=1)
+    _take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.save(
+            3,
+            args=ocp.args.Composite(
+                step=ocp.args.JsonSave({"step": 3}), data=grain.checkpoint.CheckpointSave(it)
+            ),
+        )
+        mgr.wait_until_finished()
+    expected = _take(it, 2)
+    it2 = make_train_iterator(config, source=source, process_index=0, process_count=1)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    for x, y in zip(expected, _take(it2, 2), strict=True):
+        _same(x, y)
+
+
+def test_workers_give_the_same_batches_and_resume(folder):
+    source = FolderSource(folder)
+    base = _take(make_train_iterator(_config(), source=source, process_index=0, process_count=1), 4)
+    it = make_train_iterator(
+        _config(num_workers=2), source=source, process_index=0, process_count=1
+    )
+    got = _take(it, 2)
+    state = it.get_state()
+    got += _take(it, 2)
+    for x, y in zip(base, got, strict=True):
+        _same(x, y)
+    it2 = make_train_iterator(
+        _config(num_workers=2), source=source, process_index=0, process_count=1
+    )
+    it2.set_state(state)
+    for x, y in zip(base[2:], _take(it2, 2), strict=True):
+        _same(x, y)
+
+
+def test_bad_task_weights(source):
+    c = _config()
+    c.data.tasks.noise = -1.0
+    with pytest.raises(UsageError):
+        make_train_iterator(c, source=source, process_index=0, process_count=1)
+
+
+def test_eval_pairs_clean_folder_is_deterministic(folder):
+    a = list(iter_eval_pairs(folder, "noise:25", seed=3, crop_multiple=8))
+    b = list(iter_eval_pairs(folder, "noise:25", seed=3, crop_multiple=8, max_images=2))
+    assert len(a) == 6 and len(b) == 2
+    for (k1, d1, c1, lab), (k2, d2, c2, _) in zip(a, b, strict=False):
+        assert k1 == k2 and np.array_equal(d1, d2) and np.array_equal(c1, c2)
+        assert d1.shape == c1.shape and c1.shape[0] % 8 == 0 and c1.shape[1] % 8 == 0
+        assert lab.kinds == ("noise",)
+        assert 15 / 255 < np.std(d1 - c1) < 35 / 255
+    c = list(iter_eval_pairs(folder, "noise:25", seed=4, max_images=1))
+    assert not np.array_equal(c[0][1], a[0][1])
+
+
+def test_eval_pairs_center_crop(folder):
+    _, d, c, _ = next(iter(iter_eval_pairs(folder, "jpeg:30", center_crop=16)))
+    assert d.shape == c.shape == (16, 16, 3)
+
+
+def test_eval_pairs_paired_and_misuse(tmp_path, folder):
+    rng = np.random.default_rng(0)
+    write_image(tmp_path / "clean" / "0001.png", rng.random((10, 12, 3)))
+    write_image(tmp_path / "degraded" / "0001_0.8_0.2.png", rng.random((10, 12, 3)))
+    pairs = list(iter_eval_pairs(tmp_path))
+    assert len(pairs) == 1 and pairs[0][0] == "degraded/0001_0.8_0.2.png" and pairs[0][3] is None
+    with pytest.raises(UsageError):
+        list(iter_eval_pairs(tmp_path, "noise:25"))
+    with pytest.raises(UsageError):
+        list(iter_eval_pairs(folder))
+    with pytest.raises(UsageError):
+        list(iter_eval_pairs(folder, "bogus:3"))
