@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "evaluate",
     "export",
     "bench",
+    "report",
 )
 
 
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv, overrides = split_config_overrides(argv)
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or misuse (2, already reported on one line)
+            return int(e.code or 0)
         args.config_overrides = overrides
         if overrides and not hasattr(args, "config"):
             raise UsageError(f"'lmdir {args.command}' takes no --config overrides")

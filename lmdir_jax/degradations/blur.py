@@ -9,7 +9,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01, filter_image, lerp, line_kernel
+from lmdir_jax.degradations.imageops import (
+    as_float_image,
+    clamp01,
+    clip01,
+    filter_image,
+    lerp,
+    line_kernel,
+)
 from lmdir_jax.degradations.label import Label
 
 SIGMA_RANGE = (0.5, 4.0)  # Gaussian sigma in pixels at severity 0 and 1
@@ -45,7 +52,7 @@ def gaussian_blur(
     image: np.ndarray, rng: np.random.Generator, severity: float
 ) -> tuple[np.ndarray, Label]:
     """Gaussian blur with sigma from 0.5 px (severity 0) to 4 px (severity 1)."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     sigma = lerp(*SIGMA_RANGE, s)
     return apply_gaussian_blur(image, sigma), Label.single(
         "blur", s, "gaussian", sigma=round(sigma, 3)
@@ -56,7 +63,7 @@ def motion_blur(
     image: np.ndarray, rng: np.random.Generator, severity: float
 ) -> tuple[np.ndarray, Label]:
     """Linear motion blur, length 3-25 px by severity, uniform random angle."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     length = lerp(*LENGTH_RANGE, s)
     angle = float(rng.uniform(0.0, 180.0))
     return apply_motion_blur(image, length, angle), Label.single(

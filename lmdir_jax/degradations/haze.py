@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01, lerp
+from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01, lerp
 from lmdir_jax.degradations.label import Label
 
 BETA_RANGE = (0.3, 2.2)
@@ -20,17 +20,18 @@ DEPTH_RANGE = (0.3, 1.0)
 
 
 def pseudo_depth(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Smooth float32 (H, W) pseudo-depth in DEPTH_RANGE: a vertical ramp plus a cubic-upsampled 4x4
-    random field."""
+    """Smooth float32 (H, W) pseudo-depth in DEPTH_RANGE: a top-to-bottom ramp mixed with a random
+    field, built on a 4x4 grid and cubic-upsampled to H x W."""
     h, w = shape
-    field = cv2.resize(rng.random((4, 4), dtype=np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    ramp = np.linspace(1.0, 0.0, h, dtype=np.float32)[:, None]
+    ramp = np.linspace(1.0, 0.0, 4, dtype=np.float32)[:, None]
     mix = np.float32(rng.uniform(0.3, 0.8))
-    d = mix * ramp + (1 - mix) * field
-    d -= d.min()
-    d *= np.float32(1.0 / max(float(d.max()), 1e-6))
+    coarse = mix * ramp + (1 - mix) * rng.random((4, 4), dtype=np.float32)
+    coarse -= coarse.min()
     lo, hi = DEPTH_RANGE
-    return np.float32(lo) + np.float32(hi - lo) * d
+    coarse *= np.float32((hi - lo) / max(float(coarse.max()), 1e-6))
+    coarse += np.float32(lo)
+    d = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(d, lo, hi, out=d)
 
 
 def apply_haze(
@@ -38,7 +39,7 @@ def apply_haze(
 ) -> np.ndarray:
     """J * t + A * (1 - t) with t = exp(-beta * depth)."""
     image = as_float_image(image)
-    t = np.exp(np.float32(-beta) * depth)
+    t = cv2.exp(depth * np.float32(-beta))
     a = (*(float(v) for v in airlight), 0.0)  # an OpenCV Scalar: per-channel without broadcasting
     out = cv2.subtract(image, a)  # A + (J - A) t; cv2 is ~5x faster than numpy's (3,) broadcast
     cv2.multiply(out, cv2.merge((t, t, t)), dst=out)
@@ -49,13 +50,13 @@ def apply_haze(
 def _airlight(rng: np.random.Generator) -> tuple[float, float, float]:
     a = float(rng.uniform(*AIRLIGHT_RANGE))
     tint = rng.uniform(-0.03, 0.03, 3)
-    return tuple(round(float(np.clip(a + d, 0.0, 1.0)), 4) for d in tint)
+    return tuple(round(clamp01(a + d), 4) for d in tint)
 
 
 def beta_severity(beta: float) -> float:
     """Severity of a scattering coefficient beta (0 at 0.3 or less, 1 at 2.2 or more)."""
     lo, hi = BETA_RANGE
-    return float(np.clip((beta - lo) / (hi - lo), 0.0, 1.0))
+    return clamp01((beta - lo) / (hi - lo))
 
 
 def haze_beta(image: np.ndarray, rng: np.random.Generator, beta: float) -> tuple[np.ndarray, Label]:
@@ -70,7 +71,7 @@ def haze_beta(image: np.ndarray, rng: np.random.Generator, beta: float) -> tuple
 
 def haze(image: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, Label]:
     """Haze with beta from 0.3 (severity 0) to 2.2 (severity 1)."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     out, label = haze_beta(image, rng, lerp(*BETA_RANGE, s))
     d = label.items[0]
     return out, Label.single("haze", s, **d.params)

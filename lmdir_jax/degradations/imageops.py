@@ -13,6 +13,11 @@ def as_float_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+def clamp01(x: float) -> float:
+    """A Python float clipped to [0, 1] (np.clip is ~50x slower on scalars)."""
+    return min(1.0, max(0.0, float(x)))
+
+
 def clip01(image: np.ndarray) -> np.ndarray:
     """Clip to [0, 1] in place when possible and return float32."""
     image = np.asarray(image, dtype=np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image
+from lmdir_jax.degradations.imageops import as_float_image, clamp01
 from lmdir_jax.degradations.label import Label
 
 QUALITY_RANGE = (90, 10)  # quality at severity 0 and 1
@@ -29,7 +29,7 @@ def apply_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 def quality_severity(quality: float) -> float:
     """Severity of a JPEG quality: 0 at 90 or above, 1 at 10 or below."""
     hi, lo = QUALITY_RANGE
-    return float(np.clip((hi - float(quality)) / (hi - lo), 0.0, 1.0))
+    return clamp01((hi - float(quality)) / (hi - lo))
 
 
 def jpeg_quality(image: np.ndarray, quality: int) -> tuple[np.ndarray, Label]:
@@ -40,7 +40,7 @@ def jpeg_quality(image: np.ndarray, quality: int) -> tuple[np.ndarray, Label]:
 
 def jpeg(image: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, Label]:
     """JPEG round trip with quality from 90 (severity 0) down to 10 (severity 1)."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     hi, lo = QUALITY_RANGE
     q = int(round(hi + (lo - hi) * s))
     return apply_jpeg(image, q), Label.single("jpeg", s, quality=q)

@@ -150,7 +150,7 @@ class Label:
         """A label holding one degradation."""
         if kind not in KIND_INDEX:
             raise ValueError(f"unknown degradation kind {kind!r}; valid: {', '.join(KINDS)}")
-        sev = float(np.clip(severity, 0.0, 1.0))
+        sev = min(1.0, max(0.0, float(severity)))
         return cls((Degradation(kind, sev, variant, dict(params)),))
 
     @classmethod

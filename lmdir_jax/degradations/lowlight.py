@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01, lerp
+from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01, lerp
 from lmdir_jax.degradations.label import Label
 from lmdir_jax.degradations.noise import add_poisson_gaussian_noise
 
@@ -38,7 +38,7 @@ def apply_lowlight(
 
 def lowlight_params(rng: np.random.Generator, severity: float) -> dict:
     """Draw low-light parameters for a severity in [0, 1]."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     j = float(rng.uniform(0.7, 1.3))
     return dict(
         gamma=round(lerp(*GAMMA_RANGE, s), 3),
@@ -53,9 +53,7 @@ def lowlight(
 ) -> tuple[np.ndarray, Label]:
     """Low light at the given severity (parameters drawn by `lowlight_params`)."""
     p = lowlight_params(rng, severity)
-    return apply_lowlight(image, rng, **p), Label.single(
-        "lowlight", float(np.clip(severity, 0, 1)), **p
-    )
+    return apply_lowlight(image, rng, **p), Label.single("lowlight", clamp01(severity), **p)
 
 
 def lowlight_gamma(
@@ -63,7 +61,7 @@ def lowlight_gamma(
 ) -> tuple[np.ndarray, Label]:
     """Low light with a fixed gamma (> 1); exposure and noise follow the matching severity."""
     lo, hi = GAMMA_RANGE
-    s = float(np.clip((gamma - lo) / (hi - lo), 0.0, 1.0))
+    s = clamp01((gamma - lo) / (hi - lo))
     p = lowlight_params(rng, s)
     p["gamma"] = round(float(gamma), 3)
     return apply_lowlight(image, rng, **p), Label.single("lowlight", max(s, 0.01), **p)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01, lerp, standard_normal
+from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01, lerp, standard_normal
 from lmdir_jax.degradations.label import Label
 
 SIGMA_MAX = 50.0  # Gaussian sigma at severity 1, on the 0-255 scale
@@ -42,7 +42,7 @@ def gaussian_noise(
     image: np.ndarray, rng: np.random.Generator, severity: float
 ) -> tuple[np.ndarray, Label]:
     """Additive Gaussian noise with sigma = 50 * severity (0-255 scale)."""
-    sigma = SIGMA_MAX * float(np.clip(severity, 0.0, 1.0))
+    sigma = SIGMA_MAX * clamp01(severity)
     return gaussian_noise_sigma(image, rng, sigma)
 
 
@@ -58,7 +58,7 @@ def poisson_gaussian_noise(
     image: np.ndarray, rng: np.random.Generator, severity: float
 ) -> tuple[np.ndarray, Label]:
     """Signal-dependent noise: shot gain up to 0.04 (25 photons at white) plus read noise up to 15/255."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     u = rng.uniform(0.7, 1.0)  # split of the severity between shot and read noise
     shot = lerp(0.0, 0.04, s * u)
     read = lerp(0.0, 15.0, s * (1.7 - u)) / 255.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01, lerp, screen, segments
+from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01, lerp, screen, segments
 from lmdir_jax.degradations.label import Label
 
 DENSITY_RANGE = (0.0006, 0.01)
@@ -63,7 +63,7 @@ def apply_rain(
 
 def rain_params(rng: np.random.Generator, severity: float) -> dict:
     """Draw rain parameters for a severity in [0, 1]."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     return dict(
         density=round(lerp(*DENSITY_RANGE, s) * float(rng.uniform(0.8, 1.2)), 5),
         length=round(lerp(*LENGTH_RANGE, s) * float(rng.uniform(0.8, 1.2)), 2),
@@ -76,4 +76,4 @@ def rain_params(rng: np.random.Generator, severity: float) -> dict:
 def rain(image: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, Label]:
     """Rain streaks at the given severity (parameters drawn by `rain_params`)."""
     p = rain_params(rng, severity)
-    return apply_rain(image, rng, **p), Label.single("rain", float(np.clip(severity, 0, 1)), **p)
+    return apply_rain(image, rng, **p), Label.single("rain", clamp01(severity), **p)

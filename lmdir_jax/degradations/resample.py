@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01
+from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01
 from lmdir_jax.degradations.label import Label
 
 FACTORS = (2, 3, 4)
@@ -37,7 +37,7 @@ def apply_downsample(
 
 def factor_severity(factor: float) -> float:
     """Label severity of a down-sampling factor: (factor - 1) / 3.5, clipped to [0, 1]."""
-    return float(np.clip((float(factor) - 1.0) / 3.5, 0.0, 1.0))
+    return clamp01((float(factor) - 1.0) / 3.5)
 
 
 def downsample_factor(
@@ -57,5 +57,5 @@ def downsample(
     image: np.ndarray, rng: np.random.Generator, severity: float
 ) -> tuple[np.ndarray, Label]:
     """Down-sampling by 2, 3 or 4 picked by severity (thirds of [0, 1])."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     return downsample_factor(image, rng, FACTORS[min(2, int(s * 3.0))])

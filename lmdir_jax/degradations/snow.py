@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clip01, lerp, screen, segments
+from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01, lerp, screen, segments
 from lmdir_jax.degradations.label import Label
 
 SMALL_DENSITY_RANGE = (0.002, 0.012)  # small flakes per pixel
@@ -79,7 +79,7 @@ def apply_snow(
 
 def snow_params(rng: np.random.Generator, severity: float) -> dict:
     """Draw snow parameters for a severity in [0, 1]."""
-    s = float(np.clip(severity, 0.0, 1.0))
+    s = clamp01(severity)
     j = float(rng.uniform(0.8, 1.2))
     return dict(
         small_density=round(lerp(*SMALL_DENSITY_RANGE, s) * j, 5),
@@ -96,4 +96,4 @@ def snow_params(rng: np.random.Generator, severity: float) -> dict:
 def snow(image: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, Label]:
     """Snow at the given severity (parameters drawn by `snow_params`)."""
     p = snow_params(rng, severity)
-    return apply_snow(image, rng, **p), Label.single("snow", float(np.clip(severity, 0, 1)), **p)
+    return apply_snow(image, rng, **p), Label.single("snow", clamp01(severity), **p)

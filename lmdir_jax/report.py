@@ -1,0 +1,128 @@
+"""A one-page Markdown report of a run: what was trained, the loss curve, a before/after picture
+with PSNR, and the evaluation table — what a person looks at after `./scripts/quickstart.sh`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from lmdir_jax.errors import UsageError
+
+
+def comparison_figure(
+    degraded: np.ndarray, restored: np.ndarray, clean: np.ndarray | None, path: Path
+) -> dict[str, float]:
+    """Save degraded | restored | clean side by side with their PSNR; return the PSNRs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmdir_jax.metrics import psnr
+
+    panels = [("degraded", degraded), ("restored", restored)]
+    scores: dict[str, float] = {}
+    if clean is not None:
+        panels.append(("clean", clean))
+        for name, img in panels[:2]:
+            if img.shape == clean.shape:
+                scores[name] = float(psnr(img, clean))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=100)
+    for ax, (name, img) in zip(axes, panels, strict=True):
+        ax.imshow(np.clip(img, 0, 1))
+        title = name if name not in scores else f"{name}: {scores[name]:.2f} dB"
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return scores
+
+
+def _rel(path: Path, start: Path) -> str:
+    return os.path.relpath(path, start).replace(os.sep, "/")
+
+
+def write_report(
+    output: str | Path,
+    workdir: str | Path,
+    compare: tuple[str, str, str | None] | None = None,
+    eval_text: str | Path | None = None,
+) -> Path:
+    """Write the Markdown report of a training workdir (plus optional sample and evaluation)."""
+    from lmdir_jax.data.io import read_image
+    from lmdir_jax.train.loop import read_metrics
+
+    output = Path(output)
+    workdir = Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise UsageError(f"not a training workdir (no config.json): {workdir}")
+    out_dir = output.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((workdir / "config.json").read_text())
+    records = read_metrics(workdir)
+    train_recs = [r for r in records if "loss" in r]
+    val_recs = [r for r in records if any(k.startswith("val_") for k in r)]
+
+    lines = [f"# lmdir-jax run report: `{config.get('name', workdir.name)}`", ""]
+    import jax
+
+    lines += [
+        f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
+        f"JAX {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s))",
+        f"- workdir: `{workdir}`",
+        f"- model: width {config['model']['width']}, blocks {config['model']['blocks']}, "
+        f"patch {config['data']['patch_size']}, batch {config['data']['batch_size']}",
+        f"- priors: CLIP `{config['priors'].get('clip') or 'none'}`, cache "
+        f"`{config['priors'].get('cache') or 'none'}`",
+    ]
+    if train_recs:
+        last = train_recs[-1]
+        first = train_recs[0]
+        lines.append(
+            f"- training: {last.get('step')} steps, L1 loss {first['loss']:.4f} → {last['loss']:.4f}"
+        )
+    if val_recs:
+        v = val_recs[-1]
+        vals = ", ".join(f"{k} {v[k]:.3f}" for k in sorted(v) if k.startswith("val_"))
+        lines.append(f"- last validation (step {v.get('step')}): {vals}")
+    lines.append("")
+
+    loss_png = workdir / "plots" / "loss.png"
+    if loss_png.is_file():
+        lines += ["## Training curve", "", f"![loss]({_rel(loss_png, out_dir)})", ""]
+    grids = sorted((workdir / "plots").glob("val_*.png")) if (workdir / "plots").is_dir() else []
+    if grids:
+        lines += [
+            "## Validation (degraded | restored | clean)",
+            "",
+            f"![validation]({_rel(grids[-1], out_dir)})",
+            "",
+        ]
+
+    if compare is not None:
+        deg_p, res_p, clean_p = compare
+        deg, res = read_image(deg_p), read_image(res_p)
+        clean = read_image(clean_p) if clean_p else None
+        if deg is None or res is None:
+            raise UsageError(f"cannot read the sample images {deg_p} / {res_p}")
+        fig = out_dir / "sample.png"
+        scores = comparison_figure(deg, res, clean, fig)
+        lines += ["## Sample restoration", "", f"![sample]({_rel(fig, out_dir)})", ""]
+        if scores:
+            lines += [
+                "PSNR against the clean photo: "
+                + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()),
+                "",
+            ]
+
+    if eval_text is not None and Path(eval_text).is_file():
+        lines += ["## Evaluation", "", "```", Path(eval_text).read_text().rstrip(), "```", ""]
+
+    output.write_text("\n".join(lines))
+    return output

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Quick start, from nothing: create .venv and install, make tiny random CLIP / Stable Diffusion priors,
+# build the prior cache, train the quick-start model on the photos that ship with scikit-image,
+# restore a sample, evaluate, and write a report. Re-running resumes training and reuses what is done.
+# Environment: RUN=folder (default runs/quickstart); extra args are passed to `lmdir train`
+# (e.g. ./scripts/quickstart.sh --config.train.steps=200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh
+RUN="${RUN:-runs/quickstart}"
+LMDIR=.venv/bin/lmdir
+PY=.venv/bin/python
+mkdir -p "$RUN"
+T0=$(date +%s)
+
+echo "== [1/6] tiny random CLIP + Stable Diffusion (no download; use real weights via docs/priors.md)"
+if [ ! -f "$RUN/priors-tiny/clip/config.json" ]; then
+  $LMDIR priors make-tiny "$RUN/priors-tiny"
+fi
+
+echo "== [2/6] prior cache: captions, CLIP scene states and SD reference images per training photo"
+$LMDIR priors build --data skimage --clip "$RUN/priors-tiny/clip" --sd "$RUN/priors-tiny/sd" \
+  --output "$RUN/prior-cache" --steps 10
+
+echo "== [3/6] training the quick-start model (configs/quickstart.py)"
+$LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
+  --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" "$@"
+
+echo "== [4/6] restoring a sample (noise + JPEG on a photo, automatic degradation prior)"
+SAMPLE=$($PY -c "import os, skimage; print(os.path.join(skimage.data_dir, 'coffee.png'))")
+rm -rf "$RUN/sample" "$RUN/restored"
+$LMDIR degrade "$SAMPLE" --spec noise:25+jpeg:40 --seed 1 --output "$RUN/sample"
+$LMDIR restore "$RUN/sample" --checkpoint "$RUN/train" --output "$RUN/restored"
+
+echo "== [5/6] evaluating"
+EVAL_ARGS=()
+if [ -d ../shared/data/test/CBSD68 ]; then
+  EVAL_ARGS+=(--data ../shared/data/test/CBSD68 --spec noise:25)
+  EVAL_ARGS+=(--data ../shared/data/test/Rain100L --max-images 20)
+else
+  EVAL_ARGS+=(--data skimage --spec noise:25 --data skimage --spec rain --data skimage --spec haze)
+fi
+$LMDIR evaluate --checkpoint "$RUN/train" "${EVAL_ARGS[@]}" --json "$RUN/eval.json" --csv "$RUN/eval.csv" \
+  | tee "$RUN/eval.txt"
+
+echo "== [6/6] report"
+$LMDIR report --workdir "$RUN/train" --output "$RUN/report.md" --eval-text "$RUN/eval.txt" \
+  --compare "$RUN/sample/coffee.png" "$RUN/restored/coffee.png" "$SAMPLE"
+echo
+echo "Done in $(( $(date +%s) - T0 )) s. Results:"
+echo "  report:          $RUN/report.md"
+echo "  restored sample: $RUN/restored/"
+echo "  training run:    $RUN/train (checkpoints, metrics.jsonl, plots/, TensorBoard events)"
