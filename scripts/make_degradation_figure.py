@@ -25,8 +25,9 @@ def main() -> None:
     """Render the grid (rows: kinds, then a row of mixtures; columns: clean and three severities)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="docs/images/degradations.png")
-    ap.add_argument("--size", type=int, default=192)
+    ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dpi", type=int, default=80)
     args = ap.parse_args()
 
     img = data.astronaut().astype(np.float32) / 255.0
@@ -51,7 +52,7 @@ def main() -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    fig.savefig(args.out, dpi=args.dpi)
     print(f"wrote {args.out}")
 
 

@@ -77,6 +77,16 @@ def test_input_is_not_modified():
     np.testing.assert_array_equal(img, keep)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_rejects_non_float_or_non_rgb_input(kind):
+    with pytest.raises(ValueError):
+        degrade(np.zeros((8, 8, 3), np.uint8), kind, np.random.default_rng(0), 0.5)
+    with pytest.raises(ValueError):
+        degrade(np.zeros((8, 8), np.float32), kind, np.random.default_rng(0), 0.5)
+    with pytest.raises(ValueError):
+        apply_spec(np.zeros((8, 8, 3), np.uint8), kind, np.random.default_rng(0))
+
+
 def test_noise_error_grows_with_sigma():
     img = _photo(64, 64)
     errs = [_mse(gaussian_noise(img, np.random.default_rng(0), s)[0], img) for s in (0.1, 0.4, 1.0)]

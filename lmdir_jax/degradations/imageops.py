@@ -10,6 +10,8 @@ def as_float_image(image: np.ndarray) -> np.ndarray:
     """Check an HxWx3 image and return it as contiguous float32 (values are not rescaled)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"expected a float image in [0, 1], got dtype {image.dtype}")
     return np.ascontiguousarray(image, dtype=np.float32)
 
 

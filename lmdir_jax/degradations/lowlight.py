@@ -30,7 +30,8 @@ def apply_lowlight(
 ) -> np.ndarray:
     """exposure * image ** gamma plus Poisson-Gaussian noise (shot gain, read sigma in [0, 1])."""
     image = as_float_image(image)
-    dark = cv2.pow(np.maximum(image, 0.0), float(gamma)) * np.float32(exposure)
+    dark = cv2.pow(np.maximum(image, 0.0), float(gamma))
+    dark *= np.float32(exposure)
     if shot > 0 or read > 0:
         dark = add_poisson_gaussian_noise(dark, rng, shot, read)
     return clip01(dark)

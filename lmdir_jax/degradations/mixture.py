@@ -8,6 +8,7 @@ import numpy as np
 
 from lmdir_jax.degradations.blur import blur
 from lmdir_jax.degradations.haze import haze
+from lmdir_jax.degradations.imageops import as_float_image
 from lmdir_jax.degradations.jpeg import jpeg
 from lmdir_jax.degradations.label import KINDS, Label
 from lmdir_jax.degradations.lowlight import lowlight
@@ -51,7 +52,7 @@ def apply_kinds(
     """Apply several (kind, severity) pairs in `KINDS` order, whatever the order given."""
     pairs = list(kinds.items()) if isinstance(kinds, Mapping) else list(kinds)
     pairs.sort(key=lambda p: KINDS.index(p[0]))
-    out = np.asarray(image, dtype=np.float32)
+    out = as_float_image(image)
     labels = []
     for kind, sev in pairs:
         out, lab = degrade(out, kind, rng, sev)

@@ -32,7 +32,9 @@ def add_poisson_gaussian_noise(
 ) -> np.ndarray:
     """x + sqrt(shot * x + read^2) * N(0, 1), clipped; shot = 1/photons at full scale, read in [0, 1]."""
     image = as_float_image(image)
-    out = np.sqrt(np.float32(shot) * image + np.float32(read * read))
+    out = image * np.float32(shot)  # the per-pixel variance, then std, in place
+    out += np.float32(read * read)
+    np.sqrt(out, out=out)
     out *= standard_normal(rng, image.shape)
     out += image
     return clip01(out)

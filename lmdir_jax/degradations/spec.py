@@ -14,6 +14,7 @@ import numpy as np
 
 from lmdir_jax.degradations.blur import gaussian_blur_sigma
 from lmdir_jax.degradations.haze import haze_beta
+from lmdir_jax.degradations.imageops import as_float_image
 from lmdir_jax.degradations.jpeg import jpeg_quality
 from lmdir_jax.degradations.label import KINDS, Label
 from lmdir_jax.degradations.lowlight import lowlight_gamma
@@ -135,7 +136,7 @@ def apply_spec(
 ) -> tuple[np.ndarray, Label]:
     """Degrade an image by a spec (string or parsed items), in `KINDS` order."""
     items = parse_spec(spec) if isinstance(spec, str) else spec
-    out = np.array(image, dtype=np.float32, copy=True)
+    out = as_float_image(image).copy()
     labels = []
     for it in items:
         out, lab = it.apply(out, rng)

@@ -87,6 +87,16 @@ def _read_index(path: Path) -> dict[str, dict]:
     return entries
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut an interrupted last index line (no newline) so later appends start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class PriorCache:
     """Read-only view of a built prior cache; picklable (grain worker processes get a copy).
 
@@ -323,6 +333,7 @@ def build_cache(
         keys = [source[i]["key"] for i in range(len(source))]
     if max_items is not None:
         keys = keys[: int(max_items)]
+    _drop_partial_line(out / INDEX)
     index = _read_index(out / INDEX)
     # Items whose file landed but whose index line did not (killed in between): re-index them.
     orphans = [k for k in keys if k not in index and (out / ITEMS / item_file(k)).is_file()]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.sd_weights import quiet_hf
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = ("float32", "bfloat16")
@@ -54,7 +55,10 @@ class StableDiffusion:
         self.dtype = dtype
         self.params = {"unet": unet_params, "vae": vae_params, "text": text_params}
         self._placed: dict[Any, Any] = {}
-        self._sample_jit = jax.jit(self._sample, static_argnames=("latent_hw", "steps", "t_start", "use_cfg"))
+        self._round_trip_jit = jax.jit(self._round_trip)
+        self._sample_jit = jax.jit(
+            self._sample, static_argnames=("latent_hw", "steps", "t_start", "use_cfg")
+        )
 
     # ----------------------------------------------------------------------------- sizes
     @property
@@ -134,7 +138,8 @@ class StableDiffusion:
         import jax
 
         x = jax.numpy.asarray(np.asarray(images, np.float32))
-        return np.asarray(jax.jit(self._round_trip)(self.params["vae"], x))
+        with quiet_hf():
+            return np.asarray(self._round_trip_jit(self.params["vae"], x))
 
     def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids (B, L) int32 padded/truncated to the tokenizer's model_max_length."""
@@ -151,7 +156,9 @@ class StableDiffusion:
     def _check_size(self, height: int, width: int) -> None:
         m = self.size_multiple
         if height <= 0 or width <= 0 or height % m or width % m:
-            raise UsageError(f"height and width must be positive multiples of {m}, got {height}x{width}")
+            raise UsageError(
+                f"height and width must be positive multiples of {m}, got {height}x{width}"
+            )
 
     def _mesh_and_params(self, mesh: Any) -> tuple[Any, Any]:
         """The mesh to use (default: all local devices on 'data') and the params replicated on it."""
@@ -199,18 +206,21 @@ class StableDiffusion:
         if images is not None:
             batch["images"] = images
         if pad:
-            batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+            batch = {
+                k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()
+            }
         batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
         shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        out = self._sample_jit(
-            params,
-            batch,
-            np.float32(guidance),
-            latent_hw=shape,
-            steps=steps,
-            t_start=t_start,
-            use_cfg=float(guidance) != 1.0,
-        )
+        with quiet_hf():  # diffusers warns "deprecated" each time a Flax module is traced
+            out = self._sample_jit(
+                params,
+                batch,
+                np.float32(guidance),
+                latent_hw=shape,
+                steps=steps,
+                t_start=t_start,
+                use_cfg=float(guidance) != 1.0,
+            )
         return np.asarray(out)[:n]
 
     def _round_trip(self, vae_params: Any, images: Any) -> Any:
@@ -336,7 +346,7 @@ def load_sd(path: str | Path, dtype: str = "float32") -> StableDiffusion:
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from lmdir_jax.priors.sd_weights import load_diffusers_model, load_text_encoder, quiet_hf
+    from lmdir_jax.priors.sd_weights import load_diffusers_model, load_text_encoder
 
     root = Path(path)
     if not root.is_dir():
@@ -388,12 +398,10 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
-    from lmdir_jax.priors.sd_weights import quiet_hf
     from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    k_unet, k_vae = jax.random.split(jax.random.PRNGKey(seed))
     text_cfg = tiny_clip_config(text_dim=32).text_config.to_dict()
     with quiet_hf():
         unet = FlaxUNet2DConditionModel(
@@ -417,14 +425,16 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
             latent_channels=4,
             sample_size=16,
         )
-        parts = {"unet": (unet, unet.init_weights(k_unet)), "vae": (vae, vae.init_weights(k_vae))}
-        for name, (model, params) in parts.items():
+        key = jax.random.PRNGKey(0)
+        for i, (name, model) in enumerate((("unet", unet), ("vae", vae))):
+            params = random_params(jax.eval_shape(model.init_weights, key), seed * 3 + i)
             if pytorch:
                 _save_diffusers_as_pytorch(model, params, root / name)
             else:
                 model.save_pretrained(str(root / name), params=params)
-        text = FlaxCLIPTextModel(CLIPTextConfig(**text_cfg), seed=seed)
-        text.save_pretrained(str(root / "text_encoder"))
+        text = FlaxCLIPTextModel(CLIPTextConfig(**text_cfg), _do_init=False)
+        shapes = jax.eval_shape(lambda k: text.init_weights(k, (1, 1)), key)
+        text.save_pretrained(str(root / "text_encoder"), params=random_params(shapes, seed * 3 + 2))
         FlaxDDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -436,6 +446,28 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
     save_tiny_tokenizer(root / "tokenizer", model_max_length=TINY_TEXT_LEN)
     (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
     return root
+
+
+def random_params(shapes: Any, seed: int) -> Any:
+    """Random weights for a pytree of shapes, drawn with numpy (no XLA compile, unlike `init`).
+
+    Kernels ~ N(0, 1/fan_in) (LeCun, Flax's default), embeddings ~ N(0, 0.02), norm scales 1, biases 0.
+    """
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: Any) -> np.ndarray:
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if name == "bias":
+            return np.zeros(shape, np.float32)
+        if name == "scale":
+            return np.ones(shape, np.float32)
+        std = 1.0 / np.sqrt(max(1, int(np.prod(shape[:-1])))) if name == "kernel" else 0.02
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _model_index() -> dict[str, Any]:

@@ -94,14 +94,14 @@ def make_setup(config, mesh, model_fn: Callable[[], nnx.Module] | None = None) -
 
 
 def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | None = None) -> dict:
-    """A freshly initialised train state, created directly in its sharded layout."""
+    """A freshly initialised train state, placed in its sharded layout.
+
+    Initialisation runs eagerly (op by op: compiling one big init program costs minutes on a CPU)
+    and is then laid out with `jax.device_put`; the network is small enough for one host.
+    """
     model_fn = model_fn or (lambda: build_model(config))
-
-    def create():
-        return _create(config, model_fn)[2]
-
-    with nnx.use_eager_sharding(False):
-        return jax.jit(create, out_shardings=setup.shardings)()
+    state = _create(config, model_fn)[2]
+    return jax.device_put(state, setup.shardings)
 
 
 def model_from_state(setup: TrainSetup, state: dict, use_ema: bool = False) -> nnx.Module:

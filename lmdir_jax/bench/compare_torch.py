@@ -1,0 +1,132 @@
+"""`lmdir bench compare-torch`: forward+backward step time of LMDIR in JAX (jit) and in PyTorch.
+
+Both run the same network (the PyTorch side is the exported mirror with the same parameters) on the
+same random batch with all priors present, in one process on this machine, float32. The loss is the
+L1 distance to a random target; a step is loss + gradients with respect to all parameters. Times are
+medians over --steps timed steps after --warmup untimed ones (JAX compile time is reported apart).
+"""
+
+from __future__ import annotations
+
+import time
+
+from lmdir_jax.errors import UsageError
+
+
+def register(bsub) -> None:
+    """Add `lmdir bench compare-torch`."""
+    p = bsub.add_parser(
+        "compare-torch",
+        help="JAX vs PyTorch forward+backward step time of the same network",
+        description=__doc__.split("\n", 1)[1].strip(),
+    )
+    p.add_argument("--config", required=True, metavar="CFG", help="config name or path")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--compile", action="store_true", help="wrap the PyTorch model in torch.compile")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default 0: torch's own default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _median_seconds(fn, steps: int, warmup: int, label: str) -> float:
+    import numpy as np
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in tqdm(range(steps), desc=label, leave=False):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run(args) -> int:
+    """Handler: build both models, time them, print one table with the ratio."""
+    if args.size < 8 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise UsageError("need --size >= 8, --batch >= 1, --steps >= 1, --warmup >= 0")
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("compare-torch needs torch: pip install 'lmdir-jax[export]'") from None
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from lmdir_jax.config import load_config
+    from lmdir_jax.export import check
+    from lmdir_jax.export.convert import flax_to_torch_state, model_config_dict
+    from lmdir_jax.export.torch_model import LMDIRTorch
+    from lmdir_jax.models import build_model
+    from lmdir_jax.models.priors import Priors
+
+    config = load_config(args.config, list(args.config_overrides))
+    with config.unlocked():
+        config.model.dtype = "float32"  # the PyTorch mirror computes in float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with nnx.use_eager_sharding(False):
+        model = build_model(config.model, args.seed)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    inputs = check.random_inputs(
+        int(config.model.text_dim), batch=args.batch, height=args.size, width=args.size,
+        text_len=int(config.priors.max_text_len), ref_size=int(config.priors.ref_size),
+        seed=args.seed,
+    )
+    gt = np.random.default_rng(args.seed + 1).random(inputs["lq"].shape, dtype=np.float32)
+
+    # JAX: jitted value_and_grad over the parameters.
+    graphdef, params = nnx.split(model, nnx.Param)
+    priors = Priors(**{k: jnp.asarray(v) for k, v in inputs.items() if k != "lq"})
+    lq_j, gt_j = jnp.asarray(inputs["lq"]), jnp.asarray(gt)
+
+    @jax.jit
+    def jax_step(params, lq, gt, priors):
+        def loss_fn(p):
+            return jnp.mean(jnp.abs(nnx.merge(graphdef, p)(lq, priors) - gt))
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax_step(params, lq_j, gt_j, priors))
+    jax_compile = time.perf_counter() - t0
+    jax_s = _median_seconds(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)),
+                            args.steps, args.warmup, "jax")
+
+    # PyTorch: the mirror with the same parameters.
+    tm = LMDIRTorch(model_config_dict(config.model))
+    state = flax_to_torch_state(nnx.to_pure_dict(params))
+    tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=True)
+    tm.train()
+    fwd = torch.compile(tm) if args.compile else tm
+    t_in = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+    gt_t = torch.from_numpy(gt)
+
+    def torch_step():
+        loss = (fwd(**t_in) - gt_t).abs().mean()
+        loss.backward()
+        tm.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    torch_step()
+    torch_first = time.perf_counter() - t0
+    torch_s = _median_seconds(torch_step, args.steps, args.warmup, "torch")
+
+    print(f"compare-torch  config={config.get('name', args.config)}  params={n_params:,}  "
+          f"batch={args.batch}  size={args.size}x{args.size}  float32  all priors on")
+    print(f"  devices: jax {jax.devices()[0].platform} | torch cpu, {torch.get_num_threads()} "
+          f"threads{', torch.compile' if args.compile else ''}")
+    print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}")
+    for name, first, step in (("jax (jit)", jax_compile, jax_s), ("pytorch", torch_first, torch_s)):
+        print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}")
+    print(f"  ratio pytorch/jax step time: {torch_s / jax_s:.2f}x "
+          f"({'JAX faster' if jax_s < torch_s else 'PyTorch faster'})")
+    return 0

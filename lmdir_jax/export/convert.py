@@ -1,0 +1,178 @@
+"""Flax NNX LMDIR -> PyTorch state dict + config, written as a self-contained export folder.
+
+An export folder holds:
+  model.safetensors  the PyTorch state dict of `lmdir_jax.export.torch_model.LMDIRTorch` (float32)
+  config.json        {"format", "version", "model": <model config>, "priors": {text_dim,
+                     max_text_len, ref_size}, "input": layout notes, "source": where it came from}
+  README.md          how to load and run it
+
+Name mapping: the Flax path joined with '.' is the PyTorch name, with the leaf renamed
+(conv/linear `kernel` -> `weight`, LayerNorm `scale` -> `weight`). Conv kernels HWIO -> OIHW
+(depth-wise kernels (kh, kw, 1, C) -> (C, 1, kh, kw) by the same transpose), linear kernels
+(in, out) -> (out, in); everything else is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmdir_jax.errors import UsageError
+
+FORMAT = "lmdir-torch"
+VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+README_FILE = "README.md"
+
+README_TEXT = """# LMDIR exported to PyTorch
+
+Exported by `lmdir export torch` from {source}.
+
+```python
+import torch
+from lmdir_jax.export.torch_model import load   # needs only torch, numpy, safetensors
+
+model = load("{name}")                  # this folder: config.json + model.safetensors
+lq = torch.rand(1, 256, 256, 3)          # NHWC float32 in [0, 1], any height and width
+with torch.no_grad():
+    restored = model(lq)                 # (1, 256, 256, 3)
+    # optional priors (a missing prior is masked):
+    # model(lq, deg_states=..., deg_mask=..., scene_states=..., scene_mask=...,
+    #       reference=..., has_reference=...)
+```
+
+Priors: CLIP text states (B, T, {text_dim}) with T <= {max_text_len} plus bool masks (B, T);
+reference image (B, {ref_size}, {ref_size}, 3) in [0, 1] with has_reference (B,).
+"""
+
+
+def _torch_name_and_value(path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.ndarray]:
+    leaf = path[-1]
+    value = np.asarray(value, dtype=np.float32)
+    if leaf == "kernel":
+        if value.ndim == 4:  # conv HWIO -> OIHW
+            value = value.transpose(3, 2, 0, 1)
+        elif value.ndim == 2:  # linear (in, out) -> (out, in)
+            value = value.T
+        else:
+            raise ValueError(f"unexpected kernel rank {value.ndim} at {'.'.join(path)}")
+        leaf = "weight"
+    elif leaf == "scale":  # LayerNorm
+        leaf = "weight"
+    return ".".join((*path[:-1], leaf)), np.ascontiguousarray(value)
+
+
+def flax_to_torch_state(params: dict) -> dict[str, np.ndarray]:
+    """A PyTorch state dict (numpy float32 values) from `nnx.to_pure_dict(nnx.state(model, Param))`."""
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, str(k)))
+        else:
+            name, value = _torch_name_and_value(path, node)
+            out[name] = value
+
+    walk(params, ())
+    return out
+
+
+def model_config_dict(config_model) -> dict:
+    """The `model` config section as plain JSON types (tuples -> lists)."""
+
+    def plain(v):
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in config_model.to_dict().items()}
+
+
+def export_metadata(config, source: str) -> dict:
+    """The config.json of an export: model config and how the priors are shaped."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": str(config.get("name", "")),
+        "model": model_config_dict(config.model),
+        "priors": {
+            "text_dim": int(config.model.text_dim),
+            "max_text_len": int(config.priors.max_text_len),
+            "ref_size": int(config.priors.ref_size),
+        },
+        "input": "lq NHWC float32 in [0, 1]; output NHWC float32",
+        "source": source,
+    }
+
+
+def _prepare_output(output_dir: Path, force: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"output {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not force:
+            raise UsageError(f"output {output_dir} is not empty (use --force to overwrite)")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def export_torch(
+    workdir_or_model,
+    output_dir: str | Path,
+    *,
+    config=None,
+    force: bool = False,
+    use_ema: bool = True,
+    source: str | None = None,
+) -> Path:
+    """Write a PyTorch export (model.safetensors, config.json, README.md) to `output_dir`.
+
+    `workdir_or_model` is a training workdir (loaded with `load_for_inference`, EMA parameters when
+    `use_ema`) or an `LMDIR` nnx module together with its full `config` (and optionally a `source`
+    description for config.json). A non-empty output folder
+    is refused unless `force`. Returns the output folder. Needs no torch.
+    """
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    if isinstance(workdir_or_model, str | Path):
+        from lmdir_jax.train.checkpoints import load_for_inference
+
+        workdir = Path(workdir_or_model)
+        if not workdir.is_dir():
+            raise UsageError(f"checkpoint folder not found: {workdir}")
+        model, config = load_for_inference(workdir, use_ema=use_ema)
+        source = f"training workdir {workdir.resolve()}" + (" (EMA parameters)" if use_ema else "")
+    else:
+        if config is None:
+            raise ValueError("export_torch(model, ...) needs config= (the run's full config)")
+        model, source = workdir_or_model, source or "an in-memory model"
+    output_dir = Path(output_dir)
+    _prepare_output(output_dir, force)
+    state = flax_to_torch_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    save_file(state, str(output_dir / WEIGHTS_FILE), metadata={"format": FORMAT})
+    meta = export_metadata(config, source)
+    (output_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (output_dir / README_FILE).write_text(
+        README_TEXT.format(source=source, name=output_dir.name, **meta["priors"])
+    )
+    return output_dir
+
+
+def self_check(model, config, output_dir: str | Path, *, seed: int = 0) -> float:
+    """Load the export with PyTorch and return max |JAX - PyTorch| on a random input with priors.
+
+    A bfloat16-compute model is compared through its float32 twin (same parameters).
+    """
+    from lmdir_jax.export import check
+    from lmdir_jax.export.torch_model import load
+
+    torch_model = load(output_dir)
+    inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
+                                 ref_size=int(config.priors.ref_size), seed=seed)
+    return check.max_abs_diff(check.float32_twin(model, config.model), torch_model, inputs)

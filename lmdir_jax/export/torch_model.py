@@ -1,0 +1,419 @@
+"""The LMDIR network in PyTorch: an exact mirror of `lmdir_jax.models.LMDIR` for exported weights.
+
+Importable without JAX or Flax (only torch, numpy, safetensors and json). Module and parameter names
+follow the Flax model one to one (`encoders.0.blocks.1.attn.qkv.weight` is the Flax
+`encoders/0/blocks/1/attn/qkv/kernel`), so `lmdir_jax.export.convert` only transposes kernels.
+
+Layout: the public `forward` takes and returns NHWC float32 images in [0, 1] (as the JAX model);
+internally the network runs NCHW, the layout PyTorch convolutions are fast in. Priors are keyword
+tensors; a prior that is not given is *masked* (the network then ignores it, exactly as JAX does):
+
+    model = load("export_dir")                       # DIR/config.json + DIR/model.safetensors
+    restored = model(lq)                             # lq (B, H, W, 3), any H, W
+    restored = model(lq, deg_states=s, deg_mask=m)   # CLIP text states (B, T, text_dim), mask (B, T)
+    restored = model(lq, reference=ref)              # (B, Hr, Wr, 3) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-5
+L2_EPS = 1e-12
+MASKED_LOGIT = -1e9
+MULTIPLE = 8
+MLP_EXPANSION = 2
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="none")
+
+
+def _conv(cin: int, cout: int, k: int, *, stride: int = 1, groups: int = 1,
+          bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
+
+
+def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channel axis of an NCHW tensor."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C), pixels in row-major order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention of q (B, Nq, C) over k, v (B, Nk, C); mask (B, Nk) bool, True = real.
+
+    A masked key contributes nothing whatever its value; a query whose keys are all masked gets 0.
+    """
+    b, nq, c = q.shape
+    nk = k.shape[1]
+    dh = c // heads
+    qh = q.reshape(b, nq, heads, dh).transpose(1, 2)
+    kh = k.reshape(b, nk, heads, dh).transpose(1, 2)
+    vh = v.reshape(b, nk, heads, dh).transpose(1, 2)  # (B, heads, Nk, dh)
+    logits = (qh @ kh.transpose(-1, -2)) / math.sqrt(float(dh))
+    if mask is not None:
+        vh = torch.where(mask[:, None, :, None], vh, vh.new_zeros(()))
+        logits = torch.where(mask[:, None, None, :], logits, logits.new_full((), MASKED_LOGIT))
+    out = (torch.softmax(logits, dim=-1) @ vh).transpose(1, 2).reshape(b, nq, c)
+    if mask is not None:
+        out = torch.where(mask.any(dim=1)[:, None, None], out, out.new_zeros(()))
+    return out
+
+
+class MultiHeadAttention(nn.Module):
+    """q/k/v/out projections around `attend` (Flax `models.attention.MultiHeadAttention`)."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(kv_dim, dim)
+        self.v = nn.Linear(kv_dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries from x (B, N, dim) attend to context (B, M, kv_dim)."""
+        return self.out(attend(self.q(x), self.k(context), self.v(context), self.heads, mask))
+
+
+class ChannelAttention(nn.Module):
+    """MDTA: multi-head attention across channels (Flax `models.blocks.ChannelAttention`)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads))
+        self.qkv = _conv(dim, 3 * dim, 1, bias=False)
+        self.qkv_dw = _conv(3 * dim, 3 * dim, 3, groups=3 * dim, bias=False)
+        self.out = _conv(dim, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dw(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))
+        q = F.normalize(q, dim=-1, eps=L2_EPS)
+        k = F.normalize(k, dim=-1, eps=L2_EPS)
+        logits = (q @ k.transpose(-1, -2)) * self.temperature[None, :, None, None]
+        out = torch.softmax(logits, dim=-1) @ v
+        return self.out(out.reshape(b, c, h, w))
+
+
+class GatedFeedForward(nn.Module):
+    """GDFN: 1x1 conv, 3x3 depth-wise conv, gelu(a) * g, 1x1 conv; no biases."""
+
+    def __init__(self, dim: int, expansion: float):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.inp = _conv(dim, 2 * hidden, 1, bias=False)
+        self.dw = _conv(2 * hidden, 2 * hidden, 3, groups=2 * hidden, bias=False)
+        self.out = _conv(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        a, g = self.dw(self.inp(x)).chunk(2, dim=1)
+        return self.out(_gelu(a) * g)
+
+
+class Modulation(nn.Module):
+    """DATB: pooled degradation prompt -> shift1, scale1, gate1, shift2, scale2, gate2."""
+
+    def __init__(self, prompt_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(prompt_dim, 6 * dim)
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, P) -> six (B, dim, 1, 1) tensors."""
+        return self.proj(pooled)[:, :, None, None].chunk(6, dim=1)
+
+
+class SpatialCrossAttention(nn.Module):
+    """CATB / RTB: pixels (after a LayerNorm) attend to tokens; returns the update."""
+
+    def __init__(self, dim: int, token_dim: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = MultiHeadAttention(dim, token_dim, heads)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), tokens (B, N, token_dim) -> update (B, C, H, W)."""
+        b, c, h, w = x.shape
+        out = self.attn(self.norm(_tokens(x)), tokens)
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class TransformerBlock(nn.Module):
+    """DATB block with optional CATB (content) and RTB (reference) cross-attention."""
+
+    def __init__(self, dim: int, heads: int, expansion: float, prompt_dim: int, ref_dim: int,
+                 *, catb: bool, rtb: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = ChannelAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.ffn = GatedFeedForward(dim, expansion)
+        self.modulation = Modulation(prompt_dim, dim)
+        self.content_attn = SpatialCrossAttention(dim, prompt_dim, heads) if catb else None
+        self.ref_attn = SpatialCrossAttention(dim, ref_dim, heads) if rtb else None
+
+    def forward(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W) conditioned on prompts and reference tokens."""
+        s1, a1, g1, s2, a2, g2 = self.modulation(cond["deg_pooled"])
+        x = x + (1 + g1) * self.attn(_channel_norm(self.norm1, x) * (1 + a1) + s1)
+        if self.content_attn is not None:
+            x = x + self.content_attn(x, cond["content"])
+        if self.ref_attn is not None and cond["any_reference"]:
+            updated = x + self.ref_attn(x, cond["ref_tokens"])
+            x = torch.where(cond["has_reference"][:, None, None, None], updated, x)
+        x = x + (1 + g2) * self.ffn(_channel_norm(self.norm2, x) * (1 + a2) + s2)
+        return x
+
+
+class BlockStack(nn.Module):
+    """The TransformerBlocks of one U-Net level (`blocks`)."""
+
+    def __init__(self, n: int, **kwargs):
+        super().__init__()
+        self.blocks = nn.ModuleList([TransformerBlock(**kwargs) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Run the blocks in order."""
+        for blk in self.blocks:
+            x = blk(x, cond)
+        return x
+
+
+class PromptEncoder(nn.Module):
+    """Learnable queries read the CLIP text priors -> (degradation, content) prompts."""
+
+    def __init__(self, text_dim: int, dim: int, heads: int, num_deg: int, num_content: int):
+        super().__init__()
+        self.num_deg = num_deg
+        self.deg_queries = nn.Parameter(torch.zeros(num_deg, dim))
+        self.content_queries = nn.Parameter(torch.zeros(num_content, dim))
+        self.proj_deg = nn.Linear(text_dim, dim)
+        self.proj_scene = nn.Linear(text_dim, dim)
+        for name in ("norm_qd", "norm_kd", "norm_qc", "norm_ks", "norm_sa", "norm_mlp",
+                     "norm_out"):
+            setattr(self, name, nn.LayerNorm(dim, eps=LN_EPS))
+        self.cross_deg = MultiHeadAttention(dim, dim, heads)
+        self.cross_scene = MultiHeadAttention(dim, dim, heads)
+        self.self_attn = MultiHeadAttention(dim, dim, heads)
+        self.mlp_in = nn.Linear(dim, MLP_EXPANSION * dim)
+        self.mlp_out = nn.Linear(MLP_EXPANSION * dim, dim)
+
+    def forward(self, deg_states, deg_mask, scene_states, scene_mask):
+        """Prompts (B, Nd, P) and (B, Nc, P); masked tokens never reach the output."""
+        b = deg_mask.shape[0]
+
+        def tokens(states, mask, proj, norm):
+            return norm(proj(torch.where(mask[..., None], states, states.new_zeros(()))))
+
+        deg_tok = tokens(deg_states, deg_mask, self.proj_deg, self.norm_kd)
+        scene_tok = tokens(scene_states, scene_mask, self.proj_scene, self.norm_ks)
+        qd = self.deg_queries.expand(b, -1, -1)
+        qc = self.content_queries.expand(b, -1, -1)
+        qd = qd + self.cross_deg(self.norm_qd(qd), deg_tok, deg_mask)
+        qc = qc + self.cross_scene(self.norm_qc(qc), scene_tok, scene_mask)
+        q = torch.cat([qd, qc], dim=1)
+        n = self.norm_sa(q)
+        q = q + self.self_attn(n, n)
+        q = q + self.mlp_out(_gelu(self.mlp_in(self.norm_mlp(q))))
+        q = self.norm_out(q)
+        return q[:, : self.num_deg], q[:, self.num_deg :]
+
+
+class ReferenceEncoder(nn.Module):
+    """Reference image (B, 3, Hr, Wr) -> tokens (B, ref_tokens, D)."""
+
+    def __init__(self, dim: int, ref_tokens: int):
+        super().__init__()
+        self.side = math.isqrt(ref_tokens)
+        if self.side * self.side != ref_tokens:
+            raise ValueError(f"ref_tokens must be a perfect square, got {ref_tokens}")
+        self.conv1 = _conv(3, dim, 3)
+        self.conv2 = _conv(dim, dim, 3, stride=2)
+        self.conv3 = _conv(dim, dim, 3)
+        self.pos = nn.Parameter(torch.zeros(ref_tokens, dim))
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+
+    def forward(self, reference: torch.Tensor, has_reference: torch.Tensor) -> torch.Tensor:
+        """Tokens of the reference (a missing reference is zeroed first)."""
+        r = torch.where(has_reference[:, None, None, None], reference, reference.new_zeros(()))
+        r = _gelu(self.conv1(r))
+        r = _gelu(self.conv2(r))
+        r = self.conv3(r)
+        t = F.adaptive_avg_pool2d(r, self.side)
+        return self.norm(_tokens(t) + self.pos)
+
+
+def _reflect_index(n: int, pad: int) -> torch.Tensor:
+    """Indices of numpy/jnp `reflect` padding of `pad` at the end of an axis of length n."""
+    return torch.from_numpy(np.pad(np.arange(n), (0, pad), mode="reflect"))
+
+
+class LMDIRTorch(nn.Module):
+    """The LMDIR restoration network in PyTorch, built from the `model` config section (a dict).
+
+    `forward(lq, **priors)`: lq (B, H, W, 3) float32 in [0, 1] (NHWC, any H, W) -> restored
+    (B, H, W, 3) float32. Priors (all optional; a missing one is masked):
+      deg_states (B, Td, text_dim), deg_mask (B, Td) bool (default: all True when states are given);
+      scene_states (B, Ts, text_dim), scene_mask (B, Ts) bool;
+      reference (B, Hr, Wr, 3) float32 in [0, 1], has_reference (B,) bool (default True).
+    Parameters are float32; the config's `dtype` (the JAX compute dtype) is not used.
+    """
+
+    def __init__(self, model_config: dict):
+        super().__init__()
+        c = dict(model_config)
+        blocks, heads = list(c["blocks"]), list(c["heads"])
+        if len(blocks) != 4 or len(heads) != 4:
+            raise ValueError("model blocks and heads need 4 entries (one per U-Net level)")
+        self.config = c
+        self.text_dim = int(c["text_dim"])
+        self.ref_tokens = int(c["ref_tokens"])
+        self.ref_dim = int(c["ref_dim"])
+        width = int(c["width"])
+        widths = [width * 2**i for i in range(4)]
+        catb, rtb = set(c["catb_levels"]), set(c["rtb_levels"])
+
+        def stack(n: int, level: int) -> BlockStack:
+            return BlockStack(
+                int(n), dim=widths[level - 1], heads=int(heads[level - 1]),
+                expansion=float(c["ffn_expansion"]), prompt_dim=int(c["prompt_dim"]),
+                ref_dim=self.ref_dim, catb=level in catb, rtb=level in rtb,
+            )
+
+        self.prompt = PromptEncoder(self.text_dim, int(c["prompt_dim"]), int(c["prompt_heads"]),
+                                    int(c["num_deg_queries"]), int(c["num_content_queries"]))
+        self.reference = ReferenceEncoder(self.ref_dim, self.ref_tokens)
+        self.embed = _conv(3, width, 3)
+        self.encoders = nn.ModuleList([stack(blocks[i], i + 1) for i in range(3)])
+        self.downs = nn.ModuleList([Downsample(widths[i]) for i in range(3)])
+        self.latent = stack(blocks[3], 4)
+        self.ups = nn.ModuleList([Upsample(widths[i]) for i in (3, 2, 1)])
+        self.reduces = nn.ModuleList([_conv(2 * widths[i], widths[i], 1, bias=False)
+                                      for i in (2, 1, 0)])
+        self.decoders = nn.ModuleList([stack(blocks[i], i + 1) for i in (2, 1, 0)])
+        self.refinement = stack(int(c["refinement_blocks"]), 1)
+        self.output = _conv(width, 3, 3)
+
+    def _conditions(self, lq: torch.Tensor, deg_states, deg_mask, scene_states, scene_mask, reference,
+                    has_reference) -> dict:
+        b, dev = lq.shape[0], lq.device
+
+        def text(states, mask):
+            if states is None:
+                return (torch.zeros(b, 1, self.text_dim, device=dev),
+                        torch.zeros(b, 1, dtype=torch.bool, device=dev))
+            states = states.float()
+            mask = (torch.ones(states.shape[:2], dtype=torch.bool, device=dev) if mask is None
+                    else mask.bool())
+            return states, mask
+
+        deg_states, deg_mask = text(deg_states, deg_mask)
+        scene_states, scene_mask = text(scene_states, scene_mask)
+        deg, content = self.prompt(deg_states, deg_mask, scene_states, scene_mask)
+        if reference is None:
+            has_reference = torch.zeros(b, dtype=torch.bool, device=dev)
+        elif has_reference is None:
+            has_reference = torch.ones(b, dtype=torch.bool, device=dev)
+        has_reference = has_reference.bool()
+        any_reference = bool(has_reference.any())
+        # A batch without any reference skips the encoder: the RTB would discard its tokens anyway.
+        ref_tokens = (self.reference(reference.float().permute(0, 3, 1, 2), has_reference)
+                      if any_reference else None)
+        return {"deg_pooled": deg.mean(dim=1), "content": content, "ref_tokens": ref_tokens,
+                "has_reference": has_reference, "any_reference": any_reference}
+
+    def forward(
+        self,
+        lq: torch.Tensor,
+        deg_states: torch.Tensor | None = None,
+        deg_mask: torch.Tensor | None = None,
+        scene_states: torch.Tensor | None = None,
+        scene_mask: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+        has_reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Restore lq (B, H, W, 3) in [0, 1] given the (optional) priors; NHWC float32 output."""
+        if lq.ndim != 4 or lq.shape[-1] != 3:
+            raise ValueError(f"lq must be NHWC (B, H, W, 3), got {tuple(lq.shape)}")
+        b, h, w, _ = lq.shape
+        x_in = lq.float().permute(0, 3, 1, 2)
+        ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
+        if ph:
+            x_in = x_in.index_select(2, _reflect_index(h, ph).to(x_in.device))
+        if pw:
+            x_in = x_in.index_select(3, _reflect_index(w, pw).to(x_in.device))
+        cond = self._conditions(lq, deg_states, deg_mask, scene_states, scene_mask, reference,
+                                has_reference)
+        x = self.embed(x_in)
+        skips = []
+        for enc, down in zip(self.encoders, self.downs, strict=True):
+            x = enc(x, cond)
+            skips.append(x)
+            x = down(x)
+        x = self.latent(x, cond)
+        for up, reduce, dec, skip in zip(self.ups, self.reduces, self.decoders, skips[::-1],
+                                         strict=True):
+            x = dec(reduce(torch.cat([up(x), skip], dim=1)), cond)
+        x = self.refinement(x, cond)
+        restored = x_in + self.output(x)
+        return restored[:, :, :h, :w].permute(0, 2, 3, 1)
+
+
+class Downsample(nn.Module):
+    """3x3 conv Cl -> Cl/2 (no bias), then pixel-unshuffle(2)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = _conv(dim, dim // 2, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Halve the resolution, double the width."""
+        return F.pixel_unshuffle(self.conv(x), 2)
+
+
+class Upsample(nn.Module):
+    """3x3 conv Cl -> 2Cl (no bias), then pixel-shuffle(2)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = _conv(dim, dim * 2, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Double the resolution, halve the width."""
+        return F.pixel_shuffle(self.conv(x), 2)
+
+
+def load(directory: str | Path, map_location: str = "cpu") -> LMDIRTorch:
+    """An exported model ready for inference: DIR/config.json + DIR/model.safetensors, eval mode.
+
+    Raises FileNotFoundError when either file is missing and RuntimeError (from
+    `load_state_dict(strict=True)`) when the weights do not fit the config.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    model = LMDIRTorch(meta["model"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location),
+                          strict=True)
+    return model.to(map_location).eval()

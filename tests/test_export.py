@@ -1,0 +1,220 @@
+"""The PyTorch export: the mirror equals the Flax network, the converter and `lmdir export torch`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def perturbed(model, seed: int, scale: float = 0.05):
+    """Add seeded noise to every parameter (so the zero-initialised output conv is non-zero)."""
+    import jax
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys,
+                                                                                strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return model
+
+
+def mirror(model, config_model):
+    """The PyTorch mirror of an nnx model, through the converter."""
+    from flax import nnx
+
+    from lmdir_jax.export.convert import flax_to_torch_state, model_config_dict
+    from lmdir_jax.export.torch_model import LMDIRTorch
+
+    state = flax_to_torch_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tm = LMDIRTorch(model_config_dict(config_model))
+    tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=True)
+    return tm.eval()
+
+
+@pytest.fixture(scope="module", params=["tiny", "quickstart"])
+def pair(request):
+    """(config, perturbed Flax model, its PyTorch mirror) for a repo config."""
+    from lmdir_jax.config import load_config
+    from lmdir_jax.models import build_model
+
+    config = load_config(request.param, [])
+    model = perturbed(build_model(config.model, 0), seed=1)
+    return config, model, mirror(model, config.model)
+
+
+PRIOR_CASES = {
+    "all": {},
+    "no_degradation": {"deg": False},
+    "no_scene": {"scene": False},
+    "no_reference": {"ref": False},
+    "none": {"deg": False, "scene": False, "ref": False},
+}
+
+
+@pytest.mark.parametrize("case", list(PRIOR_CASES))
+def test_torch_mirror_matches_jax(pair, case):
+    from lmdir_jax.export import check
+
+    config, model, tm = pair
+    inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
+                                 ref_size=int(config.priors.ref_size), seed=3,
+                                 **PRIOR_CASES[case])
+    a, b = check.run_jax(model, inputs), check.run_torch(tm, inputs)
+    assert b.shape == (2, 37, 45, 3) and b.dtype == np.float32
+    assert np.max(np.abs(a - b)) <= TOL
+    # The residual branch is live (the comparison is not identity vs identity).
+    assert np.max(np.abs(b - inputs["lq"])) > 1e-2
+
+
+def test_priors_change_the_torch_output(pair):
+    from lmdir_jax.export import check
+
+    config, _, tm = pair
+    kw = dict(batch=1, height=16, width=24, ref_size=int(config.priors.ref_size), seed=4)
+    base = check.run_torch(tm, check.random_inputs(int(config.model.text_dim), **kw))
+    for off in ({"deg": False}, {"scene": False}, {"ref": False}):
+        other = check.run_torch(tm, check.random_inputs(int(config.model.text_dim), **kw, **off))
+        assert np.max(np.abs(base - other)) > 1e-4, off
+
+
+def test_masked_priors_are_ignored_and_missing_equals_masked(pair):
+    from lmdir_jax.export import check
+
+    config, _, tm = pair
+    d = int(config.model.text_dim)
+    inputs = check.random_inputs(d, batch=2, height=20, width=20, seed=5, deg=False, scene=False,
+                                 ref=False, ref_size=int(config.priors.ref_size))
+    masked = check.run_torch(tm, inputs)
+    noisy = dict(inputs)
+    for k in ("deg_states", "scene_states", "reference"):
+        noisy[k] = inputs[k] * 100.0 + 7.0
+    np.testing.assert_array_equal(check.run_torch(tm, noisy), masked)
+    with torch.no_grad():
+        missing = tm(torch.from_numpy(inputs["lq"])).numpy()
+    np.testing.assert_allclose(missing, masked, atol=1e-6)
+
+
+def test_converter_layouts():
+    from lmdir_jax.export.convert import flax_to_torch_state
+
+    conv = np.arange(3 * 3 * 2 * 5, dtype=np.float32).reshape(3, 3, 2, 5)
+    dense = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = flax_to_torch_state({"a": {"0": {"conv": {"kernel": conv, "bias": np.zeros(5)}},
+                                     "lin": {"kernel": dense}, "norm": {"scale": np.ones(4)}},
+                               "pos": np.ones((4, 2))})
+    assert set(out) == {"a.0.conv.weight", "a.0.conv.bias", "a.lin.weight", "a.norm.weight", "pos"}
+    w = out["a.0.conv.weight"]
+    assert w.shape == (5, 2, 3, 3) and w[4, 1, 2, 0] == conv[2, 0, 1, 4]
+    np.testing.assert_array_equal(out["a.lin.weight"], dense.T)
+    assert all(v.dtype == np.float32 and v.flags["C_CONTIGUOUS"] for v in out.values())
+
+
+def test_bfloat16_model_checks_through_float32_twin(tmp_path):
+    from lmdir_jax.config import load_config
+    from lmdir_jax.export.convert import export_torch, self_check
+    from lmdir_jax.models import build_model
+
+    config = load_config("tiny", ["config.model.dtype=bfloat16"])
+    model = perturbed(build_model(config.model, 0), seed=2)
+    out = export_torch(model, tmp_path / "bf16", config=config)
+    assert json.loads((out / "config.json").read_text())["model"]["dtype"] == "bfloat16"
+    assert self_check(model, config, out) <= TOL
+
+
+def _write_workdir(path: Path) -> tuple[Path, object]:
+    """A tiny-config workdir with one checkpoint whose EMA differs from the raw parameters."""
+    from flax import nnx
+
+    from lmdir_jax.config import config_to_json, load_config
+    from lmdir_jax.train.checkpoints import make_manager, save
+    from lmdir_jax.train.state import build_model
+
+    config = load_config("tiny", [])
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(config_to_json(config))
+    model = perturbed(build_model(config), seed=7)
+    ema = nnx.state(perturbed(build_model(config), seed=8), nnx.Param)
+    manager = make_manager(path, async_save=False)
+    save(manager, 2, {"model": nnx.state(model), "opt": nnx.state(model, nnx.Param), "ema": ema})
+    manager.wait_until_finished()
+    manager.close()
+    return path, config
+
+
+def test_export_cli_round_trip(tmp_path, capsys):
+    from lmdir_jax.cli import main
+    from lmdir_jax.export import check
+    from lmdir_jax.export.torch_model import load
+    from lmdir_jax.train.checkpoints import load_for_inference
+
+    wd, config = _write_workdir(tmp_path / "wd")
+    out = tmp_path / "export"
+    assert main(["export", "torch", "--checkpoint", str(wd), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "self-check: max |jax - torch|" in printed and "(ok," in printed
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["priors"] == {"text_dim": 32, "max_text_len": 16, "ref_size": 32}
+
+    tm = load(out)
+    inputs = check.random_inputs(32, batch=2, height=33, width=40, ref_size=32, seed=9)
+    ema_model, _ = load_for_inference(wd, use_ema=True)
+    raw_model, _ = load_for_inference(wd, use_ema=False)
+    got = check.run_torch(tm, inputs)
+    assert np.max(np.abs(got - check.run_jax(ema_model, inputs))) <= TOL
+    assert np.max(np.abs(got - check.run_jax(raw_model, inputs))) > 1e-3  # EMA was exported
+
+    # An existing export is never overwritten silently.
+    assert main(["export", "torch", "--checkpoint", str(wd), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and len(err.strip().splitlines()) == 1
+    assert main(["export", "torch", "--checkpoint", str(wd), "--output", str(out), "--force",
+                 "--no-ema", "--no-check"]) == 0
+    with torch.no_grad():
+        raw_out = load(out)(torch.from_numpy(inputs["lq"])).numpy()
+    raw_ref = check.run_jax(raw_model, {**check.random_inputs(
+        32, batch=2, height=33, width=40, ref_size=32, seed=9, deg=False, scene=False, ref=False)})
+    assert np.max(np.abs(raw_out - raw_ref)) <= TOL
+
+
+def test_export_cli_missing_checkpoint(tmp_path, capsys):
+    from lmdir_jax.cli import main
+
+    code = main(["export", "torch", "--checkpoint", str(tmp_path / "nope"), "--output",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lmdir: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_model_imports_without_jax(tmp_path):
+    from lmdir_jax.config import load_config
+    from lmdir_jax.export.convert import model_config_dict
+
+    cfg = json.dumps(model_config_dict(load_config("tiny", []).model))
+    code = (
+        "import sys, json\n"
+        "for m in ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'grain', 'ml_collections'):\n"
+        "    sys.modules[m] = None\n"
+        "import torch\n"
+        "from lmdir_jax.export.torch_model import LMDIRTorch, load\n"
+        f"m = LMDIRTorch(json.loads({cfg!r}))\n"
+        "y = m(torch.rand(1, 11, 13, 3))\n"
+        "assert y.shape == (1, 11, 13, 3), y.shape\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

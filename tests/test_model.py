@@ -1,0 +1,168 @@
+"""LMDIR network: shapes, identity at init, gradients, prior masking, jit/eager, sizes, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmdir_jax.config import load_config
+from lmdir_jax.models import LMDIR, Priors, build_model, count_params, partition_specs
+from lmdir_jax.models.layers import adaptive_avg_pool, pixel_shuffle, pixel_unshuffle
+
+TOP_LEVEL = ("embed", "encoders", "downs", "latent", "ups", "reduces", "decoders", "refinement",
+             "output", "prompt", "reference")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny").model
+
+
+@pytest.fixture(scope="module")
+def model_nz(cfg):
+    """Tiny model whose output conv is not zero, so every prior can change the output."""
+    c = cfg.copy_and_resolve_references()
+    c.zero_init_output = False
+    return build_model(c, seed=1)
+
+
+@jax.jit
+def forward(model, lq, priors):
+    return model(lq, priors)
+
+
+def full_priors(cfg, b=2, t=5, r=16, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    d = cfg.text_dim
+    return Priors(
+        deg_states=jax.random.normal(ks[0], (b, t, d)),
+        deg_mask=jnp.array([[True, True, True, False, False], [False] * 5]),
+        scene_states=jax.random.normal(ks[1], (b, t, d)),
+        scene_mask=jnp.array([[False] * 5, [True, False, True, True, False]]),
+        reference=jax.random.uniform(ks[2], (b, r, r, 3)),
+        has_reference=jnp.array([True, False]),
+    )
+
+
+def test_odd_size_shape_and_zero_init_identity(cfg):
+    model = build_model(cfg, seed=0)
+    lq = jax.random.uniform(jax.random.key(3), (1, 97, 131, 3))
+    out = forward(model, lq, full_priors(cfg, b=1))
+    assert out.shape == (1, 97, 131, 3)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(lq))
+    out_empty = forward(model, lq, Priors.empty(1, cfg.text_dim))
+    np.testing.assert_array_equal(np.asarray(out_empty), np.asarray(lq))
+
+
+def test_gradients_reach_every_component(cfg, model_nz):
+    lq = jax.random.uniform(jax.random.key(4), (2, 16, 16, 3))
+    gt = jax.random.uniform(jax.random.key(5), (2, 16, 16, 3))
+    priors = full_priors(cfg).replace(has_reference=jnp.array([True, True]))
+
+    @jax.jit
+    def grads(model):
+        return nnx.grad(lambda m: jnp.mean(jnp.abs(m(lq, priors) - gt)))(model)
+
+    g = grads(model_nz)
+    for name in TOP_LEVEL:
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(getattr(g, name))))
+        assert float(norm) > 0, name
+    # conditioning sub-modules of a CATB+RTB level get gradient too
+    blk = g.latent.blocks[0]
+    for sub in (blk.modulation, blk.content_attn, blk.ref_attn):
+        assert float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(sub))) > 0
+
+
+def test_masked_priors_do_not_influence_output(cfg, model_nz):
+    priors = full_priors(cfg)
+    lq = jax.random.uniform(jax.random.key(6), (2, 16, 24, 3))
+    base = forward(model_nz, lq, priors)
+
+    def scramble(x, mask, key):
+        noise = 1e3 * jax.random.normal(key, x.shape)
+        return jnp.where(mask, x, noise)
+
+    ks = jax.random.split(jax.random.key(7), 3)
+    changed = priors.replace(
+        deg_states=scramble(priors.deg_states, priors.deg_mask[..., None], ks[0]),
+        scene_states=scramble(priors.scene_states, priors.scene_mask[..., None], ks[1]),
+        reference=scramble(priors.reference, priors.has_reference[:, None, None, None], ks[2]),
+    )
+    np.testing.assert_array_equal(np.asarray(forward(model_nz, lq, changed)), np.asarray(base))
+    # real tokens do matter
+    real = priors.replace(deg_states=priors.deg_states + 1.0)
+    assert not np.allclose(np.asarray(forward(model_nz, lq, real))[0], np.asarray(base)[0])
+
+
+def test_reference_presence_changes_output(cfg, model_nz):
+    priors = full_priors(cfg).replace(has_reference=jnp.array([True, True]))
+    lq = jax.random.uniform(jax.random.key(8), (2, 16, 24, 3))
+    with_ref = np.asarray(forward(model_nz, lq, priors))
+    without = np.asarray(forward(model_nz, lq, priors.replace(has_reference=jnp.array([True, False]))))
+    np.testing.assert_array_equal(with_ref[0], without[0])
+    assert np.abs(with_ref[1] - without[1]).max() > 1e-6
+
+
+def test_jit_and_eager_agree(cfg, model_nz):
+    priors = full_priors(cfg, b=1, t=5, r=8)
+    lq = jax.random.uniform(jax.random.key(9), (1, 8, 8, 3))
+    jitted = np.asarray(forward(model_nz, lq, priors))
+    eager = np.asarray(model_nz(lq, priors))
+    np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_float32_params_and_output(cfg):
+    c = cfg.copy_and_resolve_references()
+    c.dtype = "bfloat16"
+    c.zero_init_output = False
+    model = build_model(c, seed=1)
+    dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    lq = jax.random.uniform(jax.random.key(10), (1, 16, 16, 3))
+    out = forward(model, lq, full_priors(cfg, b=1))
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_tiny_parameter_count(cfg):
+    counts = count_params(build_model(cfg, seed=0))
+    assert counts["total"] < 100_000
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    assert all(v > 0 for v in counts.values())
+
+
+def test_partition_specs_mention_fsdp(cfg):
+    specs = partition_specs(build_model(cfg, seed=0))
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert leaves and all(isinstance(s, jax.sharding.PartitionSpec) for s in leaves)
+    assert any("fsdp" in tuple(s) for s in leaves)
+    flat = dict(nnx.to_flat_state(specs))
+    assert tuple(flat[("embed", "kernel")].get_value()) == (None, None, None, "fsdp")
+
+
+def test_model_rejects_bad_config(cfg):
+    c = cfg.copy_and_resolve_references()
+    c.ref_tokens = 5
+    with pytest.raises(ValueError, match="perfect square"):
+        LMDIR(c, rngs=nnx.Rngs(0))
+
+
+def test_pixel_unshuffle_order_matches_torch_convention():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = pixel_unshuffle(x, 2)
+    assert y.shape == (2, 2, 3, 12)
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                assert y[1, 1, 2, c * 4 + i * 2 + j] == x[1, 2 + i, 4 + j, c]
+    np.testing.assert_array_equal(np.asarray(pixel_shuffle(y, 2)), np.asarray(x))
+
+
+def test_adaptive_avg_pool_bins():
+    x = jnp.arange(5 * 7, dtype=jnp.float32).reshape(1, 5, 7, 1)
+    y = adaptive_avg_pool(x, 3)
+    xn = np.asarray(x)[0, :, :, 0]
+    # torch bins for n=5, s=3: [0,2) [1,4) [3,5); n=7: [0,3) [2,5) [4,7)
+    assert float(y[0, 1, 2, 0]) == pytest.approx(xn[1:4, 4:7].mean())
+    assert float(y[0, 0, 0, 0]) == pytest.approx(xn[0:2, 0:3].mean())

@@ -1,0 +1,141 @@
+"""Tiny random CLIP saved and loaded through the real path: tokenizer, text states, zero-shot priors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.tiny import save_tiny_clip, save_tiny_tokenizer
+
+VOCAB = [
+    ("clean", "a clean photo"),
+    ("noise", "a noisy photo"),
+    ("rain", "a photo with rain streaks"),
+    ("haze", "a hazy photo of fog"),
+]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", text_dim=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+    return load_clip(clip_dir, max_text_len=16, degradation_vocab=VOCAB, scene_vocab=["a cat", "a dog", "a city street"])
+
+
+def test_tiny_tokenizer_round_trips(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(save_tiny_tokenizer(tmp_path / "tok"))
+    ids = tok("A photo of a zebra, in heavy rain!")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.eos_token_id == max(tok.get_vocab().values())  # CLIP pools at argmax(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == "a photo of a zebra , in heavy rain !"
+    assert tok.unk_token_id not in ids[1:-1]  # every ASCII character is covered
+
+
+def test_encode_text_shapes_and_mask(clip):
+    states, mask = clip.encode_text(["a cat", "a photo of a dog in heavy rain and fog"])
+    assert states.shape == (2, 16, 32) and states.dtype == np.float32
+    assert mask.dtype == bool and mask.shape == (2, 16)
+    n = mask.sum(axis=1)
+    assert n[0] == 4 and n[1] > n[0]  # <start> a cat <end>
+    for row, k in zip(mask, n, strict=True):  # right padding: a prefix of True
+        assert row[:k].all() and not row[k:].any()
+    long, long_mask = clip.encode_text(["word " * 50])
+    assert long_mask.all() and long.shape == (1, 16, 32)  # truncated to max_text_len
+    assert clip.text_dim == 32
+
+
+def test_pure_text_states_match_and_jit(clip):
+    ids, mask = clip.tokenize(["a city street", "noise"])
+    pure = jax.jit(clip.text_states)(clip.params, ids, mask)
+    np.testing.assert_allclose(np.asarray(pure), clip.encode_text(["a city street", "noise"])[0], atol=1e-6)
+    # The causal text tower: a token's state does not depend on later tokens.
+    ids2, mask2 = clip.tokenize(["a city street at night"])
+    s2 = np.asarray(clip.text_states(clip.params, ids2, mask2))
+    np.testing.assert_allclose(s2[0, :4], np.asarray(pure)[0, :4], atol=1e-5)
+
+
+def test_pytorch_safetensors_folder_loads_the_same(tmp_path, clip):
+    pytest.importorskip("torch")
+    pt_dir = save_tiny_clip(tmp_path / "pt", text_dim=32, seed=0, pytorch=True)
+    assert (pt_dir / "model.safetensors").is_file() and not (pt_dir / "flax_model.msgpack").exists()
+    pt = load_clip(pt_dir, max_text_len=16)
+    a = pt.encode_text(["a photo of a cat"])[0]
+    b = clip.encode_text(["a photo of a cat"])[0]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_preprocess_resizes_crops_and_normalises(clip):
+    img = np.full((2, 40, 24, 3), 0.5, np.float32)
+    x = np.asarray(clip.preprocess(img))
+    assert x.shape == (2, clip.image_size, clip.image_size, 3)
+    np.testing.assert_allclose(x[0, 3, 5], (0.5 - clip.mean) / clip.std, atol=1e-4)
+
+
+def test_auto_degradation_follows_planted_similarity(clip, monkeypatch):
+    feats, states, mask = clip.degradation_bank()
+    planted = [2, 0, 3]  # image b looks exactly like prompt planted[b]
+    monkeypatch.setattr(clip, "image_features", lambda params, images: feats[np.array(planted)])
+    w, s, m = jax.jit(clip.auto_degradation_fn)(clip.params, np.zeros((3, 8, 8, 3), np.float32))
+    w, s, m = np.asarray(w), np.asarray(s), np.asarray(m)
+    assert w.shape == (3, len(VOCAB))
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+    assert list(w.argmax(axis=1)) == planted
+    logits = clip.logit_scale * np.asarray(feats)[planted] @ np.asarray(feats).T
+    expect = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(w, expect / expect.sum(1, keepdims=True), rtol=1e-4)
+    np.testing.assert_allclose(s, np.einsum("bk,ktd->btd", w, np.asarray(states)), atol=1e-5)
+    assert (m == np.asarray(mask).any(axis=0)).all() and m.shape == (3, clip.max_text_len)
+
+
+def test_auto_degradation_eager_and_default_vocabulary(clip_dir):
+    from lmdir_jax.degradations import vocabulary
+
+    prior = load_clip(clip_dir, max_text_len=8)
+    images = np.random.default_rng(0).random((2, 20, 28, 3)).astype(np.float32)
+    w, s, m = prior.auto_degradation(images)
+    assert w.shape == (2, len(vocabulary())) and s.shape == (2, 8, 32) and m.shape == (2, 8)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-5)
+    assert all(name in dict(vocabulary()) for name in prior.classify_degradation(images))
+
+
+def test_caption_picks_best_scene_phrases(clip, monkeypatch):
+    bank = np.asarray(clip.scene_bank())
+    monkeypatch.setattr(clip, "encode_images", lambda images: bank[[2, 1]])
+    caps = clip.caption(np.zeros((2, 8, 8, 3), np.float32), top_k=1)
+    assert caps == ["a city street", "a dog"]
+    two = clip.caption(np.zeros((2, 8, 8, 3), np.float32), top_k=2)
+    assert two[0].startswith("a city street, ") and two[0].count(", ") == 1
+
+
+def test_text_dim_mismatch_is_a_usage_error(clip):
+    clip.check_text_dim(32)
+    with pytest.raises(UsageError, match="text_dim=64"):
+        clip.check_text_dim(64)
+
+
+def test_bad_folders_are_usage_errors(tmp_path, clip_dir):
+    with pytest.raises(UsageError, match="not found"):
+        load_clip(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no config.json"):
+        load_clip(tmp_path / "empty")
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UsageError, match="not a CLIP"):
+        load_clip(other)
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text((clip_dir / "config.json").read_text())
+    with pytest.raises(UsageError, match="no CLIP weights"):
+        load_clip(noweights)
+    with pytest.raises(UsageError, match="max_text_len"):
+        load_clip(clip_dir, max_text_len=500)
