@@ -37,11 +37,11 @@ def full_priors(cfg, b=2, t=5, r=16, seed=0):
     d = cfg.text_dim
     return Priors(
         deg_states=jax.random.normal(ks[0], (b, t, d)),
-        deg_mask=jnp.array([[True, True, True, False, False], [False] * 5]),
+        deg_mask=jnp.array([[True, True, True, False, False], [False] * 5])[:b, :t],
         scene_states=jax.random.normal(ks[1], (b, t, d)),
-        scene_mask=jnp.array([[False] * 5, [True, False, True, True, False]]),
+        scene_mask=jnp.array([[False] * 5, [True, False, True, True, False]])[:b, :t],
         reference=jax.random.uniform(ks[2], (b, r, r, 3)),
-        has_reference=jnp.array([True, False]),
+        has_reference=jnp.array([True, False])[:b],
     )
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.models.attention import MultiHeadAttention
-from lmdir_jax.models.layers import layer_norm, linear
+from lmdir_jax.models.layers import layer_norm, linear, normal
 
 
 @flax.struct.dataclass
@@ -46,7 +46,7 @@ class Modulation(nnx.Module):
     def __init__(self, prompt_dim: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.proj = linear(
             prompt_dim, 6 * dim, rngs=rngs, dtype=dtype,
-            kernel_init=nnx.initializers.normal(0.02),
+            kernel_init=normal(0.02),
         )
 
     def __call__(self, pooled: jax.Array) -> tuple[jax.Array, ...]:

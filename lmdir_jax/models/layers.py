@@ -14,14 +14,69 @@ Conventions (mirrored exactly by the PyTorch export):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 FSDP = "fsdp"
 LN_EPS = 1e-5
+TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
 
-default_kernel_init = nnx.initializers.lecun_normal()
+
+def _host_init(sample):
+    """Wrap `sample(rng: np.random.Generator, shape) -> np.ndarray` as a JAX initializer.
+
+    Eagerly the numbers come from numpy seeded by the key's data (one XLA compile per parameter
+    shape made initialisation take minutes on a busy CPU); under tracing (jit, eval_shape) the
+    same numpy code runs through `jax.pure_callback`, so the values are identical either way.
+    """
+
+    def host(key_data, shape):
+        rng = np.random.default_rng(np.asarray(key_data, np.uint32).ravel().tolist())
+        return sample(rng, shape).astype(np.float32)
+
+    def init(key, shape, dtype=jnp.float32):
+        shape = tuple(int(d) for d in shape)
+        data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        if isinstance(data, jax.core.Tracer):
+            out = jax.pure_callback(
+                lambda d: host(d, shape), jax.ShapeDtypeStruct(shape, jnp.float32), data
+            )
+        else:
+            out = jnp.asarray(host(np.asarray(data), shape))
+        return out.astype(dtype)
+
+    return init
+
+
+def _truncated(rng: np.random.Generator, shape) -> np.ndarray:
+    """Unit normal samples truncated to [-2, 2] (rejection)."""
+    x = rng.standard_normal(shape)
+    bad = np.abs(x) > 2
+    while bad.any():
+        x[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(x) > 2
+    return x
+
+
+def _lecun(rng: np.random.Generator, shape) -> np.ndarray:
+    fan_in = math.prod(shape[:-1])  # HWIO / (in, out): all but the output dim
+    return _truncated(rng, shape) * (math.sqrt(1.0 / fan_in) / TRUNC_STD)
+
+
+lecun_normal = _host_init(_lecun)
+"""LeCun normal (truncated, variance 1/fan_in), as flax's default kernel init."""
+
+
+def normal(std: float):
+    """Normal(0, std) initializer (numpy-backed, see `_host_init`)."""
+    return _host_init(lambda rng, shape: rng.standard_normal(shape) * std)
+
+
+default_kernel_init = lecun_normal
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -28,7 +28,13 @@ from flax import nnx
 
 from lmdir_jax.models.blocks import BlockStack
 from lmdir_jax.models.conditioning import Conditions
-from lmdir_jax.models.layers import compute_dtype, conv, pixel_shuffle, pixel_unshuffle
+from lmdir_jax.models.layers import (
+    compute_dtype,
+    conv,
+    lecun_normal,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
 from lmdir_jax.models.priors import Priors
 from lmdir_jax.models.prompt import PromptEncoder
 from lmdir_jax.models.reference import ReferenceEncoder
@@ -110,7 +116,7 @@ class LMDIR(nnx.Module):
             self.decoders = nnx.List([stack(c.blocks[i], i + 1) for i in (2, 1, 0)])
             self.refinement = stack(c.refinement_blocks, 1)
             out_init = (nnx.initializers.zeros_init() if c.zero_init_output
-                        else nnx.initializers.lecun_normal())
+                        else lecun_normal)
             self.output = conv(width, 3, 3, rngs=rngs, dtype=dtype, kernel_init=out_init)
 
     def conditions(self, priors: Priors) -> Conditions:
@@ -151,9 +157,5 @@ class LMDIR(nnx.Module):
 
 
 def build_model(config_model: ml_collections.ConfigDict, seed: int) -> LMDIR:
-    """A freshly initialised LMDIR from the `model` config section and an integer seed.
-
-    Initialisation runs as one jitted computation (much faster than op-by-op on CPU); the values
-    equal those of `LMDIR(config_model, rngs=nnx.Rngs(seed))`.
-    """
-    return nnx.jit(lambda: LMDIR(config_model, rngs=nnx.Rngs(seed)))()
+    """A freshly initialised LMDIR from the `model` config section and an integer seed."""
+    return LMDIR(config_model, rngs=nnx.Rngs(seed))

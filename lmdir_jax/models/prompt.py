@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.models.attention import MultiHeadAttention
-from lmdir_jax.models.layers import gelu, layer_norm, linear
+from lmdir_jax.models.layers import gelu, layer_norm, linear, normal
 from lmdir_jax.models.priors import Priors
 
 MLP_EXPANSION = 2
@@ -47,7 +47,7 @@ class PromptEncoder(nnx.Module):
     ):
         self.num_deg = num_deg
         self.dtype = dtype
-        init = nnx.initializers.normal(0.02)
+        init = normal(0.02)
         self.deg_queries = nnx.Param(init(rngs.params(), (num_deg, dim), jnp.float32))
         self.content_queries = nnx.Param(init(rngs.params(), (num_content, dim), jnp.float32))
         self.proj_deg = linear(text_dim, dim, rngs=rngs, dtype=dtype)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmdir_jax.models.layers import adaptive_avg_pool, conv, gelu, layer_norm
+from lmdir_jax.models.layers import adaptive_avg_pool, conv, gelu, layer_norm, normal
 
 
 def grid_side(ref_tokens: int) -> int:
@@ -37,7 +37,7 @@ class ReferenceEncoder(nnx.Module):
         self.conv1 = conv(3, dim, 3, rngs=rngs, dtype=dtype)
         self.conv2 = conv(dim, dim, 3, stride=2, rngs=rngs, dtype=dtype)
         self.conv3 = conv(dim, dim, 3, rngs=rngs, dtype=dtype)
-        self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (ref_tokens, dim)))
+        self.pos = nnx.Param(normal(0.02)(rngs.params(), (ref_tokens, dim)))
         self.norm = layer_norm(dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, reference: jax.Array, has_reference: jax.Array) -> jax.Array:

@@ -487,6 +487,24 @@ def _model_index() -> dict[str, Any]:
     }
 
 
+_PT_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
+
+
+def _vae_attention_to_pytorch_names(params: Any) -> Any:
+    """Rename the VAE's Flax attention params (query...) to current PyTorch names (to_q...).
+
+    diffusers' Flax->PyTorch converter predates the rename and would silently leave them random.
+    """
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    out = {}
+    for key, value in flatten_dict(params).items():
+        if len(key) >= 3 and key[-3].startswith("attentions_") and key[-2] in _PT_ATTENTION:
+            key = (*key[:-2], _PT_ATTENTION[key[-2]], key[-1])
+        out[key] = value
+    return unflatten_dict(out)
+
+
 def _save_diffusers_as_pytorch(flax_model: Any, params: Any, folder: Path) -> None:
     """Save a diffusers Flax model as its PyTorch twin in safetensors (needs torch)."""
     import diffusers
@@ -494,7 +512,7 @@ def _save_diffusers_as_pytorch(flax_model: Any, params: Any, folder: Path) -> No
 
     pt_cls = getattr(diffusers, type(flax_model).__name__.removeprefix("Flax"))
     pt = pt_cls.from_config(dict(flax_model.config))
-    pt = load_flax_weights_in_pytorch_model(pt, params)
+    pt = load_flax_weights_in_pytorch_model(pt, _vae_attention_to_pytorch_names(params))
     pt.save_pretrained(str(folder), safe_serialization=True)
 
 

@@ -60,6 +60,16 @@ class _AsTorch:
         return self._array
 
 
+class _ShapesOnly:
+    """Stands in for a diffusers Flax model whose `init_weights` the converter calls for shapes."""
+
+    def __init__(self, shapes: Any):
+        self._shapes = shapes
+
+    def init_weights(self, rng: Any) -> Any:
+        return self._shapes
+
+
 def _read_safetensors(file: Path) -> dict[str, Any]:
     """Read a safetensors file as float32 numpy arrays (bf16 too, which numpy cannot hold)."""
     import numpy as np
@@ -89,9 +99,10 @@ def load_diffusers_model(cls: type, folder: Path, dtype: Any) -> tuple[Any, Any]
         elif any((folder / n).is_file() for n in PT_SAFETENSORS):
             file = next(folder / n for n in PT_SAFETENSORS if (folder / n).is_file())
             model = cls.from_config(cls.load_config(str(folder)), dtype=dtype)
-            state = {k: _AsTorch(v) for k, v in _read_safetensors(file).items()}
-            params = convert_pytorch_state_dict_to_flax(state, model)
             expected = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
+            state = {k: _AsTorch(v) for k, v in _read_safetensors(file).items()}
+            # The converter only needs the parameter shapes: skip its (slow, eager) random init.
+            params = convert_pytorch_state_dict_to_flax(state, _ShapesOnly(expected))
             want, got = flatten_dict(expected), flatten_dict(params)
             missing = sorted("/".join(k) for k in want if k not in got)
             if missing:

@@ -1,0 +1,115 @@
+"""`lmdir bench train --config CFG [--steps N] [--peak-tflops X]`: train-step time, images/s, MFU.
+
+Runs the real jitted, sharded train step on synthetic batches (no data pipeline, no CLIP: masked
+priors) for the config's model, batch and patch size. FLOPs come from the compiled step's
+`cost_analysis()`; MFU = FLOPs per step / step time / peak (given, or known for the device).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+# Dense bf16 peak TFLOP/s per device (vendor figures) for MFU when --peak-tflops is not given.
+PEAK_TFLOPS = {
+    "h100": 989.0,
+    "h200": 989.0,
+    "a100": 312.0,
+    "l4": 121.0,
+    "a10": 125.0,
+    "v100": 125.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v6": 918.0,
+}
+
+
+def register(bsub) -> None:
+    """Add `lmdir bench train`."""
+    p = bsub.add_parser("train", help="train-step time, images/s and MFU")
+    p.add_argument("--config", required=True, help="config file or name")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device")
+    p.set_defaults(func=run)
+
+
+def known_peak(device_kind: str) -> float | None:
+    """Peak TFLOP/s for a device kind string (None when unknown, e.g. CPU)."""
+    kind = device_kind.lower()
+    for key, value in PEAK_TFLOPS.items():
+        if key in kind:
+            return value
+    return None
+
+
+def run(args) -> int:
+    """Compile the step, time it, print step time, images/s, FLOPs and MFU."""
+    import jax
+    import numpy as np
+
+    from lmdir_jax.config import load_config
+    from lmdir_jax.errors import UsageError
+    from lmdir_jax.train import mesh as mesh_lib
+    from lmdir_jax.train import state as state_lib
+    from lmdir_jax.train import step as step_lib
+
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    config = load_config(args.config, args.config_overrides)
+    with config.unlocked():
+        config.priors.clip = ""
+    mesh = mesh_lib.mesh_from_config(config)
+    b, p = int(config.data.batch_size), int(config.data.patch_size)
+    if b % mesh.size:
+        raise UsageError(f"data.batch_size={b} must be a multiple of the {mesh.size} devices")
+    rng = np.random.default_rng(0)
+    gt = rng.random((b, p, p, 3), dtype=np.float32)
+    local = {"gt": gt, "lq": np.clip(gt + 0.1 * rng.standard_normal(gt.shape), 0, 1).astype(np.float32)}
+    batch = mesh_lib.global_batch(local, mesh)
+
+    t0 = time.perf_counter()
+    setup = state_lib.make_setup(config, mesh)
+    state = state_lib.init_state(config, setup)
+    t_init = time.perf_counter() - t0
+    step_fn = step_lib.make_train_step(config, setup)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch, None).compile()
+    t_compile = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", float("nan")))
+
+    for _ in range(max(0, args.warmup)):
+        state, m = compiled(state, batch, None)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch, None)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    dev = jax.devices()[0]
+    peak = args.peak_tflops if args.peak_tflops is not None else known_peak(dev.device_kind)
+    # cost_analysis of an SPMD program reports per-device FLOPs.
+    total_flops = flops * mesh.size
+    print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {config.model.dtype}  "
+          f"params {state_lib.param_count(state):,}")
+    print(f"devices: {mesh.size} x {dev.device_kind}  mesh data={mesh.shape['data']} "
+          f"fsdp={mesh.shape['fsdp']}")
+    print(f"init {t_init:.1f} s, compile {t_compile:.1f} s")
+    print(f"step time: {step_s * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
+          f"max {max(times) * 1e3:.1f})")
+    print(f"images/s: {b / step_s:.1f}")
+    print(f"FLOPs/step: {total_flops / 1e9:.2f} GFLOP ({total_flops / step_s / 1e12:.3f} TFLOP/s achieved)")
+    if peak:
+        mfu = total_flops / step_s / (peak * 1e12 * mesh.size)
+        print(f"MFU: {100 * mfu:.2f}% of {peak:g} TFLOP/s per device")
+    else:
+        print("MFU: n/a (unknown peak for this device; pass --peak-tflops)")
+    print(f"final loss: {float(m['loss']):.4f}")
+    return 0
