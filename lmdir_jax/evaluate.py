@@ -205,6 +205,10 @@ def evaluate(
             "sets": [{"path": s.path, "spec": s.spec} for s in sets],
         }
     )
+    if oracle:
+        for es in sets:
+            if es.spec is None:
+                raise UsageError(f"--oracle needs a degradation label: {es.path} has none (give --spec)")
     for es in sets:
         pairs = iter_eval_pairs(
             es.path, es.spec, seed=seed, crop_multiple=crop_multiple, max_images=max_images

@@ -39,9 +39,12 @@ def rgb_to_y(image: np.ndarray) -> np.ndarray:
 
 def psnr(restored: np.ndarray, target: np.ndarray) -> float:
     """PSNR in dB for images in [0, 1] (peak 1); identical images give +inf."""
-    return float(
-        peak_signal_noise_ratio(target.astype(np.float64), restored.astype(np.float64), data_range=1.0)
-    )
+    with np.errstate(divide="ignore"):
+        return float(
+            peak_signal_noise_ratio(
+                target.astype(np.float64), restored.astype(np.float64), data_range=1.0
+            )
+        )
 
 
 def ssim(restored: np.ndarray, target: np.ndarray) -> float:

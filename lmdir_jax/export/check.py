@@ -6,6 +6,8 @@ so that both frameworks see bit-identical data.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -44,14 +46,28 @@ def random_inputs(
     return inputs
 
 
+@functools.cache
+def _jitted_forward():
+    import jax
+    from flax import nnx
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def forward(graphdef, state, lq, priors):
+        return nnx.merge(graphdef, state)(lq, priors)
+
+    return forward
+
+
 def run_jax(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The Flax model's output on `inputs` (numpy)."""
+    """The Flax model's output on `inputs` (numpy), jitted (one compile per model and shape)."""
     import jax.numpy as jnp
+    from flax import nnx
 
     from lmdir_jax.models.priors import Priors
 
     priors = Priors(**{k: jnp.asarray(v) for k, v in inputs.items() if k != "lq"})
-    return np.asarray(model(jnp.asarray(inputs["lq"]), priors))
+    graphdef, state = nnx.split(model)
+    return np.asarray(_jitted_forward()(graphdef, state, jnp.asarray(inputs["lq"]), priors))
 
 
 def run_torch(model, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,7 @@ class StableDiffusion:
         self.params = {"unet": unet_params, "vae": vae_params, "text": text_params}
         self._placed: dict[Any, Any] = {}
         self._round_trip_jit = jax.jit(self._round_trip)
-        self._sample_jit = jax.jit(
-            self._sample, static_argnames=("latent_hw", "steps", "t_start", "use_cfg")
-        )
+        self._sample_jit = jax.jit(self._sample, static_argnames=("latent_hw", "steps", "use_cfg"))
 
     # ----------------------------------------------------------------------------- sizes
     @property
@@ -218,7 +217,7 @@ class StableDiffusion:
                 np.float32(guidance),
                 latent_hw=shape,
                 steps=steps,
-                t_start=t_start,
+                t_start=np.int32(t_start),
                 use_cfg=float(guidance) != 1.0,
             )
         return np.asarray(out)[:n]
@@ -255,7 +254,7 @@ class StableDiffusion:
         *,
         latent_hw: tuple[int, int],
         steps: int,
-        t_start: int,
+        t_start: Any,
         use_cfg: bool,
     ) -> Any:
         """The whole pipeline for one padded batch: text states, noise, DDIM loop, VAE decode."""
@@ -280,9 +279,10 @@ class StableDiffusion:
             latents = noise * state.init_noise_sigma
         else:
             latents = self._encode(params["vae"], batch["images"])
-            if t_start < steps:
-                t0 = jnp.full((b,), timesteps[t_start])
-                latents = self.scheduler.add_noise(state, latents, noise, t0)
+            # t_start is traced (one program for every strength); t_start == steps: no noise.
+            t0 = jnp.full((b,), timesteps[jnp.minimum(t_start, steps - 1)])
+            noised = self.scheduler.add_noise(state, latents, noise, t0)
+            latents = jnp.where(t_start < steps, noised, latents)
 
         def denoise(i: Any, lat: Any) -> Any:
             t = timesteps[i]
@@ -512,7 +512,9 @@ def _save_diffusers_as_pytorch(flax_model: Any, params: Any, folder: Path) -> No
 
     pt_cls = getattr(diffusers, type(flax_model).__name__.removeprefix("Flax"))
     pt = pt_cls.from_config(dict(flax_model.config))
-    pt = load_flax_weights_in_pytorch_model(pt, _vae_attention_to_pytorch_names(params))
+    with warnings.catch_warnings():  # torch: "The given NumPy array is not writable"
+        warnings.simplefilter("ignore", UserWarning)
+        pt = load_flax_weights_in_pytorch_model(pt, _vae_attention_to_pytorch_names(params))
     pt.save_pretrained(str(folder), safe_serialization=True)
 
 

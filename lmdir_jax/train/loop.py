@@ -389,6 +389,7 @@ def train(config, workdir: str | Path, *, progress: bool = True) -> dict:
                 if ckpt_every > 0 and step % ckpt_every == 0 and step < total:
                     save(step)
                 if kill_at is not None and step == kill_at:
+                    manager.wait_until_finished()  # earlier checkpoints committed, then die hard
                     os.kill(os.getpid(), signal.SIGKILL)
                 if val_every > 0 and step % val_every == 0:
                     flush()

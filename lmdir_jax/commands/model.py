@@ -1,0 +1,42 @@
+"""`lmdir model summary`: parameter counts per component and GFLOPs of the LMDIR network."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    """Add `lmdir model` and its `summary` action."""
+    p = sub.add_parser("model", help="inspect the LMDIR network")
+    msub = p.add_subparsers(dest="model_action", metavar="ACTION", parser_class=type(p))
+    msub.required = True
+    s = msub.add_parser("summary", help="parameter counts per component and GFLOPs")
+    s.add_argument("--config", required=True, help="config name (configs/NAME.py) or path")
+    s.add_argument("--size", type=int, default=256, help="square input side for the FLOP count")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=summary)
+
+
+def summary(args) -> int:
+    """Build the model of the config and print its parameter counts and forward GFLOPs."""
+    from lmdir_jax.config import load_config
+    from lmdir_jax.errors import UsageError
+
+    if args.size < 8:
+        raise UsageError("--size must be at least 8")
+    config = load_config(args.config, args.config_overrides)
+
+    from lmdir_jax.models.lmdir import build_model
+    from lmdir_jax.models.summary import count_params, example_priors, forward_flops
+
+    try:
+        model = build_model(config.model, args.seed)
+    except ValueError as e:
+        raise UsageError(f"bad model config: {e}") from None
+    counts = count_params(model)
+    print(f"LMDIR model of config '{config.name}' (width {config.model.width}, "
+          f"blocks {tuple(config.model.blocks)}, dtype {config.model.dtype})")
+    for name, n in counts.items():
+        print(f"  {name:<22s} {n:>12,d}")
+    priors = example_priors(config.model, batch=1)
+    flops = forward_flops(model, priors, args.size)
+    print(f"  forward GFLOPs at 1x{args.size}x{args.size}: {flops / 1e9:.2f}")
+    return 0
