@@ -136,6 +136,8 @@ DEVICES = jax.devices()
 N_DEV = len(DEVICES)
 KINDS = sorted({d.device_kind for d in DEVICES})
 print(f"JAX {jax.__version__}: backend {BACKEND}, {N_DEV} device(s): {', '.join(KINDS)}")
+# Compiled programs are kept on disk: rerunning the notebook (or a training chunk) skips compiling.
+jax.config.update("jax_compilation_cache_dir", str(WORK / "jax-cache"))
 
 
 def round_up(x: int, n: int) -> int:

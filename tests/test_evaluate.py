@@ -7,11 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from restore_fixtures import tiny_clip, tiny_workdir  # noqa: F401 (fixtures)
+import restore_fixtures
 
 from lmdir_jax.cli import main
 from lmdir_jax.data.io import write_image
 from lmdir_jax.metrics import crop_to_multiple, image_metrics, psnr, rgb_to_y, ssim
+
+tiny_clip = restore_fixtures.tiny_clip  # shared session fixture
+tiny_workdir = restore_fixtures.tiny_workdir  # shared session fixture
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -57,7 +60,8 @@ def test_evaluate_paired_and_synthetic_json_csv(tiny_workdir, tmp_path, capsys):
     js, cs = tmp_path / "r.json", tmp_path / "r.csv"
     code = main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
                  "--data", str(cleanset), "--spec", "noise:25", "--max-images", "2",
-                 "--crop-multiple", "16", "--json", str(js), "--csv", str(cs)])
+                 "--crop-multiple", "16", "--json", str(js), "--csv", str(cs),
+                 "--tile", "32", "--tile-overlap", "8"])
     assert code == 0
     out = capsys.readouterr().out
     assert "SOTS-tiny" in out and "paired" in out and "noise:25" in out and "average" in out
@@ -81,6 +85,7 @@ def test_evaluate_paired_and_synthetic_json_csv(tiny_workdir, tmp_path, capsys):
     # same seed, same degraded inputs: a second run gives identical numbers
     assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(cleanset),
                  "--spec", "noise:25", "--max-images", "2", "--crop-multiple", "16", "--oracle",
+                 "--tile", "32", "--tile-overlap", "8",
                  "--json", str(tmp_path / "r2.json")]) == 0
     again = json.loads((tmp_path / "r2.json").read_text())["summary"][0]
     assert again["input_psnr_rgb"] == pytest.approx(noisy["input_psnr_rgb"])
@@ -108,7 +113,8 @@ def test_evaluate_real_sots_sample(tiny_workdir, shared_data, tmp_path, capsys):
         pytest.skip("SOTS-outdoor-sample not present")
     js = tmp_path / "sots.json"
     assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(sots),
-                 "--crop-multiple", "16", "--max-images", "1", "--json", str(js)]) == 0
+                 "--crop-multiple", "16", "--max-images", "1", "--json", str(js),
+                 "--tile", "32", "--tile-overlap", "8"]) == 0
     rec = json.loads(js.read_text())["images"][0]
     assert rec["image"].endswith("0001_0.8_0.2.jpg")
     assert rec["height"] % 16 == 0 and rec["width"] % 16 == 0

@@ -19,14 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 def perturbed(model, seed: int, scale: float = 0.05):
     """Add seeded noise to every parameter (so the zero-initialised output conv is non-zero)."""
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
+    rng = np.random.default_rng(seed)
     state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys,
-                                                                                strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    noisy = jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape, np.float32)),
+        state,
+    )
+    nnx.update(model, noisy)
     return model
 
 
@@ -133,8 +135,11 @@ def test_bfloat16_model_checks_through_float32_twin(tmp_path):
     assert self_check(model, config, out) <= TOL
 
 
-def _write_workdir(path: Path) -> tuple[Path, object]:
-    """A tiny-config workdir with one checkpoint whose EMA differs from the raw parameters."""
+def _write_workdir(path: Path):
+    """A tiny-config workdir with one checkpoint whose EMA differs from the raw parameters.
+
+    Returns (workdir, raw model, EMA model).
+    """
     from flax import nnx
 
     from lmdir_jax.config import config_to_json, load_config
@@ -145,21 +150,21 @@ def _write_workdir(path: Path) -> tuple[Path, object]:
     path.mkdir(parents=True)
     (path / "config.json").write_text(config_to_json(config))
     model = perturbed(build_model(config), seed=7)
-    ema = nnx.state(perturbed(build_model(config), seed=8), nnx.Param)
+    ema_model = perturbed(build_model(config), seed=8)
     manager = make_manager(path, async_save=False)
-    save(manager, 2, {"model": nnx.state(model), "opt": nnx.state(model, nnx.Param), "ema": ema})
+    save(manager, 2, {"model": nnx.state(model), "opt": nnx.state(model, nnx.Param),
+                      "ema": nnx.state(ema_model, nnx.Param)})
     manager.wait_until_finished()
     manager.close()
-    return path, config
+    return path, model, ema_model
 
 
 def test_export_cli_round_trip(tmp_path, capsys):
     from lmdir_jax.cli import main
     from lmdir_jax.export import check
     from lmdir_jax.export.torch_model import load
-    from lmdir_jax.train.checkpoints import load_for_inference
 
-    wd, config = _write_workdir(tmp_path / "wd")
+    wd, raw_model, ema_model = _write_workdir(tmp_path / "wd")
     out = tmp_path / "export"
     assert main(["export", "torch", "--checkpoint", str(wd), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -170,8 +175,6 @@ def test_export_cli_round_trip(tmp_path, capsys):
 
     tm = load(out)
     inputs = check.random_inputs(32, batch=2, height=33, width=40, ref_size=32, seed=9)
-    ema_model, _ = load_for_inference(wd, use_ema=True)
-    raw_model, _ = load_for_inference(wd, use_ema=False)
     got = check.run_torch(tm, inputs)
     assert np.max(np.abs(got - check.run_jax(ema_model, inputs))) <= TOL
     assert np.max(np.abs(got - check.run_jax(raw_model, inputs))) > 1e-3  # EMA was exported

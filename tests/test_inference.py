@@ -6,12 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import restore_fixtures
 from flax import nnx
-from restore_fixtures import tiny_clip, tiny_workdir  # noqa: F401 (fixtures)
 
 from lmdir_jax.inference import PriorChoice, blend_ramp, build_priors, restore_image, tile_starts
 from lmdir_jax.metrics import psnr
 from lmdir_jax.models.priors import Priors
+
+tiny_clip = restore_fixtures.tiny_clip  # shared session fixture
+tiny_workdir = restore_fixtures.tiny_workdir  # shared session fixture
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -80,11 +83,11 @@ def test_tiled_equals_whole_for_lmdir_odd_size(tiny_workdir):
     keys = iter(jax.random.split(jax.random.key(0), 8))
     nnx.update(r.model.output, jax.tree.map(
         lambda a: 1e-4 * jax.random.normal(next(keys), a.shape, a.dtype), state))
-    img = _photo(61, 90)
+    img = _photo(39, 47)  # the size and tiling of the CLI tests: no new compilation
     pri, _ = r.priors_for(img, degradation="noise")
     whole = r.restore(img, pri)
-    tiled = r.restore(img, pri, tile=40, overlap=12, batch_size=4)
-    assert tiled.shape == (61, 90, 3)
+    tiled = r.restore(img, pri, tile=32, overlap=8, batch_size=1)
+    assert tiled.shape == (39, 47, 3)
     assert np.isfinite(psnr(whole, img))  # not the identity
     assert psnr(tiled, whole) >= 50
 

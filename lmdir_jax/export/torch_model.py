@@ -88,8 +88,12 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Queries from x (B, N, dim) attend to context (B, M, kv_dim)."""
-        return self.out(attend(self.q(x), self.k(context), self.v(context), self.heads, mask))
+        """Queries from x (B, N, dim) attend to context (B, M, kv_dim); with every key of an
+        example masked the result is exactly 0 (the `out` bias is not added either)."""
+        o = self.out(attend(self.q(x), self.k(context), self.v(context), self.heads, mask))
+        if mask is not None:
+            o = torch.where(mask.any(dim=1)[:, None, None], o, o.new_zeros(()))
+        return o
 
 
 class ChannelAttention(nn.Module):

@@ -2,7 +2,8 @@
 the CATB and the RTB.
 
 Masking contract: a masked key contributes nothing, whatever its value (its logit is replaced by
--1e9 and its value by 0); a query row whose keys are all masked gets an exact zero output.
+-1e9 and its value by 0); when all keys of an example are masked the attention output is an exact
+zero (after the output projection too), so a missing prior contributes nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class MultiHeadAttention(nnx.Module):
         self.out = linear(dim, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """Queries from x (B, N, dim) attend to context (B, M, kv_dim) (mask (B, M))."""
-        o = attend(self.q(x), self.k(context), self.v(context), self.heads, mask)
-        return self.out(o)
+        """Queries from x (B, N, dim) attend to context (B, M, kv_dim) (mask (B, M)).
+
+        With every key masked the result is exactly 0 (the `out` bias is not added either).
+        """
+        o = self.out(attend(self.q(x), self.k(context), self.v(context), self.heads, mask))
+        if mask is not None:
+            o = jnp.where(jnp.any(mask, axis=1)[:, None, None], o, jnp.zeros((), o.dtype))
+        return o
