@@ -269,7 +269,9 @@ TRAIN_MD = """\
 over all devices, orbax checkpoints. Here it runs in chunks: each call raises `config.train.steps`
 and resumes exactly from the last checkpoint (model, optimizer and data position), then the curve is
 redrawn from `metrics.jsonl`. Rerun this cell (or raise `STEPS`) to continue training. The
-cosine learning-rate schedule spans `config.train.steps`, so it stretches as the chunks grow.
+warm-up + cosine learning-rate schedule is compiled into the train step; when the config has
+`train.schedule_steps` it is set to the whole run, so every chunk follows one schedule and reuses
+one compiled step (otherwise the schedule spans each chunk's `train.steps` and each chunk compiles).
 """
 
 TRAIN_CODE = """\
@@ -283,6 +285,11 @@ TRAIN_DIR = WORK / "train"
 config.train.steps = RUN["steps"]
 config.train.log_every = max(1, min(int(config.train.log_every), RUN["chunk"]))
 config.train.ckpt_every = RUN["chunk"]
+total = RUN["steps"]
+if "schedule_steps" in config.train:  # one learning-rate schedule for all chunks
+    config.train.schedule_steps = total
+elif TINY:  # the same for the tiny run: warm-up only (decay starts after `total`)
+    config.train.warmup_steps = total
 
 
 def show_curve(records: list[dict], total: int) -> None:
@@ -304,7 +311,6 @@ def show_curve(records: list[dict], total: int) -> None:
     plt.close(fig)
 
 
-total = RUN["steps"]
 done = max([r["step"] for r in read_metrics(TRAIN_DIR)] or [0])
 chunks = []  # (first step, last step) of each train() call
 for target in [*range(RUN["chunk"], total, RUN["chunk"]), total]:
