@@ -19,11 +19,15 @@ BT601_Y = np.array([65.481, 128.553, 24.966], np.float64)
 
 
 def crop_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
-    """Centre-crop H and W down to a multiple of `multiple` (AirNet/PromptIR `crop_img`); 0/1 = as is."""
+    """Centre-crop H and W down to a multiple of `multiple` (AirNet/PromptIR `crop_img`); 0/1 = as is.
+
+    A side shorter than `multiple` is kept whole rather than cropped to nothing.
+    """
     if multiple <= 1:
         return image
     h, w = image.shape[:2]
-    ch, cw = h % multiple, w % multiple
+    ch = h % multiple if h >= multiple else 0
+    cw = w % multiple if w >= multiple else 0
     return image[ch // 2 : h - ch + ch // 2, cw // 2 : w - cw + cw // 2]
 
 

@@ -9,6 +9,14 @@ os.environ["XLA_FLAGS"] = (
 
 from pathlib import Path  # noqa: E402
 
+# One persistent XLA compilation cache for the whole run: in-process tests, xdist workers, the
+# training subprocesses and the notebook kernel (they inherit the environment) reuse compiled steps.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation-cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -218,7 +218,8 @@ def test_eval_pairs_clean_folder_is_deterministic(folder):
     assert len(a) == 6 and len(b) == 2
     for (k1, d1, c1, lab), (k2, d2, c2, _) in zip(a, b, strict=False):
         assert k1 == k2 and np.array_equal(d1, d2) and np.array_equal(c1, c2)
-        assert d1.shape == c1.shape and c1.shape[0] % 8 == 0 and c1.shape[1] % 8 == 0
+        assert d1.shape == c1.shape
+        assert all(n % 8 == 0 or n < 8 for n in c1.shape[:2])
         assert lab.kinds == ("noise",)
         assert 15 / 255 < np.std(d1 - c1) < 35 / 255
     c = list(iter_eval_pairs(folder, "noise:25", seed=4, max_images=1))

@@ -31,12 +31,8 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
-    """A persistent compilation cache shared by this module and its subprocesses."""
-    d = tmp_path_factory.mktemp("xla_cache")
-    jax.config.update("jax_compilation_cache_dir", str(d))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    yield d
-    jax.config.update("jax_compilation_cache_dir", None)
+    """The suite's persistent compilation cache (tests/conftest.py), shared with the subprocesses."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def _env(cache: Path, **extra: str) -> dict:
@@ -45,7 +41,7 @@ def _env(cache: Path, **extra: str) -> dict:
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="2",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
         PYTHONPATH=str(REPO),
     )
     env.update(extra)

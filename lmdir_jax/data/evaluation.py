@@ -14,6 +14,7 @@ import numpy as np
 
 from lmdir_jax.data.sources import ImageSource, load_source
 from lmdir_jax.errors import UsageError
+from lmdir_jax.metrics import crop_to_multiple
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -22,12 +23,6 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     ch, cw = min(size, h), min(size, w)
     y, x = (h - ch) // 2, (w - cw) // 2
     return img[y : y + ch, x : x + cw]
-
-
-def crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
-    """Crop the bottom/right so both sides are multiples of `multiple` (AirNet/PromptIR protocol)."""
-    h, w = img.shape[:2]
-    return img[: h - h % multiple, : w - w % multiple]
 
 
 def iter_eval_pairs(

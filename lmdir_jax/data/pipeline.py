@@ -146,6 +146,13 @@ class TrainTransform:
         return self.priors(out) if self.priors is not None else out
 
 
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """grain worker start-up: one OpenCV thread per worker process (the workers are the parallelism)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _validate(config, process_count: int) -> int:
     d = config.data
     if d.patch_size < 8:
@@ -222,7 +229,9 @@ def make_train_iterator(
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain 0.2.18 reads absl flags in mp_prefetch
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_init_worker
+        )
     it = iter(it_ds)
     try:
         it.missing_priors = missing
