@@ -13,8 +13,10 @@ def run(args) -> int:
     from lmdir_jax.data.pipeline import make_train_iterator
     from lmdir_jax.errors import UsageError
 
-    if args.batches < 1 or args.workers is not None and args.workers < 0:
-        raise UsageError("--batches must be >= 1 and --workers >= 0")
+    if args.batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {args.batches}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be at least 0, got {args.workers}")
     config = load_config(args.config, args.config_overrides)
     if args.workers is not None:
         config.data.num_workers = args.workers
@@ -35,6 +37,8 @@ def run(args) -> int:
     print(f"start-up + {args.warmup} warm-up batches: {t_ready:.2f} s")
     print(f"{n} patches in {dt:.2f} s: {rate:.1f} patches/s"
           f" ({rate / max(workers, 1):.1f} per {'worker' if workers else 'process (in-process)'})")
+    if args.no_kinds:
+        return 0
     try:
         from lmdir_jax.degradations.timing import time_kinds
     except ImportError:
@@ -53,4 +57,5 @@ def register(bsub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--workers", type=int, default=None, help="override data.num_workers")
     p.add_argument("--kind-samples", type=int, default=100, help="calls per kind for the ms table")
+    p.add_argument("--no-kinds", action="store_true", help="skip the per-kind synthesis timing")
     p.set_defaults(func=run)

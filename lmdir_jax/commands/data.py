@@ -45,7 +45,8 @@ def preview_grid(batch: dict, rows: int, cols: int, cell: int = 192):
         row = []
         for t in tiles[r * cols : (r + 1) * cols]:
             row += [t, np.full((h, pad, 3), 255, np.uint8)]
-        grid_rows += [np.concatenate(row[:-1], axis=1), np.full((pad, row[0].shape[1] * cols + pad * (cols - 1), 3), 255, np.uint8)]
+        line = np.concatenate(row[:-1], axis=1)
+        grid_rows += [line, np.full((pad, line.shape[1], 3), 255, np.uint8)]
     return np.concatenate(grid_rows[:-1], axis=0)
 
 
