@@ -10,4 +10,4 @@ export TF_CPP_MIN_LOG_LEVEL=3
 echo "[test] ruff"
 .venv/bin/ruff check lmdir_jax tests configs
 echo "[test] pytest"
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n 2 "$@"
