@@ -177,3 +177,31 @@ def test_adaptive_avg_pool_bins():
     # torch bins for n=5, s=3: [0,2) [1,4) [3,5); n=7: [0,3) [2,5) [4,7)
     assert float(y[0, 1, 2, 0]) == pytest.approx(xn[1:4, 4:7].mean())
     assert float(y[0, 0, 0, 0]) == pytest.approx(xn[0:2, 0:3].mean())
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (2, 0))])
+def test_depthwise_conv_matches_grouped_lax_conv_and_its_gradients(padding):
+    """The shifted-sum depth-wise conv (fast on XLA:CPU) is the grouped convolution, gradients too."""
+    from lmdir_jax.models.layers import _depthwise_conv_general_dilated
+
+    c = 12
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, c))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, c))
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), padding, dimension_numbers=dn,
+                                                feature_group_count=c)))
+
+    ref = jax.value_and_grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, k)
+    got = jax.jit(jax.value_and_grad(loss(_depthwise_conv_general_dilated), argnums=(0, 1)))(x, k)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    for a, b in zip(got[1], ref[1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    # Not a depth-wise conv: the plain lax path.
+    k2 = jax.random.normal(jax.random.key(2), (3, 3, c, 4))
+    dn2 = jax.lax.conv_dimension_numbers(x.shape, k2.shape, ("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(
+        _depthwise_conv_general_dilated(x, k2, (1, 1), padding, dimension_numbers=dn2),
+        jax.lax.conv_general_dilated(x, k2, (1, 1), padding, dimension_numbers=dn2), rtol=1e-5,
+        atol=1e-5)

@@ -86,6 +86,78 @@ def compute_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def _shifted_sum(xp: jax.Array, k: jax.Array) -> jax.Array:
+    """VALID depth-wise correlation of padded NHWC `xp` with (kh, kw, 1, C) `k`, accumulated in
+    float32, as a sum of kh*kw shifted products."""
+    kh, kw = k.shape[:2]
+    h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, i:i + h, j:j + w, :].astype(jnp.float32) * k[i, j, 0].astype(jnp.float32)
+            out = term if out is None else out + term
+    return out
+
+
+@jax.custom_vjp
+def _depthwise_valid(xp: jax.Array, k: jax.Array) -> jax.Array:
+    return _shifted_sum(xp, k)
+
+
+def _depthwise_valid_fwd(xp, k):
+    return _shifted_sum(xp, k), (xp, k)
+
+
+def _depthwise_valid_bwd(res, g):
+    xp, k = res
+    kh, kw = k.shape[:2]
+    b, h, w, c = g.shape
+    (dxp,) = jax.vjp(lambda t: _shifted_sum(t, k), xp)[1](g)
+    g32 = g.astype(jnp.float32)
+    offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
+
+    # One reduction per kernel tap, as a loop: XLA:CPU fuses the kh*kw unrolled reductions into one
+    # slow multi-output loop (4x slower than the loop).
+    def tap(carry, o):
+        window = jax.lax.dynamic_slice(xp, (0, o[0], o[1], 0), (b, h, w, c))
+        return carry, jnp.sum(window.astype(jnp.float32) * g32, axis=(0, 1, 2))
+
+    dk = jax.lax.scan(tap, None, offsets)[1].reshape(kh, kw, 1, c)
+    return dxp.astype(xp.dtype), dk.astype(k.dtype)
+
+
+_depthwise_valid.defvjp(_depthwise_valid_fwd, _depthwise_valid_bwd)
+
+
+def _depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+                                    rhs_dilation=None, dimension_numbers=None,
+                                    feature_group_count=1, **kwargs):
+    """`lax.conv_general_dilated` that computes depth-wise NHWC convolutions as sums of shifted
+    products.
+
+    XLA's CPU backend runs depth-wise (feature_group_count == channels) convolutions, and above all
+    their gradients, 10-30x slower than this formulation (see docs/benchmarks.md). Same result as
+    the grouped convolution (float32 accumulation). Anything that is not a stride-1, undilated,
+    explicitly padded NHWC/HWIO depth-wise conv goes to `lax.conv_general_dilated`.
+    """
+    depthwise = (
+        lhs.ndim == 4 and rhs.ndim == 4 and rhs.shape[2] == 1
+        and feature_group_count == lhs.shape[-1] == rhs.shape[-1]
+        and tuple(window_strides) == (1, 1) and not isinstance(padding, str)
+        and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+        and dimension_numbers is not None
+        and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+        and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+    )
+    if not depthwise:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
+    (pt, pb), (pl, pr) = padding
+    xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    return _depthwise_valid(xp, rhs).astype(jnp.result_type(lhs.dtype, rhs.dtype))
+
+
 def conv(
     cin: int,
     cout: int,
@@ -111,6 +183,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(kernel_init, (None, None, None, FSDP)),
+        conv_general_dilated=_depthwise_conv_general_dilated,
         rngs=rngs,
     )
 
