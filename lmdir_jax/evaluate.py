@@ -32,7 +32,9 @@ class EvalSet:
 
     @property
     def dataset(self) -> str:
-        """Display name: the folder's name."""
+        """Display name: the folder's name (or the source's name: `skimage`, `tfds:...`)."""
+        if self.path == "skimage" or self.path.startswith("tfds:"):
+            return self.path
         return Path(self.path).resolve().name
 
     @property
@@ -181,6 +183,7 @@ def evaluate(
     max_images: int | None = None,
     degradation: str | None = None,
     oracle: bool = False,
+    blind: bool = False,
     tile: int | None = None,
     overlap: int = 32,
     progress: bool = True,
@@ -188,7 +191,8 @@ def evaluate(
     """Restore and score every set with `restorer` (an `inference.Restorer`).
 
     The degradation prior is automatic (CLIP zero-shot) unless `degradation` (one text for all) or
-    `oracle` (each image's own label text; needs a spec or a labelled paired set) is given.
+    `oracle` (each image's own label text; needs a spec or a labelled paired set) is given, or
+    masked with `blind` (no guidance at all, as PromptIR/AirNet are evaluated).
     `crop_multiple=16` applies the AirNet/PromptIR protocol: images are centre-cropped to a
     multiple of 16 before restoring and scoring. Degradations use `seed` (same seed, same inputs).
     """
@@ -200,7 +204,8 @@ def evaluate(
     report = EvalReport(
         settings={
             "seed": seed, "crop_multiple": crop_multiple, "max_images": max_images,
-            "prior": "oracle" if oracle else ("text" if degradation is not None else "auto"),
+            "prior": "oracle" if oracle else (
+                "text" if degradation is not None else ("blind" if blind else "auto")),
             "degradation": degradation, "tile": tile, "overlap": overlap,
             "sets": [{"path": s.path, "spec": s.spec} for s in sets],
         }
@@ -222,7 +227,7 @@ def evaluate(
                 if label is None:
                     raise UsageError(f"--oracle needs a degradation label: {es.path} has none (give --spec)")
                 text = label.text()
-            priors, choice = restorer.priors_for(lq, degradation=text)
+            priors, choice = restorer.priors_for(lq, degradation=text, auto=not blind)
             out = restorer.restore(lq, priors, tile=tile, overlap=overlap)
             report.images.append(
                 ImageResult(

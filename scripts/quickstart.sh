@@ -26,22 +26,32 @@ echo "== [3/6] training the quick-start model (configs/quickstart.py)"
 $LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
   --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" "$@"
 
-echo "== [4/6] restoring a sample (noise + JPEG on a photo, automatic degradation prior)"
+echo "== [4/6] restoring a sample (noise + JPEG on a photo; blind: the tiny CLIP is random, so its automatic guess is too)"
 SAMPLE=$($PY -c "import os, skimage; print(os.path.join(skimage.data_dir, 'coffee.png'))")
 rm -rf "$RUN/sample" "$RUN/restored"
 $LMDIR degrade "$SAMPLE" --spec noise:25+jpeg:40 --seed 1 --output "$RUN/sample"
-$LMDIR restore "$RUN/sample" --checkpoint "$RUN/train" --output "$RUN/restored"
+$LMDIR restore "$RUN/sample" --checkpoint "$RUN/train" --output "$RUN/restored" --blind
 
-echo "== [5/6] evaluating"
+echo "== [5/6] evaluating (blind, then guided by the true degradation text)"
 EVAL_ARGS=()
+ORACLE_ARGS=()
 if [ -d ../shared/data/test/CBSD68 ]; then
   EVAL_ARGS+=(--data ../shared/data/test/CBSD68 --spec noise:25)
-  EVAL_ARGS+=(--data ../shared/data/test/Rain100L --max-images 20)
+  EVAL_ARGS+=(--data ../shared/data/test/Rain100L)
+  [ -d ../shared/data/test/SOTS-outdoor-sample ] && EVAL_ARGS+=(--data ../shared/data/test/SOTS-outdoor-sample)
+  ORACLE_ARGS+=(--data ../shared/data/test/CBSD68 --spec noise:25)
 else
   EVAL_ARGS+=(--data skimage --spec noise:25 --data skimage --spec rain --data skimage --spec haze)
+  ORACLE_ARGS+=(--data skimage --spec noise:25)
 fi
-$LMDIR evaluate --checkpoint "$RUN/train" "${EVAL_ARGS[@]}" --json "$RUN/eval.json" --csv "$RUN/eval.csv" \
-  | tee "$RUN/eval.txt"
+{
+  echo "Blind (no degradation prior):"
+  $LMDIR evaluate --checkpoint "$RUN/train" "${EVAL_ARGS[@]}" --max-images 20 --blind \
+    --json "$RUN/eval.json" --csv "$RUN/eval.csv"
+  echo
+  echo "Guided by each image's true degradation text (--oracle):"
+  $LMDIR evaluate --checkpoint "$RUN/train" "${ORACLE_ARGS[@]}" --max-images 20 --oracle
+} | tee "$RUN/eval.txt"
 
 echo "== [6/6] report"
 $LMDIR report --workdir "$RUN/train" --output "$RUN/report.md" --eval-text "$RUN/eval.txt" \

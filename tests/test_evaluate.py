@@ -119,3 +119,19 @@ def test_evaluate_real_sots_sample(tiny_workdir, shared_data, tmp_path, capsys):
     assert rec["image"].endswith("0001_0.8_0.2.jpg")
     assert rec["height"] % 16 == 0 and rec["width"] % 16 == 0
     assert 5 < rec["degraded"]["psnr_rgb"] < 30 and 0 < rec["degraded"]["ssim_y"] < 1
+
+
+def test_evaluate_blind_masks_the_degradation_prior(tiny_workdir, tmp_path):
+    """--blind: no degradation text reaches the network (the record says so); --blind and --oracle
+    exclude each other."""
+    paired = tmp_path / "P"
+    _sots_like(paired, n=1)
+    js = tmp_path / "blind.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--blind",
+                 "--crop-multiple", "16", "--tile", "32", "--tile-overlap", "8",
+                 "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert report["settings"]["prior"] == "blind"
+    assert report["images"][0]["degradation"] == "" and report["images"][0]["probability"] is None
+    assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--blind",
+                 "--oracle"]) == 2

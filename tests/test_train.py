@@ -214,3 +214,20 @@ def test_empty_source_fails_before_compiling(tmp_path, capsys):
     assert code == 2
     assert "lmdir: error:" in capsys.readouterr().err
     assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_psnr_loss_is_minus_mean_example_psnr_and_bad_loss_names_fail():
+    import jax.numpy as jnp
+
+    from lmdir_jax.config import load_config
+    from lmdir_jax.metrics import psnr
+    from lmdir_jax.train.step import make_train_step, psnr_loss
+
+    rng = np.random.default_rng(0)
+    gt = rng.random((2, 8, 8, 3)).astype(np.float32)
+    out = np.clip(gt + rng.normal(0, [[[[0.01]]], [[[0.1]]]], gt.shape), 0, 1).astype(np.float32)
+    want = -np.mean([psnr(out[i], gt[i]) for i in range(2)])
+    assert float(psnr_loss(jnp.asarray(out), jnp.asarray(gt))) == pytest.approx(want, abs=1e-3)
+    c = load_config("tiny", ["config.train.loss=l2"])
+    with pytest.raises(ValueError, match="train.loss"):
+        make_train_step(c, None)

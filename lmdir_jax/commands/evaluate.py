@@ -44,7 +44,7 @@ def register(sub) -> None:
     )
     p.add_argument("--checkpoint", required=True, metavar="WORKDIR", help="training workdir")
     p.add_argument("--data", action=_DataAction, required=True, metavar="PATH", dest="sets_data",
-                   help="evaluation folder (repeatable)")
+                   help="evaluation folder, `skimage` or tfds:NAME:SPLIT (repeatable)")
     p.add_argument("--spec", action=_SpecAction, metavar="SPEC", dest="sets_spec",
                    help="degradation spec for the preceding --data (e.g. noise:25, rain, haze+jpeg:40)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradations (default 0)")
@@ -55,6 +55,8 @@ def register(sub) -> None:
     guide.add_argument("--degradation", metavar="TEXT", help="one degradation text for every image")
     guide.add_argument("--oracle", action="store_true",
                        help="use each image's true degradation label text (needs --spec)")
+    guide.add_argument("--blind", action="store_true",
+                       help="mask the degradation prior: blind restoration, no guidance")
     p.add_argument("--tile", type=int, default=0, metavar="N",
                    help="tile side for very large images (default 0 = whole image, as in the literature)")
     p.add_argument("--tile-overlap", type=int, default=32, metavar="N")
@@ -75,7 +77,7 @@ def run(args) -> int:
         raise UsageError("--crop-multiple and --tile must be >= 0")
     sets = [EvalSet(path=s["path"], spec=s["spec"]) for s in args.sets]
     for s in sets:
-        if not Path(s.path).is_dir():
+        if not (s.path == "skimage" or s.path.startswith("tfds:") or Path(s.path).is_dir()):
             raise UsageError(f"evaluation folder not found: {s.path}")
     restorer = load_restorer(args.checkpoint, args.clip)
     if (args.degradation is not None or args.oracle) and restorer.clip is None:
@@ -83,6 +85,7 @@ def run(args) -> int:
     report = evaluate(
         restorer, sets, seed=args.seed, crop_multiple=args.crop_multiple,
         max_images=args.max_images, degradation=args.degradation, oracle=args.oracle,
+        blind=args.blind,
         tile=args.tile or None, overlap=args.tile_overlap,
     )
     report.settings["checkpoint"] = str(args.checkpoint)

@@ -35,9 +35,14 @@ def register(sub) -> None:
     p.add_argument(
         "--tile-batch", type=int, default=1, metavar="N", help="tiles per forward pass (default 1)"
     )
-    p.add_argument(
+    guide = p.add_mutually_exclusive_group()
+    guide.add_argument(
         "--degradation", metavar="TEXT",
         help="describe the degradation yourself (e.g. 'heavy rain'); default: automatic (CLIP)",
+    )
+    guide.add_argument(
+        "--blind", action="store_true",
+        help="mask the degradation prior: the network restores without being told what is wrong",
     )
     p.add_argument("--caption", metavar="TEXT", help="scene caption (default: zero-shot CLIP caption)")
     ref = p.add_mutually_exclusive_group()
@@ -166,7 +171,8 @@ def run(args) -> int:
             continue
         rgb = got.rgb
         priors, choice = restorer.priors_for(
-            rgb, degradation=args.degradation, caption=args.caption, reference=reference
+            rgb, degradation=args.degradation, caption=args.caption, reference=reference,
+            auto=not args.blind,
         )
         restored = restorer.restore(
             rgb, priors, tile=tile, overlap=args.tile_overlap, batch_size=args.tile_batch,

@@ -12,6 +12,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.min_lr_ratio = 0.01
     c.weight_decay = 1e-4
     c.clip_norm = 1.0
+    c.loss = "l1"  # "l1", or "psnr" (minus per-example PSNR: balances tasks of unequal error size)
     c.ema_decay = 0.0  # 0 = no EMA parameters
     c.mesh_data = -1  # -1 = all devices (divided by mesh_fsdp)
     c.mesh_fsdp = 1

@@ -1,4 +1,5 @@
-"""One jitted, sharded train step: priors -> prior dropout -> L1 loss -> AdamW update (+ EMA).
+"""One jitted, sharded train step: priors -> prior dropout -> loss (L1 or PSNR) -> AdamW update
+(+ EMA).
 
 Degradation prior: the batch's label text is tokenized on the host (`deg_ids`, `deg_tmask`) and the
 frozen CLIP text tower runs inside the step on `clip_params` (an argument that is never
@@ -69,10 +70,27 @@ def l1_loss(restored: jax.Array, gt: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(restored.astype(jnp.float32) - gt.astype(jnp.float32)))
 
 
+def psnr_loss(restored: jax.Array, gt: jax.Array) -> jax.Array:
+    """Minus the mean per-example PSNR (dB, peak 1), as HINet trains; float32.
+
+    Every example counts by its relative error, so in multi-task batches the mild degradations
+    (noise, rain) weigh as much as the ones with large absolute errors (haze, low light).
+    """
+    diff = restored.astype(jnp.float32) - gt.astype(jnp.float32)
+    mse = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+    return jnp.mean(10.0 * jnp.log10(mse + 1e-8))
+
+
+LOSSES = {"l1": l1_loss, "psnr": psnr_loss}
+
+
 def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
     """`step(state, batch, clip_params) -> (state, metrics)`, jitted with the state donated."""
     pc = config.priors
     ema_decay = float(config.train.ema_decay)
+    if config.train.loss not in LOSSES:
+        raise ValueError(f"train.loss must be one of {sorted(LOSSES)}, got {config.train.loss!r}")
+    loss_of = LOSSES[config.train.loss]
     schedule = learning_rate_schedule(config.train)
     if clip is not None and float(pc.auto_ratio) > 0:
         clip.degradation_bank()  # computed eagerly once; enters the step as a constant
@@ -88,7 +106,7 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
         )
 
         def loss_fn(m):
-            return l1_loss(m(batch["lq"], priors), batch["gt"])
+            return loss_of(m(batch["lq"], priors), batch["gt"])
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         opt.update(model, grads)
