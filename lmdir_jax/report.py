@@ -85,7 +85,8 @@ def write_report(
         last = train_recs[-1]
         first = train_recs[0]
         lines.append(
-            f"- training: {last.get('step')} steps, L1 loss {first['loss']:.4f} → {last['loss']:.4f}"
+            f"- training: {last.get('step')} steps, {config['train'].get('loss', 'l1')} loss "
+            f"{first['loss']:.4f} → {last['loss']:.4f}"
         )
     if val_recs:
         v = val_recs[-1]

@@ -149,7 +149,7 @@ if TINY:  # the test suite: configs/tiny.py, a few steps
     RUN = dict(config="tiny", steps=6, chunk=3, batch=round_up(8, N_DEV), patch=32, crop=64,
                eval_images=2, tile=64, overlap=8, sd_steps=2, dtype="float32")
 elif BACKEND == "cpu":
-    RUN = dict(config="quickstart", steps=300, chunk=50, batch=round_up(8, N_DEV), patch=64,
+    RUN = dict(config="quickstart", steps=800, chunk=100, batch=round_up(8, N_DEV), patch=64,
                crop=192, eval_images=4, tile=192, overlap=32, sd_steps=10, dtype="float32")
 else:  # gpu / tpu
     RUN = dict(config="quickstart", steps=3000, chunk=250, batch=round_up(8 * N_DEV, N_DEV),
@@ -293,14 +293,14 @@ elif TINY:  # the same for the tiny run: warm-up only (decay starts after `total
 
 
 def show_curve(records: list[dict], total: int) -> None:
-    \"\"\"Plot the training L1 loss logged so far (log scale) and display it in place.\"\"\"
+    \"\"\"Plot the training loss logged so far (log scale when positive) and display it in place.\"\"\"
     steps = [r["step"] for r in records if "loss" in r]
     losses = [r["loss"] for r in records if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(steps, losses, "o-", ms=3)
     ax.set_xlim(0, total)
     ax.set_xlabel("step")
-    ax.set_ylabel("L1 loss")
+    ax.set_ylabel(f"{config.train.loss} loss")
     if losses and min(losses) > 0:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -106,9 +106,14 @@ def plot_loss(workdir: Path) -> Path | None:
     out = workdir / "plots" / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(*zip(*train, strict=True), color="tab:blue", label="train L1")
+    try:
+        loss_name = json.loads((workdir / "config.json").read_text())["train"].get("loss", "l1")
+    except (OSError, ValueError, KeyError):
+        loss_name = "l1"
+    label = {"l1": "L1 loss", "psnr": "PSNR loss (-dB)"}.get(loss_name, f"{loss_name} loss")
+    ax.plot(*zip(*train, strict=True), color="tab:blue", label=f"train {label}")
     ax.set_xlabel("step")
-    ax.set_ylabel("L1 loss")
+    ax.set_ylabel(label)
     if all(v > 0 for _, v in train):
         ax.set_yscale("log")
     if val:
