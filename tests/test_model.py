@@ -180,9 +180,10 @@ def test_adaptive_avg_pool_bins():
 
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (2, 0))])
-def test_depthwise_conv_matches_grouped_lax_conv_and_its_gradients(padding):
-    """The shifted-sum depth-wise conv (fast on XLA:CPU) is the grouped convolution, gradients too."""
-    from lmdir_jax.models.layers import _depthwise_conv_general_dilated
+def test_fast_convs_match_lax_conv_and_its_gradients(padding):
+    """The shifted-sum depth-wise conv and the matmul 1x1 conv (fast on XLA:CPU) are the lax
+    convolutions, gradients too."""
+    from lmdir_jax.models.layers import _conv_general_dilated
 
     c = 12
     x = jax.random.normal(jax.random.key(0), (2, 9, 11, c))
@@ -194,14 +195,20 @@ def test_depthwise_conv_matches_grouped_lax_conv_and_its_gradients(padding):
                                                 feature_group_count=c)))
 
     ref = jax.value_and_grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, k)
-    got = jax.jit(jax.value_and_grad(loss(_depthwise_conv_general_dilated), argnums=(0, 1)))(x, k)
+    got = jax.jit(jax.value_and_grad(loss(_conv_general_dilated), argnums=(0, 1)))(x, k)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for a, b in zip(got[1], ref[1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    # Not a depth-wise conv: the plain lax path.
-    k2 = jax.random.normal(jax.random.key(2), (3, 3, c, 4))
-    dn2 = jax.lax.conv_dimension_numbers(x.shape, k2.shape, ("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(
-        _depthwise_conv_general_dilated(x, k2, (1, 1), padding, dimension_numbers=dn2),
-        jax.lax.conv_general_dilated(x, k2, (1, 1), padding, dimension_numbers=dn2), rtol=1e-5,
-        atol=1e-5)
+    # A full 3x3 conv (the plain lax path) and a 1x1 conv (a 2-D matmul), with gradients.
+    for shape, pad in [((3, 3, c, 4), padding), ((1, 1, c, 5), ((0, 0), (0, 0)))]:
+        k2 = jax.random.normal(jax.random.key(2), shape)
+        dn2 = jax.lax.conv_dimension_numbers(x.shape, k2.shape, ("NHWC", "HWIO", "NHWC"))
+
+        def loss2(fn, pad=pad, dn2=dn2):
+            return lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), pad, dimension_numbers=dn2)))
+
+        ref = jax.value_and_grad(loss2(jax.lax.conv_general_dilated), argnums=(0, 1))(x, k2)
+        got = jax.jit(jax.value_and_grad(loss2(_conv_general_dilated), argnums=(0, 1)))(x, k2)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)
+        for a, b in zip(got[1], ref[1], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)

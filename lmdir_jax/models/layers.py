@@ -129,33 +129,43 @@ def _depthwise_valid_bwd(res, g):
 _depthwise_valid.defvjp(_depthwise_valid_fwd, _depthwise_valid_bwd)
 
 
-def _depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
-                                    rhs_dilation=None, dimension_numbers=None,
-                                    feature_group_count=1, **kwargs):
-    """`lax.conv_general_dilated` that computes depth-wise NHWC convolutions as sums of shifted
-    products.
+def _conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                          **kwargs):
+    """`lax.conv_general_dilated` with fast forms of the two convolutions Restormer is made of.
 
     XLA's CPU backend runs depth-wise (feature_group_count == channels) convolutions, and above all
-    their gradients, 10-30x slower than this formulation (see docs/benchmarks.md). Same result as
-    the grouped convolution (float32 accumulation). Anything that is not a stride-1, undilated,
-    explicitly padded NHWC/HWIO depth-wise conv goes to `lax.conv_general_dilated`.
+    their gradients, 10-30x slower than sums of shifted products, and the gradients of 1x1
+    convolutions 3-4x slower than the same product written as one 2-D matmul (docs/benchmarks.md).
+    Both rewrites give the convolution's result (float32 accumulation for depth-wise) and fuse well
+    on every backend. Anything else (strides, dilation, other layouts, full 3x3) goes to
+    `lax.conv_general_dilated`.
     """
-    depthwise = (
-        lhs.ndim == 4 and rhs.ndim == 4 and rhs.shape[2] == 1
-        and feature_group_count == lhs.shape[-1] == rhs.shape[-1]
+    plain = (
+        lhs.ndim == 4 and rhs.ndim == 4
         and tuple(window_strides) == (1, 1) and not isinstance(padding, str)
         and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
         and dimension_numbers is not None
         and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
         and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
     )
-    if not depthwise:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
-    (pt, pb), (pl, pr) = padding
-    xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    return _depthwise_valid(xp, rhs).astype(jnp.result_type(lhs.dtype, rhs.dtype))
+    depthwise = plain and rhs.shape[2] == 1 and feature_group_count == lhs.shape[-1] == rhs.shape[-1]
+    pointwise = (plain and rhs.shape[:2] == (1, 1) and feature_group_count == 1
+                 and all(tuple(p) == (0, 0) for p in padding))
+    out_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+    if depthwise:
+        (pt, pb), (pl, pr) = padding
+        xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        return _depthwise_valid(xp, rhs).astype(out_dtype)
+    if pointwise:
+        b, h, w, cin = lhs.shape
+        y = jnp.matmul(lhs.reshape(b * h * w, cin), rhs.reshape(cin, rhs.shape[-1]),
+                       precision=kwargs.get("precision"),
+                       preferred_element_type=kwargs.get("preferred_element_type"))
+        return y.reshape(b, h, w, rhs.shape[-1])
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs)
 
 
 def conv(
@@ -183,7 +193,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(kernel_init, (None, None, None, FSDP)),
-        conv_general_dilated=_depthwise_conv_general_dilated,
+        conv_general_dilated=_conv_general_dilated,
         rngs=rngs,
     )
 
