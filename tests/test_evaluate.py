@@ -135,3 +135,13 @@ def test_evaluate_blind_masks_the_degradation_prior(tiny_workdir, tmp_path):
     assert report["images"][0]["degradation"] == "" and report["images"][0]["probability"] is None
     assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--blind",
                  "--oracle"]) == 2
+
+
+def test_evaluate_accepts_the_skimage_source(tiny_workdir, tmp_path):
+    """`--data skimage` (the quick start's fallback without ../shared) is a clean source."""
+    js = tmp_path / "sk.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", "skimage", "--spec",
+                 "noise:25", "--max-images", "1", "--blind", "--crop-multiple", "16",
+                 "--tile", "32", "--tile-overlap", "8", "--json", str(js)]) == 0
+    summary = json.loads(js.read_text())["summary"]
+    assert summary[0]["dataset"] == "skimage" and summary[0]["images"] == 1
