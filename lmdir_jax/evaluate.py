@@ -33,7 +33,9 @@ class EvalSet:
     @property
     def dataset(self) -> str:
         """Display name: the folder's name (or the source's name: `skimage`, `tfds:...`)."""
-        if self.path == "skimage" or self.path.startswith("tfds:"):
+        from lmdir_jax.data.sources import is_named_source
+
+        if is_named_source(self.path):
             return self.path
         return Path(self.path).resolve().name
 

@@ -68,6 +68,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     """Handler of `lmdir evaluate`."""
+    from lmdir_jax.data.sources import is_named_source
     from lmdir_jax.evaluate import EvalSet, evaluate, format_table, write_csv, write_json
     from lmdir_jax.inference import load_restorer
 
@@ -77,7 +78,7 @@ def run(args) -> int:
         raise UsageError("--crop-multiple and --tile must be >= 0")
     sets = [EvalSet(path=s["path"], spec=s["spec"]) for s in args.sets]
     for s in sets:
-        if not (s.path == "skimage" or s.path.startswith("tfds:") or Path(s.path).is_dir()):
+        if not (is_named_source(s.path) or Path(s.path).is_dir()):
             raise UsageError(f"evaluation folder not found: {s.path}")
     restorer = load_restorer(args.checkpoint, args.clip)
     if (args.degradation is not None or args.oracle) and restorer.clip is None:

@@ -326,6 +326,11 @@ class TfdsSource(ImageSource):
         return {"key": f"{self.prefix}/{index}", "clean": img}
 
 
+def is_named_source(text: str) -> bool:
+    """True for the sources that are names, not paths: 'skimage' and 'tfds:NAME:SPLIT'."""
+    return text == "skimage" or text.startswith("tfds:")
+
+
 def load_source(spec: str | Path | ImageSource, check: str = "auto") -> ImageSource:
     """A random-access source from 'skimage', a folder, a paired folder or 'tfds:NAME:SPLIT'.
 
