@@ -1,13 +1,15 @@
 """`lmdir bench compare-torch`: forward+backward step time of LMDIR in JAX (jit) and in PyTorch.
 
 Both run the same network (the PyTorch side is the exported mirror with the same parameters) on the
-same random batch with all priors present, in one process on this machine, float32. The loss is the
+same random batch with all priors present, in one process on this machine, float32 (PyTorch on its
+CUDA device when it has one, like JAX; `--torch-device cpu` to force the CPU). The loss is the
 L1 distance to a random target; a step is loss + gradients with respect to all parameters. Times are
 medians over --steps timed steps after --warmup untimed ones (JAX compile time is reported apart).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from lmdir_jax.errors import UsageError
@@ -28,6 +30,8 @@ def register(bsub) -> None:
     p.add_argument("--compile", action="store_true", help="wrap the PyTorch model in torch.compile")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (default 0: torch's own default)")
+    p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where PyTorch runs (default auto: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -54,6 +58,9 @@ def run(args) -> int:
         import torch
     except ImportError:
         raise UsageError("compare-torch needs torch: pip install 'lmdir-jax[export]'") from None
+    if args.torch_device != "cpu" and torch.cuda.is_available():
+        # JAX takes 75% of GPU memory up front by default, which leaves PyTorch out of memory.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -71,6 +78,15 @@ def run(args) -> int:
         config.model.dtype = "float32"  # the PyTorch mirror computes in float32
     if args.threads:
         torch.set_num_threads(args.threads)
+    use_cuda = args.torch_device == "cuda" or (
+        args.torch_device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--torch-device cuda: this PyTorch sees no CUDA device")
+    tdev = torch.device("cuda" if use_cuda else "cpu")
+    if use_cuda:
+        # JAX's default float32 matmul/conv precision on NVIDIA GPUs is TF32; let PyTorch use it too.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     with nnx.use_eager_sharding(False):
         model = build_model(config.model, args.seed)
@@ -99,20 +115,23 @@ def run(args) -> int:
     jax_compile = time.perf_counter() - t0
     jax_s = _median_seconds(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)),
                             args.steps, args.warmup, "jax")
+    print(f"  jax step {jax_s:.4f} s (compile {jax_compile:.2f} s); timing PyTorch ...", flush=True)
 
     # PyTorch: the mirror with the same parameters.
     tm = LMDIRTorch(model_config_dict(config.model))
     state = flax_to_torch_state(nnx.to_pure_dict(params))
     tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=True)
-    tm.train()
+    tm.to(tdev).train()
     fwd = torch.compile(tm) if args.compile else tm
-    t_in = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    gt_t = torch.from_numpy(gt)
+    t_in = {k: torch.from_numpy(np.ascontiguousarray(v)).to(tdev) for k, v in inputs.items()}
+    gt_t = torch.from_numpy(gt).to(tdev)
 
     def torch_step():
         loss = (fwd(**t_in) - gt_t).abs().mean()
         loss.backward()
         tm.zero_grad(set_to_none=True)
+        if use_cuda:
+            torch.cuda.synchronize()
         return loss
 
     t0 = time.perf_counter()
@@ -122,8 +141,10 @@ def run(args) -> int:
 
     print(f"compare-torch  config={config.get('name', args.config)}  params={n_params:,}  "
           f"batch={args.batch}  size={args.size}x{args.size}  float32  all priors on")
-    print(f"  devices: jax {jax.devices()[0].platform} | torch cpu, {torch.get_num_threads()} "
-          f"threads{', torch.compile' if args.compile else ''}")
+    where = (f"cuda ({torch.cuda.get_device_name()}, TF32 allowed)" if use_cuda
+             else f"cpu, {torch.get_num_threads()} threads")
+    print(f"  devices: jax {jax.devices()[0].platform} ({jax.devices()[0].device_kind}) | "
+          f"torch {where}{', torch.compile' if args.compile else ''}")
     print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}")
     for name, first, step in (("jax (jit)", jax_compile, jax_s), ("pytorch", torch_first, torch_s)):
         print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}")

@@ -138,11 +138,13 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=Non
     their gradients, 10-30x slower than sums of shifted products, and the gradients of 1x1
     convolutions 3-4x slower than the same product written as one 2-D matmul (docs/benchmarks.md).
     Both rewrites give the convolution's result (float32 accumulation for depth-wise) and fuse well
-    on every backend. Anything else (strides, dilation, other layouts, full 3x3) goes to
-    `lax.conv_general_dilated`.
+    on every backend, but on GPUs cuDNN's convolutions are faster (the paper training step took
+    317 ms with the rewrites and 175 ms without on an H100), so they are used on CPUs only. Anything
+    else (strides, dilation, other layouts, full 3x3) goes to `lax.conv_general_dilated`.
     """
     plain = (
-        lhs.ndim == 4 and rhs.ndim == 4
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4 and rhs.ndim == 4
         and tuple(window_strides) == (1, 1) and not isinstance(padding, str)
         and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
         and dimension_numbers is not None
