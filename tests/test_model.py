@@ -180,13 +180,18 @@ def test_adaptive_avg_pool_bins():
 
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (2, 0))])
-def test_fast_convs_match_lax_conv_and_its_gradients(padding):
+@pytest.mark.parametrize("row_blocks", [False, True])
+def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkeypatch):
     """The shifted-sum depth-wise conv and the matmul 1x1 conv (fast on XLA:CPU) are the lax
-    convolutions, gradients too."""
+    convolutions, gradients too; the depth-wise kernel gradient both as a loop over taps and as
+    the loop over blocks of rows that large activations take."""
+    from lmdir_jax.models import layers
     from lmdir_jax.models.layers import _conv_general_dilated
 
+    if row_blocks:
+        monkeypatch.setattr(layers, "ROW_BLOCK_MIN_SIZE", 0)
     c = 12
-    x = jax.random.normal(jax.random.key(0), (2, 9, 11, c))
+    x = jax.random.normal(jax.random.key(0), (2, 12 if row_blocks else 9, 11, c))
     k = jax.random.normal(jax.random.key(1), (3, 3, 1, c))
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
 
@@ -199,16 +204,31 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding):
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for a, b in zip(got[1], ref[1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    # A full 3x3 conv (the plain lax path) and a 1x1 conv (a 2-D matmul), with gradients.
-    for shape, pad in [((3, 3, c, 4), padding), ((1, 1, c, 5), ((0, 0), (0, 0)))]:
+    # Full 3x3 convs (the plain lax path; few output channels: output shifts; few input
+    # channels: im2col) and a 1x1 conv (a 2-D matmul), with gradients.
+    for shape, pad in [((3, 3, c, 4), padding), ((3, 3, c, 1), padding), ((3, 3, 3, 5), padding),
+                       ((1, 1, c, 5), ((0, 0), (0, 0)))]:
+        xs = x[..., :shape[2]]
         k2 = jax.random.normal(jax.random.key(2), shape)
-        dn2 = jax.lax.conv_dimension_numbers(x.shape, k2.shape, ("NHWC", "HWIO", "NHWC"))
+        dn2 = jax.lax.conv_dimension_numbers(xs.shape, k2.shape, ("NHWC", "HWIO", "NHWC"))
 
         def loss2(fn, pad=pad, dn2=dn2):
             return lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), pad, dimension_numbers=dn2)))
 
-        ref = jax.value_and_grad(loss2(jax.lax.conv_general_dilated), argnums=(0, 1))(x, k2)
-        got = jax.jit(jax.value_and_grad(loss2(_conv_general_dilated), argnums=(0, 1)))(x, k2)
+        ref = jax.value_and_grad(loss2(jax.lax.conv_general_dilated), argnums=(0, 1))(xs, k2)
+        got = jax.jit(jax.value_and_grad(loss2(_conv_general_dilated), argnums=(0, 1)))(xs, k2)
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4)
         for a, b in zip(got[1], ref[1], strict=True):
             np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_gelu_is_the_exact_gelu():
+    """`layers.gelu` (erf form, fast on XLA:CPU) equals jax.nn.gelu(approximate=False), gradient
+    too."""
+    from lmdir_jax.models.layers import gelu
+
+    x = jnp.linspace(-6.0, 6.0, 1001)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x),
+                               jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x),
+                               atol=1e-5)
