@@ -99,7 +99,10 @@ def test_notebook_executes_tiny(tmp_path):
     assert {("skimage", "noise:25"), ("skimage", "rain"), ("skimage", "haze")} <= tasks
     assert all(row["images"] == 2 for row in summary["eval"])
     assert math.isfinite(summary["eval_average"]["psnr_rgb"])
-    assert summary["torch_max_diff"] is not None and summary["torch_max_diff"] < 1e-3
+    if importlib.util.find_spec("torch") is not None:
+        assert summary["torch_max_diff"] is not None and summary["torch_max_diff"] < 1e-3
+    else:  # without the export extra the notebook skips the PyTorch section instead of failing
+        assert summary["torch_max_diff"] is None
 
     work = tmp_path / "work"
     assert (work / "train" / "config.json").is_file()
