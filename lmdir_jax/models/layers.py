@@ -14,6 +14,7 @@ Conventions (mirrored exactly by the PyTorch export):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -104,20 +105,32 @@ def _shifted_sum(xp: jax.Array, k: jax.Array) -> jax.Array:
     return out
 
 
-@jax.custom_vjp
-def _depthwise_valid(xp: jax.Array, k: jax.Array) -> jax.Array:
-    return _shifted_sum(xp, k)
+def _pad_hw(x: jax.Array, padding) -> jax.Array:
+    """Zero-pad (negative: crop) the H and W axes of NHWC `x` by ((top, bottom), (left, right))."""
+    (pt, pb), (pl, pr) = padding
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
 
-def _depthwise_valid_fwd(xp, k):
-    return _shifted_sum(xp, k), (xp, k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise(x: jax.Array, k: jax.Array, padding) -> jax.Array:
+    """Depth-wise correlation of NHWC `x` with (kh, kw, 1, C) `k` under `padding`, float32."""
+    return _shifted_sum(_pad_hw(x, padding), k)
 
 
-def _depthwise_valid_bwd(res, g):
-    xp, k = res
+def _depthwise_fwd(x, k, padding):
+    return _depthwise(x, k, padding), (x, k)  # the unpadded input: no padded copy is kept
+
+
+def _depthwise_bwd(padding, res, g):
+    x, k = res
     kh, kw = k.shape[:2]
     b, h, w, c = g.shape
-    (dxp,) = jax.vjp(lambda t: _shifted_sum(t, k), xp)[1](g)
+    (pt, pb), (pl, pr) = padding
+    # The input gradient is the correlation of the gradient, padded the other way, with the flipped
+    # kernel: one fused pass straight to x's shape.
+    gp = _pad_hw(g, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    dx = _shifted_sum(gp, k[::-1, ::-1])
+    xp = _pad_hw(x, padding)
     g32 = g.astype(jnp.float32)
     if h % ROW_BLOCK == 0 and g.size >= ROW_BLOCK_MIN_SIZE:
         # Large activations: a loop over blocks of rows, all taps of a block in one pass, so each
@@ -142,10 +155,10 @@ def _depthwise_valid_bwd(res, g):
             return carry, jnp.sum(window.astype(jnp.float32) * g32, axis=(0, 1, 2))
 
         dk = jax.lax.scan(tap, None, offsets)[1]
-    return dxp.astype(xp.dtype), dk.reshape(kh, kw, 1, c).astype(k.dtype)
+    return dx.astype(x.dtype), dk.reshape(kh, kw, 1, c).astype(k.dtype)
 
 
-_depthwise_valid.defvjp(_depthwise_valid_fwd, _depthwise_valid_bwd)
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def _conv_output_shifts(x, k, padding, **mm):
@@ -217,9 +230,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=Non
     if full and rhs.shape[2] <= IM2COL_MAX_CIN:
         return _conv_im2col(lhs, rhs, padding, **mm)
     if depthwise:
-        (pt, pb), (pl, pr) = padding
-        xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        return _depthwise_valid(xp, rhs).astype(out_dtype)
+        pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+        return _depthwise(lhs, rhs, pads).astype(out_dtype)
     if pointwise:
         b, h, w, cin = lhs.shape
         y = jnp.matmul(lhs.reshape(b * h * w, cin), rhs.reshape(cin, rhs.shape[-1]), **mm)
