@@ -98,5 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `lmdir` console script: `main` in a process with huge-page malloc (`runtime`)."""
+    from lmdir_jax.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages(["-m", "lmdir_jax.cli", *sys.argv[1:]])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -74,6 +74,7 @@ def run(args) -> int:
     from lmdir_jax.export.torch_model import LMDIRTorch
     from lmdir_jax.models import build_model
     from lmdir_jax.models.priors import Priors
+    from lmdir_jax.runtime import malloc_note
 
     config = load_config(args.config, list(args.config_overrides))
     with config.unlocked():
@@ -147,7 +148,7 @@ def run(args) -> int:
     where = (f"cuda ({torch.cuda.get_device_name()}, TF32 allowed)" if use_cuda
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"  devices: jax {jax.devices()[0].platform} ({jax.devices()[0].device_kind}) | "
-          f"torch {where}{', torch.compile' if args.compile else ''}")
+          f"torch {where}{', torch.compile' if args.compile else ''} | host memory: {malloc_note()}")
     print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}")
     for name, first, step in (("jax (jit)", jax_compile, jax_s), ("pytorch", torch_first, torch_s)):
         print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}")

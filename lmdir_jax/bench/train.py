@@ -52,6 +52,7 @@ def run(args) -> int:
 
     from lmdir_jax.config import load_config
     from lmdir_jax.errors import UsageError
+    from lmdir_jax.runtime import malloc_note
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
     from lmdir_jax.train import step as step_lib
@@ -103,7 +104,7 @@ def run(args) -> int:
     print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {config.model.dtype}  "
           f"params {state_lib.param_count(state):,}")
     print(f"devices: {mesh.size} x {dev.device_kind}  mesh data={mesh.shape['data']} "
-          f"fsdp={mesh.shape['fsdp']}")
+          f"fsdp={mesh.shape['fsdp']}  host memory: {malloc_note()}")
     print(f"init {t_init:.1f} s, compile {t_compile:.1f} s")
     print(f"step time: {step_s * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
           f"max {max(times) * 1e3:.1f})")

@@ -53,8 +53,8 @@ class ChannelAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
-        qkv = self.qkv_dw(self.qkv(x)).reshape(b, h * w, 3, self.heads, c // self.heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, HW, heads, C/heads)
+        q, k, v = (t.reshape(b, h * w, self.heads, c // self.heads)  # (B, HW, heads, C/heads)
+                   for t in jnp.split(self.qkv_dw(self.qkv(x)), 3, axis=-1))
         gram = jnp.einsum("bnhc,bnhd->bhcd", q, k, preferred_element_type=jnp.float32)
         norms = _pixel_norms(q)[..., :, None] * _pixel_norms(k)[..., None, :]
         logits = gram / norms * self.temperature[...][None, :, None, None]

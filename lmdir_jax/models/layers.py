@@ -113,8 +113,13 @@ def _pad_hw(x: jax.Array, padding) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _depthwise(x: jax.Array, k: jax.Array, padding) -> jax.Array:
-    """Depth-wise correlation of NHWC `x` with (kh, kw, 1, C) `k` under `padding`, float32."""
-    return _shifted_sum(_pad_hw(x, padding), k)
+    """Depth-wise correlation of NHWC `x` with (kh, kw, 1, C) `k` under `padding`, float32.
+
+    The result is materialised (an optimization barrier): otherwise XLA:CPU fuses the nine shifted
+    products into each consumer and computes them up to three times (gelu(a), a's gate and the
+    gradient in GDFN), 4% slower for a level-1 block.
+    """
+    return jax.lax.optimization_barrier(_shifted_sum(_pad_hw(x, padding), k))
 
 
 def _depthwise_fwd(x, k, padding):
