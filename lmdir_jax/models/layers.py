@@ -275,6 +275,30 @@ def conv(
     )
 
 
+def conv_parts(layer: nnx.Conv, xs: list[jax.Array]) -> list[jax.Array]:
+    """`layer` (a bias-free 1x1 conv, or a depth-wise conv) applied in len(xs)-way channel groups.
+
+    A 1x1 conv maps x (one input) to len(xs) equal output groups; a depth-wise conv maps input
+    group i to output group i. Equal to splitting `layer(x)` along channels, but each group is its
+    own matmul or depth-wise conv, so the gradient never concatenates full-size groups.
+    """
+    if layer.bias is not None:
+        raise ValueError("conv_parts needs a conv without bias")
+    kernel = layer.kernel[...]
+    n = len(xs)
+    cout = kernel.shape[-1] // n
+    dn = jax.lax.conv_dimension_numbers(xs[0].shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    pads = layer.padding
+    outs = []
+    for i in range(n):
+        k = kernel[..., i * cout:(i + 1) * cout].astype(layer.dtype)
+        x = xs[0] if layer.feature_group_count == 1 else xs[i]
+        groups = 1 if layer.feature_group_count == 1 else cout
+        outs.append(_conv_general_dilated(x.astype(layer.dtype), k, (1, 1), pads,
+                                          dimension_numbers=dn, feature_group_count=groups))
+    return outs
+
+
 def linear(
     din: int,
     dout: int,
