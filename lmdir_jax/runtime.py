@@ -1,11 +1,11 @@
 """Host-memory setting for XLA on Linux CPUs: back large allocations with transparent huge pages.
 
-XLA:CPU allocates a fresh temporary buffer (gigabytes at paper size) for every execution of a
-compiled step, and glibc serves it with a new `mmap` each time, so every step page-faults all of it
-in again 4 KiB at a time: 0.79 M minor faults and 3.9 s of kernel time per paper training step on
-the 2-core dev box, which made JAX 1.7x slower per core than PyTorch there (docs/benchmarks.md).
-glibc >= 2.35 can ask for transparent huge pages on those mappings (`glibc.malloc.hugetlb=1`): the
-faults drop 400x. glibc reads the setting only at process start, so the `lmdir` command re-executes
+XLA:CPU allocates its temporary buffers (gigabytes at paper size) afresh for every execution of a
+compiled step, and glibc serves allocations that large with a new `mmap` each time, so every step
+page-faults all of it in again 4 KiB at a time: 0.79 M minor faults and 3.9 s of kernel time per
+paper training step on the 2-core dev box (docs/benchmarks.md). glibc >= 2.35 can ask for
+transparent huge pages on those mappings (`glibc.malloc.hugetlb=1`): the faults drop 400x and the
+step took 4.35 s instead of 5.9-10 s. glibc reads the setting only at process start, so the `lmdir` command re-executes
 itself once with it set; `LMDIR_HUGEPAGES=0` turns that off. A notebook kernel has to be started
 with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment (Colab and Kaggle use tcmalloc,
 which does not need it).
