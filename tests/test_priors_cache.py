@@ -129,3 +129,18 @@ def test_references_from_stable_diffusion(images, clip, tmp_path):
         assert r["has_reference"] is True and r["reference"].shape == (8, 8, 3)
         assert 0.0 <= r["reference"].min() and r["reference"].max() <= 1.0
     assert not np.array_equal(refs[0]["reference"], refs[1]["reference"])  # per-image seeds
+
+
+def test_get_from_many_threads_gives_the_serial_results(images, clip, tmp_path):
+    """The training loader reads the cache from several threads at once (prefetch + grain)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _build(images, clip, tmp_path / "c")
+    cache = PriorCache(tmp_path / "c")
+    keys = cache.keys() * 40
+    serial = {k: cache.get(k)["scene_states"] for k in cache.keys()}
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda k: (k, cache.get(k)["scene_states"]), keys))
+    assert len(got) == len(keys)
+    for k, states in got:
+        np.testing.assert_array_equal(states, serial[k])

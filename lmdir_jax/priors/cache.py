@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -38,6 +39,7 @@ INDEX = "index.jsonl"
 ITEMS = "items"
 REFERENCES = "references"
 VERSION = 1
+_NPZ_LOCK = threading.Lock()  # see PriorCache.get
 # Settings that must match when a build resumes into an existing cache.
 _RESUME_KEYS = (
     "version", "clip", "sd", "captions_sha1", "max_text_len", "text_dim", "ref_size", "seed",
@@ -144,7 +146,10 @@ class PriorCache:
         if entry is None:
             self.missing += 1
             return None
-        with np.load(self.path / ITEMS / entry["file"]) as z:
+        # One reader at a time: np.load parses .npy headers with ast.literal_eval, and CPython 3.11
+        # can fail with "SystemError: AST constructor recursion depth mismatch" when two threads
+        # (the loader's prefetch and grain's reader) parse at once (seen in a quick-start run).
+        with _NPZ_LOCK, np.load(self.path / ITEMS / entry["file"]) as z:
             n_states = z["scene_states"].astype(np.float32)
             mask = z["scene_mask"].astype(bool)
             has_ref = bool(z["has_reference"])
