@@ -5,8 +5,8 @@ compiled step, and glibc serves allocations that large with a new `mmap` each ti
 page-faults all of it in again 4 KiB at a time: 0.79 M minor faults and 3.9 s of kernel time per
 paper training step on the 2-core dev box (docs/benchmarks.md). glibc >= 2.35 can ask for
 transparent huge pages on those mappings (`glibc.malloc.hugetlb=1`): the faults drop 400x and the
-step took 4.35 s instead of 5.9-10 s. glibc reads the setting only at process start, so the `lmdir` command re-executes
-itself once with it set; `LMDIR_HUGEPAGES=0` turns that off. A notebook kernel has to be started
+step took 4.35 s instead of 5.9-10 s. glibc reads the setting only at process start, so the `lmdir`
+command re-executes itself once with it set; `LMDIR_HUGEPAGES=0` turns that off. A notebook kernel has to be started
 with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment (Colab and Kaggle use tcmalloc,
 which does not need it).
 """

@@ -147,8 +147,8 @@ class PriorCache:
             self.missing += 1
             return None
         # One reader at a time: np.load parses .npy headers with ast.literal_eval, and CPython 3.11
-        # can fail with "SystemError: AST constructor recursion depth mismatch" when two threads
-        # (the loader's prefetch and grain's reader) parse at once (seen in a quick-start run).
+        # can fail with "SystemError: AST constructor recursion depth mismatch" when two loader
+        # threads parse at once (seen in a quick-start run).
         with _NPZ_LOCK, np.load(self.path / ITEMS / entry["file"]) as z:
             n_states = z["scene_states"].astype(np.float32)
             mask = z["scene_mask"].astype(bool)
