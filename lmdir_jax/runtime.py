@@ -1,4 +1,4 @@
-"""Host-memory setting for XLA on Linux CPUs: back large allocations with transparent huge pages.
+"""Host facts for CPU runs: huge-page malloc for XLA on Linux, and CPU time stolen by a hypervisor.
 
 XLA:CPU allocates its temporary buffers (gigabytes at paper size) afresh for every execution of a
 compiled step, and glibc serves allocations that large with a new `mmap` each time, so every step
@@ -9,6 +9,10 @@ step took 4.35 s instead of 5.9-10 s. glibc reads the setting only at process st
 command re-executes itself once with it set; `LMDIR_HUGEPAGES=0` turns that off. A notebook kernel has to be started
 with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment (Colab and Kaggle use tcmalloc,
 which does not need it).
+
+On a virtual machine the hypervisor can take CPU time away from this machine ("steal"); the 2-core
+dev box lost 5-20% of it while benchmarks ran, and step times drifted by as much. `cpu_times` and
+`steal_share` let the benchmarks print how much was stolen while they timed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "LMDIR_HUGEPAGES"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+PROC_STAT = "/proc/stat"
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -84,3 +89,29 @@ def malloc_note() -> str:
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return "tcmalloc"
     return "default malloc"
+
+
+def cpu_times(path: str = PROC_STAT) -> tuple[int, int] | None:
+    """(all, stolen) CPU time of the machine so far, in clock ticks, or None where unknown (not Linux).
+
+    From the first ("cpu") line of /proc/stat: user nice system idle iowait irq softirq steal ...;
+    guest time is already counted in user time, so only the first eight fields are summed.
+    """
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+        if not fields or fields[0] != "cpu":
+            return None
+        ticks = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 8:
+        return None
+    return sum(ticks), ticks[7]
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the machine's CPU time stolen between two `cpu_times` readings (0..1), or None."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])

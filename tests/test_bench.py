@@ -27,7 +27,7 @@ def test_bench_train_rejects_zero_steps(capsys):
 def test_compare_torch_times_both_and_prints_the_ratio(capsys):
     pytest.importorskip("torch")
     code = main(["bench", "compare-torch", "--config", "tiny", "--size", "16", "--steps", "2",
-                 "--warmup", "0", "--torch-device", "cpu"])
+                 "--warmup", "0", "--rounds", "2", "--torch-device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
     rows = dict(re.findall(r"^\s+(jax \(jit\)|pytorch)\s+[\d.]+\s+([\d.]+)", out, re.M))
@@ -36,6 +36,13 @@ def test_compare_torch_times_both_and_prints_the_ratio(capsys):
     assert ratio and float(ratio.group(1)) == pytest.approx(
         float(rows["pytorch"]) / float(rows["jax (jit)"]), rel=0.05)
     assert "torch cpu" in out
+    per_round = re.search(r"ratio per round \(2 rounds of 2 steps each\): ([\d.]+)x ([\d.]+)x", out)
+    assert per_round and all(float(r) > 0 for r in per_round.groups())
+
+
+def test_compare_torch_rejects_zero_rounds(capsys):
+    assert main(["bench", "compare-torch", "--config", "tiny", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
 
 
 def test_compare_torch_without_cuda_rejects_torch_device_cuda(capsys):

@@ -68,3 +68,28 @@ def test_console_script_reexecs_once_and_runs_main():
     r = subprocess.run([sys.executable, "-m", "lmdir_jax.cli", "bench", "train", "--steps", "0",
                         "--config", "tiny"], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_times_reads_all_and_stolen_ticks(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 5 50 800 10 1 2 32 7 0\ncpu0 50 2 25 400 5 0 1 16 3 0\n")
+    assert runtime.cpu_times(str(stat)) == (1000, 32)  # guest time is inside user time already
+    stat.write_text("intr 1 2 3\n")
+    assert runtime.cpu_times(str(stat)) is None
+    assert runtime.cpu_times(str(tmp_path / "missing")) is None
+
+
+def test_steal_share_is_the_stolen_fraction_between_readings():
+    assert runtime.steal_share((1000, 32), (1400, 132)) == pytest.approx(0.25)
+    assert runtime.steal_share((1000, 32), (1000, 32)) is None  # no time passed
+    assert runtime.steal_share(None, (1400, 132)) is None
+
+
+def test_cpu_times_on_this_machine_counts_up():
+    first = runtime.cpu_times()
+    if first is None:
+        pytest.skip("no /proc/stat here")
+    sum(i * i for i in range(200_000))
+    second = runtime.cpu_times()
+    assert second[0] >= first[0] and second[1] >= first[1] and 0 <= second[1] <= second[0]

@@ -5,7 +5,10 @@ same random batch with all priors present, in one process on this machine, float
 CUDA device when it has one, like JAX; `--torch-device cpu` to force the CPU). The loss is the
 L1 distance to a random target; a step is loss + gradients with respect to all parameters. Times are
 medians over --steps timed steps after --warmup untimed ones, JAX's first and then PyTorch's (JAX
-compile time is reported apart).
+compile time is reported apart). With --rounds R the two blocks of --steps steps take turns R
+times, a pause between blocks, so that a machine whose speed drifts slows both alike; the ratio is
+then also given per round. On Linux the share of CPU time the hypervisor stole while each
+framework was timed is printed too (`lmdir_jax.runtime.cpu_times`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def register(bsub) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="blocks of --steps steps per framework, taken in turn (default 1)")
     p.add_argument("--compile", action="store_true", help="wrap the PyTorch model in torch.compile")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (default 0: torch's own default)")
@@ -37,25 +42,56 @@ def register(bsub) -> None:
     p.set_defaults(func=run)
 
 
-def _median_seconds(fn, steps: int, warmup: int, label: str) -> float:
-    """Median seconds of `fn` over `steps` calls after `warmup` untimed ones."""
-    import numpy as np
-    from tqdm import tqdm
+PAUSE_S = 1.0  # between blocks: lets the other framework's worker threads stop spinning
+MIN_TICKS = 200  # CPU ticks (all CPUs) a framework's timed blocks must span for a stolen share
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in tqdm(range(steps), desc=label, leave=False):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+
+class _Timer:
+    """Step times of one framework over its timed blocks, and the CPU time stolen meanwhile."""
+
+    def __init__(self, fn, label: str):
+        self.fn, self.label = fn, label
+        self.blocks: list[list[float]] = []
+        self.ticks = [0, 0]  # all, stolen
+
+    def block(self, steps: int) -> None:
+        """Time `steps` calls of the step function as one block."""
+        from tqdm import tqdm
+
+        from lmdir_jax.runtime import cpu_times
+
+        before = cpu_times()
+        times = []
+        for _ in tqdm(range(steps), desc=self.label, leave=False):
+            t0 = time.perf_counter()
+            self.fn()
+            times.append(time.perf_counter() - t0)
+        after = cpu_times()
+        self.blocks.append(times)
+        if before is not None and after is not None:
+            self.ticks = [self.ticks[0] + after[0] - before[0], self.ticks[1] + after[1] - before[1]]
+
+    def median(self, block: int | None = None) -> float:
+        """Median step seconds over all blocks, or over one."""
+        import numpy as np
+
+        times = self.blocks[block] if block is not None else sum(self.blocks, [])
+        return float(np.median(times))
+
+    def steal(self) -> str:
+        """The stolen share of CPU time while this framework was timed, as text ('' if unknown)."""
+        from lmdir_jax.runtime import steal_share
+
+        if self.ticks[0] < MIN_TICKS:
+            return ""  # too short to say: /proc/stat counts in ticks of (usually) 10 ms
+        share = steal_share((0, 0), tuple(self.ticks))
+        return "" if share is None else f"{100 * share:.0f}%"
 
 
 def run(args) -> int:
     """Handler: build both models, time them, print one table with the ratio."""
-    if args.size < 8 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        raise UsageError("need --size >= 8, --batch >= 1, --steps >= 1, --warmup >= 0")
+    if args.size < 8 or args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise UsageError("need --size >= 8, --batch >= 1, --steps >= 1, --warmup >= 0, --rounds >= 1")
     try:
         import torch
     except ImportError:
@@ -116,10 +152,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     jax.block_until_ready(jax_step(params, lq_j, gt_j, priors))
     jax_compile = time.perf_counter() - t0
-    # Each framework is timed alone, JAX first: PyTorch's OpenMP threads keep spinning after a
-    # step, and JAX steps taken in turn with PyTorch's ran up to 1.8x slower on a 2-core CPU.
-    jax_s = _median_seconds(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)),
-                            args.steps, args.warmup, "jax")
+    jax_timer = _Timer(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)), "jax")
+    for _ in range(args.warmup):
+        jax_timer.fn()
+    # Each framework is timed in blocks, JAX first, with a pause between: PyTorch's OpenMP threads
+    # keep spinning after a step, and JAX steps taken in turn with PyTorch's, step by step, ran up
+    # to 1.8x slower on a 2-core CPU.
+    jax_timer.block(args.steps)
 
     # PyTorch: the mirror with the same parameters.
     tm = LMDIRTorch(model_config_dict(config.model))
@@ -138,10 +177,19 @@ def run(args) -> int:
             torch.cuda.synchronize()
         return loss
 
+    time.sleep(PAUSE_S)
     t0 = time.perf_counter()
     torch_step()
     torch_first = time.perf_counter() - t0
-    torch_s = _median_seconds(torch_step, args.steps, args.warmup, "torch")
+    torch_timer = _Timer(torch_step, "torch")
+    for _ in range(args.warmup):
+        torch_step()
+    torch_timer.block(args.steps)
+    for _ in range(args.rounds - 1):
+        for timer in (jax_timer, torch_timer):
+            time.sleep(PAUSE_S)
+            timer.block(args.steps)
+    jax_s, torch_s = jax_timer.median(), torch_timer.median()
 
     print(f"compare-torch  config={config.get('name', args.config)}  params={n_params:,}  "
           f"batch={args.batch}  size={args.size}x{args.size}  float32  all priors on")
@@ -149,9 +197,17 @@ def run(args) -> int:
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"  devices: jax {jax.devices()[0].platform} ({jax.devices()[0].device_kind}) | "
           f"torch {where}{', torch.compile' if args.compile else ''} | host memory: {malloc_note()}")
-    print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}")
-    for name, first, step in (("jax (jit)", jax_compile, jax_s), ("pytorch", torch_first, torch_s)):
-        print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}")
+    steal = jax_timer.steal() != "" and torch_timer.steal() != ""
+    print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}"
+          + (f" {'cpu stolen':>11}" if steal else ""))
+    for name, first, step, timer in (("jax (jit)", jax_compile, jax_s, jax_timer),
+                                     ("pytorch", torch_first, torch_s, torch_timer)):
+        print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}"
+              + (f" {timer.steal():>11}" if steal else ""))
+    if args.rounds > 1:
+        ratios = [torch_timer.median(r) / jax_timer.median(r) for r in range(args.rounds)]
+        print(f"  ratio per round ({args.rounds} rounds of {args.steps} steps each): "
+              + " ".join(f"{r:.2f}x" for r in ratios))
     print(f"  ratio pytorch/jax step time: {torch_s / jax_s:.2f}x "
           f"({'JAX faster' if jax_s < torch_s else 'PyTorch faster'})")
     return 0
