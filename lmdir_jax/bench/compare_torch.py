@@ -7,7 +7,7 @@ L1 distance to a random target; a step is loss + gradients with respect to all p
 medians over --steps timed steps after --warmup untimed ones, JAX's first and then PyTorch's (JAX
 compile time is reported apart). With --rounds R the two blocks of --steps steps take turns R
 times, a pause between blocks, so that a machine whose speed drifts slows both alike; the ratio is
-then also given per round. On Linux the share of CPU time the hypervisor stole while each
+then given per round, and its median over the rounds is the headline. On Linux the share of CPU time the hypervisor stole while each
 framework was timed is printed too (`lmdir_jax.runtime.cpu_times`).
 """
 
@@ -204,10 +204,12 @@ def run(args) -> int:
                                      ("pytorch", torch_first, torch_s, torch_timer)):
         print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}"
               + (f" {timer.steal():>11}" if steal else ""))
+    ratio, how = torch_s / jax_s, "step time"
     if args.rounds > 1:
         ratios = [torch_timer.median(r) / jax_timer.median(r) for r in range(args.rounds)]
         print(f"  ratio per round ({args.rounds} rounds of {args.steps} steps each): "
               + " ".join(f"{r:.2f}x" for r in ratios))
-    print(f"  ratio pytorch/jax step time: {torch_s / jax_s:.2f}x "
-          f"({'JAX faster' if jax_s < torch_s else 'PyTorch faster'})")
+        ratio, how = float(np.median(ratios)), "step time, median over rounds"
+    print(f"  ratio pytorch/jax {how}: {ratio:.2f}x "
+          f"({'JAX faster' if ratio > 1 else 'PyTorch faster'})")
     return 0
