@@ -24,6 +24,7 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "LMDIR_HUGEPAGES"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 PROC_STAT = "/proc/stat"
+MIN_TICKS = 200  # CPU ticks (all CPUs together) below which benchmarks print no stolen share
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -110,8 +111,19 @@ def cpu_times(path: str = PROC_STAT) -> tuple[int, int] | None:
     return sum(ticks), ticks[7]
 
 
-def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """Share of the machine's CPU time stolen between two `cpu_times` readings (0..1), or None."""
-    if before is None or after is None or after[0] <= before[0]:
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None,
+                min_ticks: int = 1) -> float | None:
+    """Share of the machine's CPU time stolen between two `cpu_times` readings (0..1).
+
+    None when either reading is missing or fewer than `min_ticks` ticks passed: /proc/stat counts
+    in ticks of (usually) 10 ms per CPU, too coarse for a share of a short interval.
+    """
+    if before is None or after is None or after[0] - before[0] < max(1, min_ticks):
         return None
     return (after[1] - before[1]) / (after[0] - before[0])
+
+
+def steal_note(before: tuple[int, int] | None, after: tuple[int, int] | None) -> str:
+    """The stolen share between two readings as text for benchmark output ('' where unknown)."""
+    share = steal_share(before, after, MIN_TICKS)
+    return "" if share is None else f"{100 * share:.0f}%"

@@ -84,6 +84,9 @@ def test_steal_share_is_the_stolen_fraction_between_readings():
     assert runtime.steal_share((1000, 32), (1400, 132)) == pytest.approx(0.25)
     assert runtime.steal_share((1000, 32), (1000, 32)) is None  # no time passed
     assert runtime.steal_share(None, (1400, 132)) is None
+    assert runtime.steal_share((1000, 32), (1100, 42), min_ticks=200) is None  # too short to say
+    assert runtime.steal_note((1000, 32), (1400, 132)) == "25%"
+    assert runtime.steal_note((1000, 32), (1100, 42)) == ""
 
 
 def test_cpu_times_on_this_machine_counts_up():

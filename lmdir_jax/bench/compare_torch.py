@@ -43,7 +43,6 @@ def register(bsub) -> None:
 
 
 PAUSE_S = 1.0  # between blocks: lets the other framework's worker threads stop spinning
-MIN_TICKS = 200  # CPU ticks (all CPUs) a framework's timed blocks must span for a stolen share
 
 
 class _Timer:
@@ -80,12 +79,9 @@ class _Timer:
 
     def steal(self) -> str:
         """The stolen share of CPU time while this framework was timed, as text ('' if unknown)."""
-        from lmdir_jax.runtime import steal_share
+        from lmdir_jax.runtime import steal_note
 
-        if self.ticks[0] < MIN_TICKS:
-            return ""  # too short to say: /proc/stat counts in ticks of (usually) 10 ms
-        share = steal_share((0, 0), tuple(self.ticks))
-        return "" if share is None else f"{100 * share:.0f}%"
+        return steal_note((0, 0), (self.ticks[0], self.ticks[1]))
 
 
 def run(args) -> int:

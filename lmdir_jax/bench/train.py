@@ -52,7 +52,7 @@ def run(args) -> int:
 
     from lmdir_jax.config import load_config
     from lmdir_jax.errors import UsageError
-    from lmdir_jax.runtime import malloc_note
+    from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
     from lmdir_jax.train import step as step_lib
@@ -91,11 +91,13 @@ def run(args) -> int:
         state, m = compiled(state, batch, None)
     jax.block_until_ready(state)
     times = []
+    ticks = cpu_times()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         state, m = compiled(state, batch, None)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
+    stolen = steal_note(ticks, cpu_times())
     step_s = statistics.median(times)
     dev = jax.devices()[0]
     peak = args.peak_tflops if args.peak_tflops is not None else known_peak(dev.device_kind)
@@ -107,7 +109,8 @@ def run(args) -> int:
           f"fsdp={mesh.shape['fsdp']}  host memory: {malloc_note()}")
     print(f"init {t_init:.1f} s, compile {t_compile:.1f} s")
     print(f"step time: {step_s * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
-          f"max {max(times) * 1e3:.1f})")
+          f"max {max(times) * 1e3:.1f})"
+          + (f"; cpu stolen by the hypervisor meanwhile: {stolen}" if stolen else ""))
     print(f"images/s: {b / step_s:.1f}")
     print(f"FLOPs/step: {total_flops / 1e9:.2f} GFLOP ({total_flops / step_s / 1e12:.3f} TFLOP/s achieved)")
     if peak:
