@@ -11,7 +11,7 @@ with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment (Colab and Kaggl
 which does not need it).
 
 On a virtual machine the hypervisor can take CPU time away from this machine ("steal"); the 2-core
-dev box lost 5-20% of it while benchmarks ran, and step times drifted by as much. `cpu_times` and
+dev box lost 5-35% of it while benchmarks ran, and step times drifted by as much. `cpu_times` and
 `steal_share` let the benchmarks print how much was stolen while they timed.
 """
 

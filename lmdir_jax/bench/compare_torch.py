@@ -7,8 +7,8 @@ L1 distance to a random target; a step is loss + gradients with respect to all p
 medians over --steps timed steps after --warmup untimed ones, JAX's first and then PyTorch's (JAX
 compile time is reported apart). With --rounds R the two blocks of --steps steps take turns R
 times, a pause between blocks, so that a machine whose speed drifts slows both alike; the ratio is
-then given per round, and its median over the rounds is the headline. On Linux the share of CPU time the hypervisor stole while each
-framework was timed is printed too (`lmdir_jax.runtime.cpu_times`).
+then given per round, and its median over the rounds is the headline. On Linux the share of CPU
+time the hypervisor stole while each framework was timed is printed too (`lmdir_jax.runtime`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def register(bsub) -> None:
     p.set_defaults(func=run)
 
 
-PAUSE_S = 1.0  # between blocks: lets the other framework's worker threads stop spinning
+PAUSE_S = 1.0  # between blocks, so that one framework's last step does not run into the other's
 
 
 class _Timer:
@@ -151,9 +151,8 @@ def run(args) -> int:
     jax_timer = _Timer(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)), "jax")
     for _ in range(args.warmup):
         jax_timer.fn()
-    # Each framework is timed in blocks, JAX first, with a pause between: PyTorch's OpenMP threads
-    # keep spinning after a step, and JAX steps taken in turn with PyTorch's, step by step, ran up
-    # to 1.8x slower on a 2-core CPU.
+    # Each framework is timed in blocks of steps, JAX first, with a pause between: JAX steps taken
+    # in turn with PyTorch's one by one ran up to 1.8x slower on a 2-core CPU (docs/benchmarks.md).
     jax_timer.block(args.steps)
 
     # PyTorch: the mirror with the same parameters.
@@ -193,13 +192,14 @@ def run(args) -> int:
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"  devices: jax {jax.devices()[0].platform} ({jax.devices()[0].device_kind}) | "
           f"torch {where}{', torch.compile' if args.compile else ''} | host memory: {malloc_note()}")
-    steal = jax_timer.steal() != "" and torch_timer.steal() != ""
+    stolen = (jax_timer.steal(), torch_timer.steal())
+    steal = all(stolen)
     print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}"
           + (f" {'cpu stolen':>11}" if steal else ""))
-    for name, first, step, timer in (("jax (jit)", jax_compile, jax_s, jax_timer),
-                                     ("pytorch", torch_first, torch_s, torch_timer)):
+    for name, first, step, share in (("jax (jit)", jax_compile, jax_s, stolen[0]),
+                                     ("pytorch", torch_first, torch_s, stolen[1])):
         print(f"  {name:<10} {first:>13.2f} {step:>16.4f} {args.batch / step:>9.2f}"
-              + (f" {timer.steal():>11}" if steal else ""))
+              + (f" {share:>11}" if steal else ""))
     ratio, how = torch_s / jax_s, "step time"
     if args.rounds > 1:
         ratios = [torch_timer.median(r) / jax_timer.median(r) for r in range(args.rounds)]
