@@ -1,4 +1,4 @@
-"""`lmdir bench train` and `lmdir bench compare-torch` run the real step and report what they time."""
+"""`lmdir bench train`, `compare-torch` and `restore` run the real thing and report what they time."""
 
 import re
 
@@ -52,3 +52,23 @@ def test_compare_torch_without_cuda_rejects_torch_device_cuda(capsys):
     code = main(["bench", "compare-torch", "--config", "tiny", "--torch-device", "cuda"])
     assert code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_restore_tiles_a_larger_image_and_reports_time_and_memory(capsys):
+    code = main(["bench", "restore", "--config", "tiny", "--size", "96x80", "--tile", "64",
+                 "--tile-overlap", "16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    tiles = re.search(r"image 96x80  tile 64 overlap 16 batch 1  tiles (\d+)", out)
+    assert tiles and int(tiles.group(1)) >= 4  # 2 x 2 at least: the image is larger than a tile
+    steady = re.search(r"steady tile batch ([\d.]+) s", out)
+    assert steady and float(steady.group(1)) > 0
+    rss = re.search(r"peak RSS ([\d.]+) GiB", out)
+    assert rss and float(rss.group(1)) > 0
+
+
+@pytest.mark.parametrize("size", ["4k", "4x4", "100x"])
+def test_bench_restore_rejects_a_bad_size(capsys, size):
+    assert main(["bench", "restore", "--config", "tiny", "--size", size]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--size" in err[0]

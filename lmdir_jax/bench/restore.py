@@ -46,6 +46,7 @@ def run(args) -> int:
     from lmdir_jax.config import load_config
     from lmdir_jax.inference import restore_image, tile_starts
     from lmdir_jax.models import Priors, build_model
+    from lmdir_jax.runtime import cpu_times, steal_note
 
     w, h = _parse_size(args.size)
     config = load_config(args.config, args.config_overrides)
@@ -65,10 +66,12 @@ def run(args) -> int:
         * len(tile_starts(max(w, tile), tile, args.tile_overlap))
     )
     rss_before = _peak_rss_gib()
+    ticks = cpu_times()
     t0 = time.perf_counter()
     out = restore_image(model, img, priors, tile=tile, overlap=args.tile_overlap,
                         batch_size=args.tile_batch, progress=True)
     t_total = time.perf_counter() - t0
+    stolen = steal_note(ticks, cpu_times())
     assert out.shape == img.shape
     # steady state: one more tile batch through the compiled function
     from lmdir_jax.inference import _forward
@@ -83,6 +86,7 @@ def run(args) -> int:
           f"batch {args.tile_batch}  tiles {n_tiles}  device {jax.devices()[0].platform}")
     print(f"model build {t_build:.1f} s  restore (incl. compile) {t_total:.1f} s  "
           f"steady tile batch {t_batch:.3f} s  ({args.tile_batch / t_batch:.2f} tiles/s, "
-          f"{args.tile_batch * (tile or h) * (tile or w) / t_batch / 1e6:.2f} Mpix/s)")
+          f"{args.tile_batch * (tile or h) * (tile or w) / t_batch / 1e6:.2f} Mpix/s)"
+          + (f"  cpu stolen during the restore {stolen}" if stolen else ""))
     print(f"peak RSS {_peak_rss_gib():.2f} GiB (before restore {rss_before:.2f} GiB)")
     return 0
