@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The `lmdir` console script: `main` in a process with huge-page malloc (`runtime`)."""
-    from lmdir_jax.runtime import reexec_with_hugepages
+    """The `lmdir` console script: `main` in a process with a faster malloc (`runtime`)."""
+    from lmdir_jax.runtime import reexec_with_fast_malloc
 
-    reexec_with_hugepages(["-m", "lmdir_jax.cli", *sys.argv[1:]])
+    reexec_with_fast_malloc(["-m", "lmdir_jax.cli", *sys.argv[1:]])
     sys.exit(main())
 
 

@@ -1,14 +1,16 @@
-"""Host facts for CPU runs: huge-page malloc for XLA on Linux, and CPU time stolen by a hypervisor.
+"""Host facts for CPU runs: a malloc that keeps XLA's buffers, and CPU time stolen by a hypervisor.
 
-XLA:CPU allocates its temporary buffers (gigabytes at paper size) afresh for every execution of a
-compiled step, and glibc serves allocations that large with a new `mmap` each time, so every step
-page-faults all of it in again 4 KiB at a time: 0.79 M minor faults and 3.9 s of kernel time per
-paper training step on the 2-core dev box (docs/benchmarks.md). glibc >= 2.35 can ask for
-transparent huge pages on those mappings (`glibc.malloc.hugetlb=1`): the faults drop 400x and the
-step took 4.35 s instead of 5.9-10 s. glibc reads the setting only at process start, so the `lmdir`
-command re-executes itself once with it set; `LMDIR_HUGEPAGES=0` turns that off. A notebook kernel has to be started
-with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment (Colab and Kaggle use tcmalloc,
-which does not need it).
+XLA:CPU allocates its temporary buffers (118 MB per quick-start step, 3 GB per paper step) afresh
+for every execution of a compiled step. glibc serves allocations that large with a new `mmap` each
+time and unmaps them after, so every step page-faults all of it in again and the kernel zeroes
+every page: 0.79 M minor faults and 3.9 s of kernel time per paper training step on the 2-core dev
+box (docs/benchmarks.md). tcmalloc keeps freed memory for reuse: with it the paper step spent 0.1 s
+in the kernel instead of 0.5 s (huge pages) or 3.9 s (plain glibc), and the quick-start step took
+131 ms instead of 155 ms. So the `lmdir` command re-executes itself once with tcmalloc preloaded
+where the system has it (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), else with glibc's
+transparent huge pages (`glibc.malloc.hugetlb=1`, glibc >= 2.35: 400x fewer faults, but every
+page is still zeroed). `LMDIR_MALLOC=0` turns both off. A notebook kernel has to be started with
+the same environment (`malloc_env` says which); Colab and Kaggle preload tcmalloc already.
 
 On a virtual machine the hypervisor can take CPU time away from this machine ("steal"); the 2-core
 dev box lost 5-35% of it while benchmarks ran, and step times drifted by as much. `cpu_times` and
@@ -21,7 +23,11 @@ import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "LMDIR_HUGEPAGES"
+OPT_OUT = "LMDIR_MALLOC"
+TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")  # ctypes.util.find_library names, best first
+# tcmalloc prints a line for every allocation above this (1 GiB by default); a paper step makes
+# several of 3 GB on purpose.
+TCMALLOC_REPORT = ("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 PROC_STAT = "/proc/stat"
 MIN_TICKS = 200  # CPU ticks (all CPUs together) below which benchmarks print no stolen share
@@ -48,33 +54,60 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
-def hugepage_env(environ: dict[str, str], glibc: tuple[int, int] | None,
-                 thp: str | None) -> dict[str, str] | None:
-    """The environment to re-execute with, or None when nothing would change or help.
+def find_tcmalloc() -> str | None:
+    """The file name of the system's tcmalloc library (for LD_PRELOAD), or None if it has none."""
+    import ctypes.util
 
-    None when the user opted out (`LMDIR_HUGEPAGES=0`), the tunable is already set, glibc is
-    missing or older than 2.35, or the kernel's THP mode is not 'madvise' ('always' needs nothing,
-    'never' gives nothing).
+    for name in TCMALLOC_NAMES:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def _preloaded_allocator(environ: dict[str, str]) -> str | None:
+    preload = environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if name in preload:
+            return name
+    return None
+
+
+def malloc_env(environ: dict[str, str], glibc: tuple[int, int] | None, thp: str | None,
+               tcmalloc: str | None) -> dict[str, str] | None:
+    """The environment to re-execute with for a faster host malloc, or None to run as is.
+
+    tcmalloc (`tcmalloc`: the library to preload) where there is one; else glibc's huge pages when
+    glibc >= 2.35 and the kernel's THP mode is 'madvise' ('always' needs nothing, 'never' gives
+    nothing). None when the user opted out (`LMDIR_MALLOC=0`), already preloads an allocator, has
+    set glibc's huge-page tunable themselves, or nothing here would help.
     """
-    if environ.get(OPT_OUT, "1") == "0" or glibc is None or glibc < (2, 35) or thp != "madvise":
+    if environ.get(OPT_OUT, "1") == "0" or _preloaded_allocator(environ):
+        return None
+    env = dict(environ)
+    if tcmalloc:
+        preload = environ.get("LD_PRELOAD", "")
+        env["LD_PRELOAD"] = f"{tcmalloc}:{preload}" if preload else tcmalloc
+        env.setdefault(*TCMALLOC_REPORT)
+        return env
+    if glibc is None or glibc < (2, 35) or thp != "madvise":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:
         return None
-    env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
     return env
 
 
-def reexec_with_hugepages(python_args: list[str]) -> None:
-    """Replace this process by `python python_args...` with huge-page malloc, where it helps.
+def reexec_with_fast_malloc(python_args: list[str]) -> None:
+    """Replace this process by `python python_args...` with tcmalloc or huge pages, where it helps.
 
-    Returns (doing nothing) where `hugepage_env` says there is nothing to gain; call it before
+    Returns (doing nothing) where `malloc_env` says there is nothing to gain; call it before
     importing jax. `python_args` are the interpreter's arguments, e.g. ['-m', 'lmdir_jax.cli', ...].
     """
     if not sys.platform.startswith("linux"):
         return
-    env = hugepage_env(dict(os.environ), glibc_version(), thp_mode())
+    env = malloc_env(dict(os.environ), glibc_version(), thp_mode(), find_tcmalloc())
     if env is None:
         return
     sys.stdout.flush()
@@ -84,12 +117,15 @@ def reexec_with_hugepages(python_args: list[str]) -> None:
 
 def malloc_note() -> str:
     """One phrase for benchmark headers: how this process's large host allocations are backed."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if TUNABLE in tunables:
-        return "glibc malloc with huge pages (GLIBC_TUNABLES)"
-    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return "tcmalloc"
-    return "default malloc"
+    preloaded = _preloaded_allocator(dict(os.environ))
+    if preloaded:
+        return f"{preloaded} (LD_PRELOAD)"
+    if glibc_version() is None:
+        return "default malloc"
+    hint = "" if find_tcmalloc() else "; faster with tcmalloc: apt install libtcmalloc-minimal4"
+    if TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        return "glibc malloc with huge pages (GLIBC_TUNABLES)" + hint
+    return "glibc malloc" + hint
 
 
 def cpu_times(path: str = PROC_STAT) -> tuple[int, int] | None:

@@ -23,6 +23,9 @@ $LMDIR priors build --data skimage --clip "$RUN/priors-tiny/clip" --sd "$RUN/pri
   --output "$RUN/prior-cache" --steps 10
 
 echo "== [3/6] training the quick-start model (configs/quickstart.py)"
+if [ "$(uname)" = Linux ] && ! $PY -c "import sys; from lmdir_jax.runtime import find_tcmalloc; sys.exit(not find_tcmalloc())"; then
+  echo "   (tip: 'sudo apt install libtcmalloc-minimal4' makes CPU training faster; lmdir uses it by itself)"
+fi
 $LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
   --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" "$@"
 

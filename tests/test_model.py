@@ -204,9 +204,10 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkey
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for a, b in zip(got[1], ref[1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    # Full 3x3 convs (the plain lax path; few output channels: output shifts; few input
-    # channels: im2col) and a 1x1 conv (a 2-D matmul), with gradients.
-    for shape, pad in [((3, 3, c, 4), padding), ((3, 3, c, 1), padding), ((3, 3, 3, 5), padding),
+    # Full 3x3 convs (no more output than input channels: output shifts; few input channels:
+    # im2col; else the plain lax path) and a 1x1 conv (a 2-D matmul), with gradients.
+    for shape, pad in [((3, 3, c, 4), padding), ((3, 3, c, c), padding), ((3, 3, c, 1), padding),
+                       ((3, 3, 3, 5), padding), ((3, 3, 6, 8), padding),
                        ((1, 1, c, 5), ((0, 0), (0, 0)))]:
         xs = x[..., :shape[2]]
         k2 = jax.random.normal(jax.random.key(2), shape)

@@ -1,4 +1,4 @@
-"""Huge-page malloc for the `lmdir` command (lmdir_jax.runtime): when it applies, and the re-exec."""
+"""A faster malloc for the `lmdir` command (lmdir_jax.runtime): which, when, and the re-exec."""
 
 import os
 import subprocess
@@ -8,38 +8,70 @@ import pytest
 
 from lmdir_jax import runtime
 
+TC = "libtcmalloc_minimal.so.4"
+# Prints what the re-executed child got: its LD_PRELOAD, its glibc tunables, and whether a tcmalloc
+# is really mapped into it.
 CHILD = ("from lmdir_jax import runtime; "
-         "runtime.reexec_with_hugepages(['-c', 'import os; print(os.environ[\"GLIBC_TUNABLES\"])']); "
+         "runtime.reexec_with_fast_malloc(['-c', 'import os; "
+         "print(os.environ.get(\"LD_PRELOAD\", \"-\"), os.environ.get(\"GLIBC_TUNABLES\", \"-\"), "
+         "\"tcmalloc\" in open(\"/proc/self/maps\").read())']); "
          "print('not re-executed')")
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", runtime.OPT_OUT)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
 
 
-def test_env_adds_the_tunable_and_keeps_the_rest():
-    env = runtime.hugepage_env({"PATH": "/usr/bin"}, (2, 36), "madvise")
+def test_env_preloads_tcmalloc_where_there_is_one():
+    env = runtime.malloc_env({"PATH": "/usr/bin"}, (2, 36), "madvise", TC)
+    assert env == {"PATH": "/usr/bin", "LD_PRELOAD": TC,
+                   "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+    env = runtime.malloc_env({"LD_PRELOAD": "libfoo.so", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"},
+                             None, None, TC)  # tcmalloc needs neither glibc nor huge pages
+    assert env["LD_PRELOAD"] == f"{TC}:libfoo.so"
+    assert env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"  # the user's own setting
+
+
+def test_env_adds_the_hugepage_tunable_without_tcmalloc():
+    env = runtime.malloc_env({"PATH": "/usr/bin"}, (2, 36), "madvise", None)
     assert env == {"PATH": "/usr/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    env = runtime.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 35), "madvise")
+    env = runtime.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 35), "madvise",
+                             None)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
 @pytest.mark.parametrize(
-    "environ,glibc,thp",
+    "environ,glibc,thp,tcmalloc",
     [
-        ({runtime.OPT_OUT: "0"}, (2, 36), "madvise"),  # opted out
-        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise"),  # the user's own choice
-        ({}, (2, 31), "madvise"),  # glibc without the tunable
-        ({}, None, "madvise"),  # not glibc
-        ({}, (2, 36), "always"),  # huge pages already
-        ({}, (2, 36), "never"),  # no huge pages to get
-        ({}, (2, 36), None),  # unknown kernel setting
+        ({runtime.OPT_OUT: "0"}, (2, 36), "madvise", TC),  # opted out
+        ({runtime.OPT_OUT: "0"}, (2, 36), "madvise", None),
+        ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, (2, 36), "madvise", TC),  # their allocator
+        ({"LD_PRELOAD": "libtcmalloc.so.4"}, (2, 36), "madvise", TC),  # e.g. Colab, or re-executed
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", None),  # their choice
+        ({}, (2, 31), "madvise", None),  # glibc without the tunable
+        ({}, None, "madvise", None),  # not glibc
+        ({}, (2, 36), "always", None),  # huge pages already
+        ({}, (2, 36), "never", None),  # no huge pages to get
+        ({}, (2, 36), None, None),  # unknown kernel setting
     ],
 )
-def test_env_is_none_when_nothing_would_change(environ, glibc, thp):
-    assert runtime.hugepage_env(environ, glibc, thp) is None
+def test_env_is_none_when_nothing_would_change(environ, glibc, thp, tcmalloc):
+    assert runtime.malloc_env(environ, glibc, thp, tcmalloc) is None
+
+
+def test_find_tcmalloc_takes_the_first_library_found(monkeypatch):
+    import ctypes.util
+
+    found = {"tcmalloc": "libtcmalloc.so.4"}
+    monkeypatch.setattr(ctypes.util, "find_library", found.get)
+    assert runtime.find_tcmalloc() == "libtcmalloc.so.4"
+    found["tcmalloc_minimal"] = TC
+    assert runtime.find_tcmalloc() == TC
+    found.clear()
+    assert runtime.find_tcmalloc() is None
 
 
 def test_thp_mode_reads_the_bracketed_mode(tmp_path):
@@ -49,12 +81,18 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path):
     assert runtime.thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_reexec_runs_the_child_with_the_tunable_or_not_at_all():
+def test_reexec_runs_the_child_with_the_allocator_or_not_at_all():
     env = _clean_env()
-    expected = runtime.hugepage_env(env, runtime.glibc_version(), runtime.thp_mode())
+    tcmalloc = runtime.find_tcmalloc()
+    expected = runtime.malloc_env(env, runtime.glibc_version(), runtime.thp_mode(), tcmalloc)
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
-    assert out == ("not re-executed" if expected is None else "glibc.malloc.hugetlb=1")
+    if expected is None:
+        assert out == "not re-executed"
+    elif tcmalloc:
+        assert out == f"{tcmalloc} - True"  # preloaded and really mapped into the child
+    else:
+        assert out == "- glibc.malloc.hugetlb=1 False"
     out = subprocess.run([sys.executable, "-c", CHILD], env={**env, runtime.OPT_OUT: "0"},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "not re-executed"
@@ -96,3 +134,14 @@ def test_cpu_times_on_this_machine_counts_up():
     sum(i * i for i in range(200_000))
     second = runtime.cpu_times()
     assert second[0] >= first[0] and second[1] >= first[1] and 0 <= second[1] <= second[0]
+
+
+def test_malloc_note_names_the_allocator_in_use(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", TC)
+    assert runtime.malloc_note() == "tcmalloc (LD_PRELOAD)"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("GLIBC_TUNABLES", runtime.TUNABLE)
+    monkeypatch.setattr(runtime, "find_tcmalloc", lambda: None)
+    note = runtime.malloc_note()
+    if runtime.glibc_version() is not None:
+        assert note.startswith("glibc malloc with huge pages") and "apt install" in note
