@@ -120,7 +120,7 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
             )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(step),
         }
         return new, metrics
