@@ -91,8 +91,9 @@ ROW_BLOCK = 4  # rows per step of the depth-wise kernel-gradient loop on large a
 ROW_BLOCK_MIN_SIZE = 1 << 20  # elements of the output gradient from which that loop is used
 IM2COL_MAX_CIN = 4  # full convs with at most this many input channels run as one im2col matmul
 # Full convs run as a matmul + shifted sum (`_conv_output_shifts`) when kh*kw*cout <= cin, or when
-# cout <= cin <= this: XLA's own conv is slow with few channels (the quick-start step took 113 instead
-# of 132 ms), but as fast or faster at the paper network's 48-192 (3.69 against 3.96 s per step).
+# cout <= cin <= this: XLA's own conv is slow with few channels (with the shifted sum the quick-start
+# step took 115 instead of 130 ms), but not at the paper network's 48-192 input channels (its step
+# took 3.69 s with XLA's conv for the down-sampling convs, 3.96 s with the shifted sum).
 SHIFTS_MAX_CIN = 32
 
 
