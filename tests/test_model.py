@@ -223,6 +223,35 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkey
             np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
+def test_dense_matmul_matches_dot_general_and_its_gradients():
+    """Linear layers' product with hand-written gradients (`_matmul`, fast on XLA:CPU) is
+    lax.dot_general, gradients too, for (N, C) and (B, N, C) inputs; anything else (batch dims,
+    another precision) is passed to lax.dot_general unchanged."""
+    from lmdir_jax.models.layers import _dense_dot_general
+
+    w = jax.random.normal(jax.random.key(1), (6, 5))
+    for shape in [(7, 6), (2, 7, 6)]:
+        x = jax.random.normal(jax.random.key(0), shape)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+
+        def loss(fn, dims=dims):
+            return lambda u, v: jnp.sum(jnp.sin(fn(u, v, dims)))
+
+        ref = jax.value_and_grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, w)
+        got = jax.jit(jax.value_and_grad(loss(_dense_dot_general), argnums=(0, 1)))(x, w)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+        for a, b in zip(got[1], ref[1], strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    xb = jax.random.normal(jax.random.key(2), (3, 4, 6))
+    wb = jax.random.normal(jax.random.key(3), (3, 6, 2))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_allclose(_dense_dot_general(xb, wb, batched),
+                               jax.lax.dot_general(xb, wb, batched), rtol=1e-6)
+    y = _dense_dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(y, jax.lax.dot_general(x, w, dims), rtol=1e-6)
+
+
 def test_gelu_is_the_exact_gelu():
     """`layers.gelu` (erf form, fast on XLA:CPU) equals jax.nn.gelu(approximate=False), gradient
     too."""

@@ -181,6 +181,49 @@ _materialized_grad.defvjp(lambda x: (x, None),
                           lambda _, g: (jax.lax.optimization_barrier(g),))
 
 
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., cin) @ w (cin, cout), its gradients written as the two plain products.
+
+    Autodiff's weight gradient is a transposed product that XLA:CPU rewrites with transposed
+    operands: the output gradient was copied into a transposed layout, and everything computing it
+    (often the residual stream's gradient through several blocks, 600 fused instructions) was
+    recomputed in that copy, once per consumer. Level-3 blocks, forward + gradients: 591 -> 436 ms
+    of ops; the paper step 3.80 -> 3.58 s (docs/benchmarks.md).
+    """
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(x, w):
+    return _matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                             (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                       **kwargs):
+    """`lax.dot_general` for the linear layers: on CPUs the plain (..., cin) x (cin, cout) product
+    is `_matmul`; anything else (and every product on GPUs and TPUs) is lax.dot_general."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    plain = (jax.default_backend() == "cpu" and precision is None
+             and preferred_element_type is None and kwargs.get("out_sharding") is None
+             and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,)
+             and tuple(rhs_contract) == (0,) and not any(batch))
+    if plain:
+        return _matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
 def _conv_output_shifts(x, k, padding, **mm):
     """A full kh x kw conv with few output channels (the output conv; the quick-start network's
     down-sampling convs) as one matmul to kh*kw*cout channels followed by a sum of shifted slices:
@@ -226,7 +269,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=Non
 
     XLA's CPU backend runs depth-wise (feature_group_count == channels) convolutions, and above all
     their gradients, 10-30x slower than sums of shifted products, and the gradients of 1x1
-    convolutions 3-4x slower than the same product written as one 2-D matmul (docs/benchmarks.md).
+    convolutions 3-4x slower than the same product written as one 2-D matmul (`_matmul`,
+    docs/benchmarks.md).
     Both rewrites give the convolution's result (float32 accumulation for depth-wise) and fuse well
     on every backend, but on GPUs cuDNN's convolutions are faster (the paper training step took
     317 ms with the rewrites and 175 ms without on an H100), so they are used on CPUs only. Full
@@ -262,6 +306,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=Non
         return _depthwise(lhs, rhs, pads).astype(out_dtype)
     if pointwise:
         b, h, w, cin = lhs.shape
+        if all(v is None for v in mm.values()):
+            return _matmul(lhs, rhs.reshape(cin, rhs.shape[-1]))
         y = jnp.matmul(lhs.reshape(b * h * w, cin), rhs.reshape(cin, rhs.shape[-1]), **mm)
         return y.reshape(b, h, w, rhs.shape[-1])
     return jax.lax.conv_general_dilated(
@@ -340,6 +386,7 @@ def linear(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(kernel_init, (None, FSDP)),
+        dot_general=_dense_dot_general,
         rngs=rngs,
     )
 
