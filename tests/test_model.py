@@ -223,6 +223,24 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkey
             np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
+def test_depthwise_outputs_are_computed_once_on_cpu():
+    """The depth-wise conv's output and its input gradient each run inside a conditional
+    (`layers._computed_once`), which XLA:CPU cannot fuse into their consumers: the speed of the CPU
+    training step rests on it, and an XLA that folded such conditionals away would fail here."""
+    from lmdir_jax.models.layers import _conv_general_dilated
+
+    x, k = jnp.ones((1, 16, 16, 8)), jnp.ones((3, 3, 1, 8))
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(x, k):
+        y = _conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
+                                  feature_group_count=8)
+        return jnp.sum(jnp.sin(y) * jnp.cos(y))
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert step.lower(x, k).compile().as_text().count(" conditional(") == 2
+
+
 def test_dense_matmul_matches_dot_general_and_its_gradients():
     """Linear layers' product with hand-written gradients (`_matmul`, fast on XLA:CPU) is
     lax.dot_general, gradients too, for (N, C) and (B, N, C) inputs; anything else (batch dims,

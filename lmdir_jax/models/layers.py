@@ -93,7 +93,7 @@ IM2COL_MAX_CIN = 4  # full convs with at most this many input channels run as on
 # Full convs run as a matmul + shifted sum (`_conv_output_shifts`) when kh*kw*cout <= cin, or when
 # cout <= cin <= this: XLA's own conv is slow with few channels (with the shifted sum the quick-start
 # step took 115 instead of 130 ms), but not at the paper network's 48-192 input channels (its step
-# took 3.69 s with XLA's conv for the down-sampling convs, 3.96 s with the shifted sum).
+# took 2.98 s with XLA's conv for the down-sampling convs, 3.32 s with the shifted sum).
 SHIFTS_MAX_CIN = 32
 
 
@@ -116,15 +116,25 @@ def _pad_hw(x: jax.Array, padding) -> jax.Array:
     return jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
 
+def _computed_once(fn, *args):
+    """fn(*args), computed once into its own buffer.
+
+    XLA:CPU fuses a cheap producer into every consumer and recomputes it there: the nine shifted
+    products of a depth-wise conv were computed again inside the transposing copies and gradient
+    sums that read q, k and v, up to four times. Optimization barriers don't stop it (XLA:CPU
+    removes them before fusion), but nothing is fused into or out of a conditional's branch, so fn
+    runs as both branches of one, on a predicate read from the data so that it is not folded away.
+    Level-1 blocks, forward + gradients: 469 -> 413 ms (docs/benchmarks.md).
+    """
+    probe = jnp.ravel(args[-1])[0]
+    return jax.lax.cond(jnp.isfinite(probe), fn, fn, *args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _depthwise(x: jax.Array, k: jax.Array, padding) -> jax.Array:
-    """Depth-wise correlation of NHWC `x` with (kh, kw, 1, C) `k` under `padding`, float32.
-
-    The result is materialised (an optimization barrier): otherwise XLA:CPU fuses the nine shifted
-    products into each consumer and computes them up to three times (gelu(a), a's gate and the
-    gradient in GDFN), 4% slower for a level-1 block.
-    """
-    return jax.lax.optimization_barrier(_shifted_sum(_pad_hw(x, padding), k))
+    """Depth-wise correlation of NHWC `x` with (kh, kw, 1, C) `k` under `padding`, float32,
+    computed once (`_computed_once`)."""
+    return _computed_once(lambda x, k: _shifted_sum(_pad_hw(x, padding), k), x, k)
 
 
 def _depthwise_fwd(x, k, padding):
@@ -137,9 +147,9 @@ def _depthwise_bwd(padding, res, g):
     b, h, w, c = g.shape
     (pt, pb), (pl, pr) = padding
     # The input gradient is the correlation of the gradient, padded the other way, with the flipped
-    # kernel: one fused pass straight to x's shape.
-    gp = _pad_hw(g, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
-    dx = _shifted_sum(gp, k[::-1, ::-1])
+    # kernel: one pass straight to x's shape, computed once.
+    flip = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+    dx = _computed_once(lambda g, k: _shifted_sum(_pad_hw(g, flip), k[::-1, ::-1]), g, k)
     xp = _pad_hw(x, padding)
     g32 = g.astype(jnp.float32)
     if h % ROW_BLOCK == 0 and g.size >= ROW_BLOCK_MIN_SIZE:
@@ -169,16 +179,6 @@ def _depthwise_bwd(padding, res, g):
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-@jax.custom_vjp
-def _materialized_grad(x: jax.Array) -> jax.Array:
-    """The identity, whose gradient is materialised (an optimization barrier) before it flows on."""
-    return x
-
-
-_materialized_grad.defvjp(lambda x: (x, None),
-                          lambda _, g: (jax.lax.optimization_barrier(g),))
 
 
 @jax.custom_vjp
@@ -229,10 +229,6 @@ def _conv_output_shifts(x, k, padding, **mm):
     down-sampling convs) as one matmul to kh*kw*cout channels followed by a sum of shifted slices:
     its gradients are matmuls too. Forward + gradients on XLA:CPU against `lax.conv_general_dilated`:
     6x faster at 128x128, 96 -> 3; 8.7x at 128x128, 8 -> 4.
-
-    The output's gradient is materialised first: the shifted sum's transpose reads it once per tap,
-    and XLA:CPU otherwise fused everything that computes it into that loop, recomputing it per tap
-    (150-180 ms per down-sampling conv in a paper step).
     """
     kh, kw, cin, cout = k.shape
     b, h, w, _ = x.shape
@@ -247,7 +243,7 @@ def _conv_output_shifts(x, k, padding, **mm):
             t = (i * kw + j) * cout
             term = zp[:, i:i + ho, j:j + wo, t:t + cout]
             out = term if out is None else out + term
-    return _materialized_grad(out)
+    return out
 
 
 def _conv_im2col(x, k, padding, **mm):
