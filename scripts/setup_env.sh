@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Create .venv (if missing or out of date) and install lmdir-jax with the given extras.
 # Usage: scripts/setup_env.sh [EXTRAS]   e.g. scripts/setup_env.sh dev,export
+# Environment: PYTHON=interpreter (default python3), VENV=folder (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-}"
 PY="${PYTHON:-python3}"
-STAMP=".venv/.lmdir-installed-${EXTRAS//,/-}"
+VENV="${VENV:-.venv}"
+STAMP="$VENV/.lmdir-installed-${EXTRAS//,/-}"
 HASH="$(cat pyproject.toml | sha256sum | cut -c1-16)"
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($PY --version)"
-  "$PY" -m venv .venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
 fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
-  echo "[setup] installing lmdir-jax${EXTRAS:+[$EXTRAS]} into .venv (first run takes a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  echo "[setup] installing lmdir-jax${EXTRAS:+[$EXTRAS]} into $VENV (first run takes a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if [ -n "$EXTRAS" ]; then
-    .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+    "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
   else
-    .venv/bin/python -m pip install -q -e .
+    "$VENV/bin/python" -m pip install -q -e .
   fi
   echo "$HASH" > "$STAMP"
 fi
