@@ -229,7 +229,7 @@ class FolderSource(ImageSource):
         return {"key": self._keys[index], "clean": self._read(index)}
 
 
-def _find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
+def find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
     for n in names:
         if (root / n).is_dir():
             return root / n
@@ -239,7 +239,7 @@ def _find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
 def is_paired_folder(root: str | Path) -> bool:
     """True when `root` holds a degraded folder and a clean folder (e.g. degraded/ + clean/)."""
     root = Path(root)
-    return _find_subdir(root, DEGRADED_DIRS) is not None and _find_subdir(root, CLEAN_DIRS) is not None
+    return find_subdir(root, DEGRADED_DIRS) is not None and find_subdir(root, CLEAN_DIRS) is not None
 
 
 def _stem(rel: str) -> str:
@@ -318,8 +318,8 @@ class PairedSource(ImageSource):
         super().__init__(cache_size=cache_size)
         self.root = Path(root)
         self.name = str(root)
-        ddir = self.root / degraded_dir if degraded_dir else _find_subdir(self.root, DEGRADED_DIRS)
-        cdir = self.root / clean_dir if clean_dir else _find_subdir(self.root, CLEAN_DIRS)
+        ddir = self.root / degraded_dir if degraded_dir else find_subdir(self.root, DEGRADED_DIRS)
+        cdir = self.root / clean_dir if clean_dir else find_subdir(self.root, CLEAN_DIRS)
         for given, found in ((degraded_dir, ddir), (clean_dir, cdir)):
             if given and not found.is_dir():
                 raise UsageError(f"paired folder {root} has no sub-folder {given}/")
