@@ -38,6 +38,7 @@ class ProtocolSet:
     label: str
     candidates: tuple[str, ...]
     spec: str | None = None
+    text: str = ""  # the degradation text of a paired set (for --oracle)
 
 
 PROTOCOLS: dict[str, tuple[ProtocolSet, ...]] = {
@@ -45,15 +46,15 @@ PROTOCOLS: dict[str, tuple[ProtocolSet, ...]] = {
         ProtocolSet("cbsd68-15", "CBSD68 σ15", _CBSD68, "noise:15"),
         ProtocolSet("cbsd68-25", "CBSD68 σ25", _CBSD68, "noise:25"),
         ProtocolSet("cbsd68-50", "CBSD68 σ50", _CBSD68, "noise:50"),
-        ProtocolSet("rain100l", "Rain100L", _RAIN),
-        ProtocolSet("sots", "SOTS", _SOTS),
+        ProtocolSet("rain100l", "Rain100L", _RAIN, text="rain streaks"),
+        ProtocolSet("sots", "SOTS", _SOTS, text="haze"),
     ),
     "five-task": (
-        ProtocolSet("sots", "SOTS", _SOTS),
-        ProtocolSet("rain100l", "Rain100L", _RAIN),
+        ProtocolSet("sots", "SOTS", _SOTS, text="haze"),
+        ProtocolSet("rain100l", "Rain100L", _RAIN, text="rain streaks"),
         ProtocolSet("cbsd68-25", "CBSD68 σ25", _CBSD68, "noise:25"),
-        ProtocolSet("gopro", "GoPro", _GOPRO),
-        ProtocolSet("lol", "LOL", _LOL),
+        ProtocolSet("gopro", "GoPro", _GOPRO, text="motion blur"),
+        ProtocolSet("lol", "LOL", _LOL, text="underexposure"),
     ),
 }
 
@@ -99,3 +100,41 @@ def published(name: str) -> list[dict]:
     protocol_sets(name)
     text = resources.files("lmdir_jax").joinpath("published_results.json").read_text(encoding="utf-8")
     return json.loads(text)[name]["rows"]
+
+
+def row_average(results: dict[str, list[float]], keys: list[str]) -> list[float] | None:
+    """Mean [psnr, ssim] over `keys`, or None when the row misses one of them."""
+    if not all(k in results for k in keys):
+        return None
+    return [sum(results[k][i] for k in keys) / len(keys) for i in (0, 1)]
+
+
+def format_protocol_table(table: dict, markdown: bool = False) -> str:
+    """The protocol table (see `evaluate.evaluate_protocol`) as aligned text or a Markdown table."""
+    cols = table["columns"]
+    keys = [c["key"] for c in cols]
+    head = ["method"] + [c["label"] for c in cols] + ["average"]
+    body = []
+    for row in table["rows"]:
+        res = row["results"]
+        cells = [row["method"]]
+        cells += [f"{res[k][0]:.2f}/{res[k][1]:.4f}" if k in res else "-" for k in keys]
+        avg = row_average(res, keys)
+        cells.append("-" if avg is None else f"{avg[0]:.2f}/{avg[1]:.4f}")
+        body.append(cells)
+    ssim = {"gaussian": "SSIM 11x11 Gaussian window (BasicSR)",
+            "uniform": "SSIM 7x7 uniform window, sample covariance (scikit-image, PromptIR's script)"}
+    title = (f"{table['protocol']}: PSNR/SSIM on RGB, images cropped to a multiple of "
+             f"{CROP_MULTIPLE}; {ssim[table['ssim']]}; prior: {table['prior']}")
+    notes = [f"missing under {table['root']}: {', '.join(table['missing'])} (skipped)"] if table["missing"] else []
+    notes.append("average only over complete rows; published rows as printed in their papers "
+                 "(their SSIM windows may differ)")
+    if markdown:
+        lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
+                 "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines + [""] + [f"_{n}_" for n in notes])
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True))  # noqa: E731
+    lines = [title, fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in body]
+    return "\n".join(lines + notes)
