@@ -161,7 +161,8 @@ def check_config(config, *, tests: bool = True) -> list[FolderReport]:
                 )
                 reports.append(rep)
             elif str(path) not in seen:  # CBSD68 serves three columns: walk it once
-                seen[str(path)] = check_folder(f"test:{ps.key}", str(path), paired=ps.spec is None)
+                role = f"test:{ps.key.split('-')[0]}"
+                seen[str(path)] = check_folder(role, str(path), paired=ps.spec is None)
                 reports.append(seen[str(path)])
     return reports
 

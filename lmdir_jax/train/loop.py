@@ -445,9 +445,9 @@ def _train_rows(predictor: _Predictor, state: dict, local: dict, clip) -> list:
     return [(local["lq"][i], restored[i], local["gt"][i]) for i in range(n)]
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
-    """One line per fact of a finished run (for the CLI)."""
+def print_summary(summary: dict, file=None) -> None:
+    """One line per fact of a finished run (for the CLI); `file` defaults to the current stdout."""
     keys = ("step", "loss", "images_per_s", "seconds", "val_psnr", "val_ssim", "checkpoint_step")
     parts = [f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
              for k in keys if k in summary]
-    print("trained: " + " ".join(parts), file=file)
+    print("trained: " + " ".join(parts), file=file or sys.stdout)
