@@ -189,6 +189,7 @@ def evaluate(
     tile: int | None = None,
     overlap: int = 32,
     progress: bool = True,
+    ssim_window: str = "gaussian",
 ) -> EvalReport:
     """Restore and score every set with `restorer` (an `inference.Restorer`).
 
@@ -197,6 +198,7 @@ def evaluate(
     masked with `blind` (no guidance at all, as PromptIR/AirNet are evaluated).
     `crop_multiple=16` applies the AirNet/PromptIR protocol: images are centre-cropped to a
     multiple of 16 before restoring and scoring. Degradations use `seed` (same seed, same inputs).
+    `ssim_window`: 'gaussian' (BasicSR) or 'uniform' (scikit-image defaults, PromptIR's script).
     """
     from tqdm.auto import tqdm
 
@@ -208,7 +210,7 @@ def evaluate(
             "seed": seed, "crop_multiple": crop_multiple, "max_images": max_images,
             "prior": "oracle" if oracle else (
                 "text" if degradation is not None else ("blind" if blind else "auto")),
-            "degradation": degradation, "tile": tile, "overlap": overlap,
+            "degradation": degradation, "tile": tile, "overlap": overlap, "ssim": ssim_window,
             "sets": [{"path": s.path, "spec": s.spec} for s in sets],
         }
     )
@@ -235,9 +237,75 @@ def evaluate(
                 ImageResult(
                     dataset=es.dataset, task=es.task, image=str(key),
                     height=int(gt.shape[0]), width=int(gt.shape[1]),
-                    restored=image_metrics(out, gt), degraded=image_metrics(lq, gt),
+                    restored=image_metrics(out, gt, ssim_window=ssim_window),
+                    degraded=image_metrics(lq, gt, ssim_window=ssim_window),
                     degradation=choice.degradation, probability=choice.probability,
                     caption=choice.caption,
                 )
             )
     return report
+
+
+def evaluate_protocol(
+    restorer: Any,
+    protocol: str,
+    root: str | Path,
+    *,
+    ssim_window: str = "gaussian",
+    max_images: int | None = None,
+    degradation: str | None = None,
+    oracle: bool = False,
+    blind: bool = False,
+    tile: int | None = None,
+    overlap: int = 32,
+    progress: bool = True,
+) -> tuple[dict, EvalReport]:
+    """Score `restorer` on the test sets of `protocol` found under `root`, beside its published rows.
+
+    Returns (table, report): table = {'protocol', 'root', 'ssim', 'prior', 'columns', 'rows',
+    'missing'} where rows are the published methods then 'this checkpoint' with
+    {'method', 'source', 'results': {set key: [psnr_rgb, ssim_rgb]}}; missing sets are skipped.
+    Raises UsageError when no test set of the protocol is under root.
+    """
+    from lmdir_jax.errors import UsageError
+    from lmdir_jax.protocols import CROP_MULTIPLE, NOISE_SEED, find_sets, published
+
+    found, missing = find_sets(protocol, root)
+    if not found:
+        raise UsageError(f"no {protocol} test set under {root} (see docs/datasets.md for the layout)")
+    report = EvalReport()
+    results: dict[str, list[float]] = {}
+    for ps, path in found:
+        text = degradation
+        if oracle and ps.spec is None:
+            text = ps.text  # a paired set's label is its task
+        part = evaluate(
+            restorer, [EvalSet(str(path), ps.spec)], seed=NOISE_SEED, crop_multiple=CROP_MULTIPLE,
+            max_images=max_images, degradation=text, oracle=oracle and ps.spec is not None,
+            blind=blind, tile=tile, overlap=overlap, progress=progress, ssim_window=ssim_window,
+        )
+        for r in part.images:
+            r.dataset = ps.key
+        report.images += part.images
+        row = part.summary()[0]
+        results[ps.key] = [row["psnr_rgb"], row["ssim_rgb"]]
+    prior = "oracle" if oracle else ("text" if degradation is not None else ("blind" if blind else "auto"))
+    report.settings = {
+        "protocol": protocol, "root": str(root), "crop_multiple": CROP_MULTIPLE, "seed": NOISE_SEED,
+        "ssim": ssim_window, "prior": prior, "max_images": max_images,
+        "sets": {ps.key: str(path) for ps, path in found},
+    }
+    rows = published(protocol) + [
+        {"method": "this checkpoint", "source": "lmdir evaluate", "results": results}
+    ]
+    table = {
+        "protocol": protocol, "root": str(root), "ssim": ssim_window, "prior": prior,
+        "columns": [{"key": ps.key, "label": ps.label} for ps, _ in found]
+        + [{"key": ps.key, "label": ps.label} for ps in missing],
+        "rows": rows, "missing": [ps.label for ps in missing],
+    }
+    from lmdir_jax.protocols import protocol_sets
+
+    order = [ps.key for ps in protocol_sets(protocol)]
+    table["columns"].sort(key=lambda c: order.index(c["key"]))
+    return table, report

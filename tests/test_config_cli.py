@@ -7,7 +7,7 @@ from lmdir_jax.config import config_from_json, config_to_json, load_config
 from lmdir_jax.errors import UsageError
 
 
-@pytest.mark.parametrize("name", ["tiny", "quickstart", "bsds", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "bsds", "paper", "three_task", "five_task"])
 def test_every_config_loads_with_all_sections(name):
     c = load_config(name)
     assert c.name == name

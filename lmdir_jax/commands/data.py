@@ -1,4 +1,5 @@
-"""`lmdir data preview`: a grid of training examples (degraded | clean) with their label text."""
+"""`lmdir data preview` (a grid of training examples with their label text) and `lmdir data check`
+(every training source and test set of a config, before anything compiles)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def run_preview(args) -> int:
     batches = []
     while sum(len(b["key"]) for b in batches) < need:
         batches.append(next(it))
+    it.close()
     batch = {k: np.concatenate([b[k] for b in batches])[:need] for k in ("lq", "gt", "deg_text", "key")}
     grid = preview_grid(batch, args.rows, args.cols, cell=max(args.cell, config.data.patch_size))
     out = write_image(Path(args.output), grid.astype(np.float32) / 255.0)
@@ -75,8 +77,27 @@ def run_preview(args) -> int:
     return 0
 
 
+def run_check(args) -> int:
+    """Print the data table of a config; exit 1 with one line per problem."""
+    import sys
+
+    from lmdir_jax.config import load_config
+    from lmdir_jax.data.check import check_config, format_check, problems
+
+    config = load_config(args.config, args.config_overrides)
+    reports = check_config(config)
+    print(format_check(reports, int(config.data.patch_size)))
+    lines = problems(reports)
+    for line in lines:
+        sys.stderr.write(f"lmdir: data problem: {line}\n")
+    if lines:
+        return 1
+    print("data check: no problem")
+    return 0
+
+
 def register(sub) -> None:
-    """Add `lmdir data` and its `preview` sub-command."""
+    """Add `lmdir data` and its `preview` and `check` sub-commands."""
     p = sub.add_parser("data", help="inspect the training data pipeline")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
     dsub.required = True
@@ -87,3 +108,12 @@ def register(sub) -> None:
     pv.add_argument("--cols", type=int, default=2, help="(degraded, clean) pairs per row")
     pv.add_argument("--cell", type=int, default=192, help="side in pixels of each shown patch")
     pv.set_defaults(func=run_preview)
+    ck = dsub.add_parser(
+        "check", help="walk every training source and test set of a config; exit 1 on a problem",
+        description="One table row per folder: image count, pairs matched, unpaired and unreadable "
+        "files, smallest image against the patch size. Problems (missing folder, no pairs, pair "
+        "sizes that differ) are printed one per line and exit 1. `lmdir train` runs the same "
+        "check on the training sources first.",
+    )
+    ck.add_argument("--config", required=True, help="config name or path (configs/*.py)")
+    ck.set_defaults(func=run_check)

@@ -2,6 +2,8 @@
 
 Each `--data PATH` starts an evaluation set; a `--spec SPEC` right after it degrades that clean
 folder with SPEC (at `--seed`); without a spec the folder is a paired set used as is.
+`--protocol three-task|five-task --root DIR` instead runs a published protocol's test sets (see
+lmdir_jax/protocols.py) and prints them beside the published rows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def register(sub) -> None:
         "or a clean folder degraded by the --spec that follows it (e.g. --data CBSD68 --spec noise:25).",
     )
     p.add_argument("--checkpoint", required=True, metavar="WORKDIR", help="training workdir")
-    p.add_argument("--data", action=_DataAction, required=True, metavar="PATH", dest="sets_data",
+    p.add_argument("--data", action=_DataAction, metavar="PATH", dest="sets_data",
                    help="evaluation folder, `skimage` or tfds:NAME:SPLIT (repeatable)")
     p.add_argument("--spec", action=_SpecAction, metavar="SPEC", dest="sets_spec",
                    help="degradation spec for the preceding --data (e.g. noise:25, rain, haze+jpeg:40)")
@@ -61,9 +63,70 @@ def register(sub) -> None:
                    help="tile side for very large images (default 0 = whole image, as in the literature)")
     p.add_argument("--tile-overlap", type=int, default=32, metavar="N")
     p.add_argument("--clip", metavar="DIR", help="CLIP folder (overrides the checkpoint's priors.clip)")
+    p.add_argument("--protocol", metavar="NAME",
+                   help="run a published protocol instead of --data: three-task or five-task")
+    p.add_argument("--root", metavar="DIR", help="data root holding the protocol's test sets")
+    p.add_argument("--ssim", choices=("gaussian", "uniform"), default="gaussian",
+                   help="SSIM window: gaussian = BasicSR 11x11 (default); uniform = scikit-image's "
+                   "7x7 with sample covariance, as PromptIR's test script")
+    p.add_argument("--format", choices=("text", "markdown"), default="text",
+                   help="protocol table format on stdout (default text)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write per-image results as CSV")
     p.set_defaults(func=run)
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    if path and Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give a file name")
+    if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
+        raise UsageError(f"{flag} {path}: {Path(path).parent} is a file, not a folder")
+
+
+def run_protocol(args) -> int:
+    """`lmdir evaluate --protocol NAME --root DIR --checkpoint WD`: the protocol table."""
+    import json
+    import sys
+
+    from lmdir_jax.evaluate import evaluate_protocol
+    from lmdir_jax.inference import load_restorer
+    from lmdir_jax.protocols import find_sets, format_protocol_table, protocol_sets
+
+    if args.sets:
+        raise UsageError("give either --protocol (with --root) or --data sets, not both")
+    if args.csv:
+        raise UsageError("--csv is for --data sets; with --protocol use --json")
+    protocol_sets(args.protocol)  # unknown name -> UsageError
+    if not args.root:
+        raise UsageError("--protocol needs --root DIR (the folder holding the test sets)")
+    if not Path(args.root).is_dir():
+        raise UsageError(f"--root folder not found: {args.root}")
+    found, missing = find_sets(args.protocol, args.root)
+    if not found:
+        sys.stderr.write(
+            f"lmdir: error: no {args.protocol} test set under {args.root} "
+            f"(expected e.g. {', '.join(ps.candidates[0] for ps in missing)}; see docs/datasets.md)\n"
+        )
+        return 1
+    for ps in missing:
+        sys.stderr.write(f"lmdir: warning: {ps.label} not found under {args.root}: skipped\n")
+    restorer = load_restorer(args.checkpoint, args.clip)
+    if (args.degradation is not None or args.oracle) and restorer.clip is None:
+        raise UsageError("--degradation/--oracle need CLIP: the checkpoint has no priors.clip; pass --clip DIR")
+    table, report = evaluate_protocol(
+        restorer, args.protocol, args.root, ssim_window=args.ssim, max_images=args.max_images,
+        degradation=args.degradation, oracle=args.oracle, blind=args.blind,
+        tile=args.tile or None, overlap=args.tile_overlap,
+    )
+    report.settings["checkpoint"] = str(args.checkpoint)
+    print(format_protocol_table(table, markdown=args.format == "markdown"))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"table": table, **report.to_json()}
+        path.write_text(json.dumps(payload, indent=2, allow_nan=True), encoding="utf-8")
+        print(f"report: {path}")
+    return 0
 
 
 def run(args) -> int:
@@ -76,6 +139,15 @@ def run(args) -> int:
         raise UsageError("--max-images must be >= 1")
     if args.crop_multiple < 0 or args.tile < 0:
         raise UsageError("--crop-multiple and --tile must be >= 0")
+    _check_output(args.json, "--json")
+    _check_output(args.csv, "--csv")
+    args.sets = getattr(args, "sets", None) or []
+    if args.protocol:
+        return run_protocol(args)
+    if args.root:
+        raise UsageError("--root goes with --protocol")
+    if not args.sets:
+        raise UsageError("give --data PATH (repeatable) or --protocol NAME --root DIR")
     sets = [EvalSet(path=s["path"], spec=s["spec"]) for s in args.sets]
     for s in sets:
         if not (is_named_source(s.path) or Path(s.path).is_dir()):
@@ -87,10 +159,11 @@ def run(args) -> int:
         restorer, sets, seed=args.seed, crop_multiple=args.crop_multiple,
         max_images=args.max_images, degradation=args.degradation, oracle=args.oracle,
         blind=args.blind,
-        tile=args.tile or None, overlap=args.tile_overlap,
+        tile=args.tile or None, overlap=args.tile_overlap, ssim_window=args.ssim,
     )
     report.settings["checkpoint"] = str(args.checkpoint)
     print(format_table(report))
+    print(f"(SSIM window: {args.ssim})")
     if args.csv:
         print(f"per-image results: {write_csv(report, args.csv)}")
     if args.json:

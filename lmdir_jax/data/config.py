@@ -9,6 +9,13 @@ def default_config() -> ml_collections.ConfigDict:
     # 'skimage' (sample images inside scikit-image), a folder of clean images, a paired folder
     # (degraded/ + clean/), or 'tfds:NAME:SPLIT'.
     c.source = "skimage"
+    # A mixture of named training sources (see `source_config`); when set it replaces `source`.
+    # Relative source paths are read under `root`.
+    c.sources = ml_collections.ConfigDict()
+    c.root = ""
+    # The evaluation protocol whose test sets `lmdir data check` looks for under `root`
+    # ('' = none, 'three-task', 'five-task'; see lmdir_jax/protocols.py).
+    c.protocol = ""
     c.patch_size = 64
     c.batch_size = 8  # global batch size
     c.num_workers = 0  # grain mp_prefetch worker processes (0 = in-process)
@@ -29,4 +36,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.val_spec = "noise:25"
     c.val_max_images = 8
     c.val_size = 128  # center crop side for validation images (0 = full image)
+    return c
+
+
+def source_config(
+    path: str,
+    weight: float = 1.0,
+    *,
+    specs: tuple[str, ...] = (),
+    tasks: dict[str, float] | None = None,
+    text: str = "",
+    degraded_dir: str = "",
+    clean_dir: str = "",
+) -> ml_collections.ConfigDict:
+    """One entry of `data.sources`: a training source and its own settings.
+
+    path: 'skimage', 'tfds:NAME:SPLIT', or a folder (relative paths are read under data.root); a
+      folder with a degraded and a clean sub-folder is a paired source.
+    weight: its share of the training examples (> 0; weights are normalised over the sources).
+    specs: clean sources only: each example gets one of these specs, drawn uniformly
+      (e.g. ('noise:15', 'noise:25', 'noise:50')); empty = sample `tasks` like data.tasks.
+    tasks: clean sources only: task weights replacing data.tasks for this source.
+    text: paired sources only: the degradation text of its pairs (default data.paired_text).
+    degraded_dir / clean_dir: paired sources only: the sub-folder names (default: found by name,
+      e.g. rainy/ + gt/, synthetic/ + original/, input/ + target/).
+    """
+    c = ml_collections.ConfigDict()
+    c.path = str(path)
+    c.weight = float(weight)
+    c.specs = tuple(specs)
+    c.tasks = ml_collections.ConfigDict(dict(tasks or {}))
+    c.text = str(text)
+    c.degraded_dir = str(degraded_dir)
+    c.clean_dir = str(clean_dir)
     return c

@@ -3,6 +3,11 @@
 source -> [seed, shuffle, repeat] -> random_map(crop, flips/rot90, degradation, priors)
        -> per-host slice -> batch -> to_iter_dataset -> mp_prefetch (workers > 0)
 
+With `data.sources` (a mixture), each source gets its own seed (from config.seed and its name),
+shuffle, repeat and transform, and grain's `MapDataset.mix` interleaves them by weight before the
+per-host slice; each example then carries `source` (its name) and `source_id` (its index in
+`source_names(config)`).
+
 Every random choice of element i comes from (config.seed, i) through grain's per-element
 Generator, so the batches are the same for any number of workers, and a restored iterator state
 resumes on exactly the batches an uninterrupted run would have seen.
@@ -11,11 +16,14 @@ resumes on exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmdir_jax.data.sources import ImageSource, load_source
+from lmdir_jax.data.sources import ImageSource, PairedSource, is_named_source, load_source
 from lmdir_jax.errors import UsageError
 
 log = logging.getLogger("lmdir_jax.data")
@@ -107,10 +115,87 @@ class PriorAttacher:
         return element
 
 
-class TrainTransform:
-    """random_map function: crop, augment and degrade one source item into a training example."""
+@dataclass(frozen=True)
+class SourceSpec:
+    """One resolved entry of `data.sources` (see `lmdir_jax.data.config.source_config`)."""
 
-    def __init__(self, data_config, priors: PriorAttacher | None = None):
+    name: str
+    path: str
+    weight: float
+    specs: tuple[str, ...] = ()
+    tasks: tuple[tuple[str, float], ...] = ()
+    text: str = ""
+    degraded_dir: str = ""
+    clean_dir: str = ""
+
+
+def resolve_path(path: str, root: str = "") -> str:
+    """A source path read under `root` when relative ('skimage' and tfds names are left alone)."""
+    path = str(path)
+    if not path or is_named_source(path) or not root:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else Path(root).expanduser() / p)
+
+
+def source_specs(data_config) -> list[SourceSpec]:
+    """The resolved `data.sources` in name order ([] without a mixture); bad weights -> UsageError."""
+    sources = data_config.get("sources") or {}
+    root = str(data_config.get("root", ""))
+    out = []
+    for name in sorted(sources.keys()):
+        sc = sources[name]
+        weight = float(sc.get("weight", 1.0))
+        if not weight > 0 or not np.isfinite(weight):
+            raise UsageError(f"data.sources.{name}.weight must be > 0, got {weight:g}")
+        path = str(sc.get("path", ""))
+        if not path:
+            raise UsageError(f"data.sources.{name}.path is empty")
+        tasks = tuple((k, float(v)) for k, v in dict(sc.get("tasks") or {}).items())
+        out.append(SourceSpec(
+            name=name, path=resolve_path(path, root), weight=weight,
+            specs=tuple(str(x) for x in (sc.get("specs") or ())), tasks=tasks,
+            text=str(sc.get("text", "")), degraded_dir=str(sc.get("degraded_dir", "")),
+            clean_dir=str(sc.get("clean_dir", "")),
+        ))
+    return out
+
+
+def source_names(config) -> list[str]:
+    """The names of the mixture's sources, in `source_id` order ([] for a single source)."""
+    return sorted((config.data.get("sources") or {}).keys())
+
+
+def open_source(spec: SourceSpec, check: str = "auto") -> ImageSource:
+    """The ImageSource of one mixture entry; a missing path is a UsageError naming the entry."""
+    if not is_named_source(spec.path) and not Path(spec.path).expanduser().exists():
+        raise UsageError(f"data.sources.{spec.name}: path not found: {spec.path}")
+    try:
+        if spec.degraded_dir or spec.clean_dir:
+            return PairedSource(spec.path, check=check, degraded_dir=spec.degraded_dir,
+                                clean_dir=spec.clean_dir)
+        return load_source(spec.path, check=check)
+    except UsageError as e:
+        raise UsageError(f"data.sources.{spec.name}: {e}") from None
+
+
+def _source_seed(seed: int, name: str) -> int:
+    """A source's own shuffle/transform seed: a pure function of (config.seed, source name)."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+class TrainTransform:
+    """random_map function: crop, augment and degrade one source item into a training example.
+
+    `source` (a mixture entry) overrides the task weights (its `tasks`), draws one of its fixed
+    `specs` instead of sampling, gives its pairs its `text`, and tags examples with its name and
+    `source_id`.
+    """
+
+    def __init__(self, data_config, priors: PriorAttacher | None = None,
+                 source: SourceSpec | None = None, source_id: int = 0):
+        from lmdir_jax.degradations import parse_spec
+
         self.patch = int(data_config.patch_size)
         self.augment = bool(data_config.augment)
         self.weights = {k: float(v) for k, v in dict(data_config.tasks).items()}
@@ -119,9 +204,17 @@ class TrainTransform:
         self.random_phrasing = float(data_config.get("random_phrasing", 0.0))
         self.paired_text = str(data_config.get("paired_text", ""))
         self.priors = priors
+        self.source, self.source_id = source, int(source_id)
+        self.specs: list = []
+        if source is not None:
+            if source.tasks:
+                self.weights = dict(source.tasks)
+            if source.text:
+                self.paired_text = source.text
+            self.specs = [parse_spec(x) for x in source.specs]  # UsageError for a bad spec
 
     def __call__(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        from lmdir_jax.degradations import KINDS, sample_degradation
+        from lmdir_jax.degradations import KINDS, apply_spec, sample_degradation
 
         if "degraded" in item:
             lq, gt = random_crop(rng, self.patch, item["degraded"], item["clean"])
@@ -133,7 +226,11 @@ class TrainTransform:
             if self.augment:
                 (gt,) = augment(rng, gt)
             gt = np.ascontiguousarray(gt, dtype=np.float32)
-            lq, label = sample_degradation(gt, rng, self.weights, self.mix_prob, self.max_kinds)
+            if self.specs:
+                items = self.specs[int(rng.integers(len(self.specs)))]
+                lq, label = apply_spec(gt, items, rng)
+            else:
+                lq, label = sample_degradation(gt, rng, self.weights, self.mix_prob, self.max_kinds)
             vector = np.asarray(label.vector(), np.float32)
             text = label.text(rng) if rng.random() < self.random_phrasing else label.text()
         out = {
@@ -143,6 +240,9 @@ class TrainTransform:
             "deg_text": np.str_(text),
             "key": np.str_(item["key"]),
         }
+        if self.source is not None:
+            out["source"] = np.str_(self.source.name)
+            out["source_id"] = np.int32(self.source_id)
         return self.priors(out) if self.priors is not None else out
 
 
@@ -153,6 +253,11 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     cv2.setNumThreads(1)
 
 
+def _check_tasks(weights: dict[str, float], where: str) -> None:
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise UsageError(f"{where} needs at least one positive weight and no negative one")
+
+
 def _validate(config, process_count: int) -> int:
     d = config.data
     if d.patch_size < 8:
@@ -161,10 +266,20 @@ def _validate(config, process_count: int) -> int:
         raise UsageError(
             f"data.batch_size {d.batch_size} must be a positive multiple of the {process_count} processes"
         )
-    weights = {k: float(v) for k, v in dict(d.tasks).items()}
-    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-        raise UsageError("data.tasks needs at least one positive weight and no negative one")
+    _check_tasks({k: float(v) for k, v in dict(d.tasks).items()}, "data.tasks")
+    for spec in source_specs(d):
+        if spec.tasks:
+            _check_tasks(dict(spec.tasks), f"data.sources.{spec.name}.tasks")
     return d.batch_size // process_count
+
+
+def _attacher(config, prior_cache, src: ImageSource) -> PriorAttacher | None:
+    if prior_cache is None:
+        return None
+    return PriorAttacher(
+        prior_cache, src.keys(), int(config.priors.ref_size),
+        int(config.priors.max_text_len), int(config.model.text_dim),
+    )
 
 
 def make_dataset(
@@ -174,24 +289,36 @@ def make_dataset(
     prior_cache: Any = None,
     process_index: int = 0,
     process_count: int = 1,
+    sources: list[ImageSource] | None = None,
 ):
-    """The grain MapDataset of per-host batches (infinite); see `make_train_iterator`."""
+    """The grain MapDataset of per-host batches (infinite); see `make_train_iterator`.
+
+    With `data.sources` set, `sources` may pass the opened sources (in `source_specs` order).
+    """
     import grain
 
     per_host = _validate(config, process_count)
-    src = load_source(config.data.source) if source is None else source
-    priors = None
-    if prior_cache is not None:
-        priors = PriorAttacher(
-            prior_cache, src.keys(), int(config.priors.ref_size),
-            int(config.priors.max_text_len), int(config.model.text_dim),
-        )
-    ds = grain.MapDataset.source(src).seed(int(config.seed)).shuffle().repeat()
-    ds = ds.random_map(TrainTransform(config.data, priors))
+    specs = source_specs(config.data) if source is None else []
+    if specs:
+        srcs = [open_source(s) for s in specs] if sources is None else list(sources)
+        parts, missing = [], []
+        for i, (spec, src) in enumerate(zip(specs, srcs, strict=True)):
+            priors = _attacher(config, prior_cache, src)
+            missing += [] if priors is None else priors.missing
+            part = grain.MapDataset.source(src).seed(_source_seed(config.seed, spec.name))
+            part = part.shuffle().repeat().random_map(TrainTransform(config.data, priors, spec, i))
+            parts.append(part)
+        ds = grain.MapDataset.mix(parts, [s.weight for s in specs])
+    else:
+        src = load_source(config.data.source) if source is None else source
+        priors = _attacher(config, prior_cache, src)
+        missing = [] if priors is None else priors.missing
+        ds = grain.MapDataset.source(src).seed(int(config.seed)).shuffle().repeat()
+        ds = ds.random_map(TrainTransform(config.data, priors))
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.batch(per_host, drop_remainder=True)
-    ds.missing_priors = [] if priors is None else priors.missing
+    ds.missing_priors = missing
     return ds
 
 

@@ -3,8 +3,10 @@
 `load_source(spec)` understands:
 - `skimage`: the colour sample photographs shipped inside scikit-image (no download);
 - a folder of clean images (searched recursively);
-- a paired folder holding `degraded/` and `clean/` (matched by identical stem, or degraded stem =
-  clean stem + '_...', as in SOTS: `0001_0.8_0.2.jpg` <-> `0001.png`);
+- a paired folder holding `degraded/` and `clean/` (or `input/` + `target/`, `rainy/` + `gt/`,
+  `synthetic/` + `original/`, `blur/` + `sharp/`, `low/` + `high/`, ...), matched by `match_pairs`:
+  identical name, degraded name = clean name + '_...' (SOTS: `0001_0.8_0.2.jpg` <-> `0001.png`), or
+  the same name after a leading word (PromptIR: `rainy/rain-12.png` <-> `gt/norain-12.png`);
 - `tfds:NAME:SPLIT` (a `tfds.data_source`; needs tensorflow-datasets and the prepared data).
 
 Every item is a dict with `key` (stable: the path relative to the source root, or the skimage
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,8 +43,8 @@ SKIMAGE_NAMES: tuple[str, ...] = (
     "retina",
     "stereo_motorcycle",
 )
-DEGRADED_DIRS = ("degraded", "input", "lq", "hazy", "rainy", "low")
-CLEAN_DIRS = ("clean", "target", "gt", "clear", "norain", "high")
+DEGRADED_DIRS = ("degraded", "input", "lq", "hazy", "rainy", "low", "synthetic", "blur")
+CLEAN_DIRS = ("clean", "target", "gt", "clear", "norain", "high", "original", "sharp")
 FULL_CHECK_LIMIT = 4000  # folders up to this many files are fully decoded once when loaded
 
 
@@ -147,27 +151,46 @@ class ImageSource:
         return f"{type(self).__name__}({self.name!r}, {len(self)} items)"
 
 
+_SKIMAGE_LOCK = threading.Lock()
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    """One scikit-image sample photo as uint8 HxWx3.
+
+    Under one lock: skimage.data parses .npy/.npz headers with ast.literal_eval, and CPython 3.11
+    can fail with "SystemError: AST constructor recursion depth mismatch" when two threads parse
+    at once (the same race priors/cache.py guards against).
+    """
+    import skimage.data
+
+    with _SKIMAGE_LOCK:
+        a = getattr(skimage.data, name)()
+    if isinstance(a, tuple):  # stereo_motorcycle -> (left, right, disparity)
+        a = a[0]
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
 class SkimageSource(ImageSource):
-    """The colour sample photographs of scikit-image, decoded once and kept in memory."""
+    """The colour sample photographs of scikit-image, decoded once, in the creating process.
+
+    The uint8 photos travel with the source to data workers, so no thread or worker parses
+    scikit-image's files again.
+    """
 
     def __init__(self, names: tuple[str, ...] = SKIMAGE_NAMES):
-        super().__init__(cache_size=len(names))
+        super().__init__(cache_size=0)
         self.name = "skimage"
         self.names = tuple(names)
+        self.photos = [_skimage_photo(n) for n in self.names]
 
     def keys(self) -> list[str]:
         return list(self.names)
 
     def _load(self, index: int) -> dict[str, Any]:
-        import skimage.data
-
-        a = getattr(skimage.data, self.names[index])()
-        if isinstance(a, tuple):  # stereo_motorcycle -> (left, right, disparity)
-            a = a[0]
-        a = np.asarray(a)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        return {"key": self.names[index], "clean": (a[..., :3].astype(np.float32) / 255.0)}
+        return {"key": self.names[index], "clean": self.photos[index].astype(np.float32) / 255.0}
 
 
 class FolderSource(ImageSource):
@@ -206,7 +229,7 @@ class FolderSource(ImageSource):
         return {"key": self._keys[index], "clean": self._read(index)}
 
 
-def _find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
+def find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
     for n in names:
         if (root / n).is_dir():
             return root / n
@@ -216,27 +239,57 @@ def _find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
 def is_paired_folder(root: str | Path) -> bool:
     """True when `root` holds a degraded folder and a clean folder (e.g. degraded/ + clean/)."""
     root = Path(root)
-    return _find_subdir(root, DEGRADED_DIRS) is not None and _find_subdir(root, CLEAN_DIRS) is not None
+    return find_subdir(root, DEGRADED_DIRS) is not None and find_subdir(root, CLEAN_DIRS) is not None
+
+
+def _stem(rel: str) -> str:
+    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+
+
+def _unique(keys: dict[str, str | None], key: str, value: str) -> None:
+    keys[key] = value if key not in keys else None  # None marks an ambiguous key
 
 
 def match_pairs(degraded: list[str], clean: list[str]) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """Match relative paths (without suffix compared) by identical stem, or degraded stem = clean
-    stem + '_...' (longest clean stem wins). Returns (pairs, unmatched degraded, unmatched clean)."""
+    """Match degraded and clean relative paths; returns (pairs, unmatched degraded, unmatched clean).
 
-    def stem(rel: str) -> str:
-        return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+    Rules, tried in order for each degraded file (suffixes are ignored):
+    1. the same stem (`a/001.png` <-> `a/001.jpg`);
+    2. degraded stem = clean stem + '_...' (SOTS/OTS: `0025_0.8_0.04.jpg` <-> `0025.png`; the
+       longest clean stem wins);
+    3. rules 1-2 on the file name alone, when the folders differ (PromptIR's
+       `synthetic/part1/0025_0.8_0.04.jpg` <-> `original/0025.jpg`), if that name is unique;
+    4. the same stem after a leading word (PromptIR: `rain-12.png` <-> `norain-12.png`), if unique.
+    """
+    by_stem = {_stem(c): c for c in clean}
+    by_name: dict[str, str | None] = {}
+    by_tail: dict[str, str | None] = {}
+    for c in clean:
+        s = _stem(c).rsplit("/", 1)[-1]
+        _unique(by_name, s, c)
+        tail = re.sub(r"^[A-Za-z]+[-_]?", "", s)
+        if tail and tail != s:
+            _unique(by_tail, tail, c)
 
-    by_stem = {stem(c): c for c in clean}
-    pairs, lone = [], []
-    for d in degraded:
-        s = stem(d)
-        match = by_stem.get(s)
-        if match is None:
+    def prefix_match(s: str, table: dict) -> str | None:
+        found = table.get(s)
+        if found is None:
             parts = s.split("_")
             for n in range(len(parts) - 1, 0, -1):
-                match = by_stem.get("_".join(parts[:n]))
-                if match is not None:
+                found = table.get("_".join(parts[:n]))
+                if found is not None:
                     break
+        return found
+
+    pairs, lone = [], []
+    for d in degraded:
+        s = _stem(d)
+        name = s.rsplit("/", 1)[-1]
+        match = prefix_match(s, by_stem) or prefix_match(name, by_name)
+        if match is None:
+            tail = re.sub(r"^[A-Za-z]+[-_]?", "", name)
+            if tail and tail != name:
+                match = by_tail.get(tail)
         if match is None:
             lone.append(d)
         else:
@@ -246,21 +299,40 @@ def match_pairs(degraded: list[str], clean: list[str]) -> tuple[list[tuple[str, 
 
 
 class PairedSource(ImageSource):
-    """A paired folder: `degraded/` and `clean/` images matched by name (see `match_pairs`)."""
+    """A paired folder: degraded and clean sub-folders matched by name (see `match_pairs`).
+
+    `degraded_dir`/`clean_dir` name the sub-folders (default: the first of DEGRADED_DIRS /
+    CLEAN_DIRS that exists).
+    """
 
     paired = True
 
-    def __init__(self, root: str | Path, check: str = "auto", cache_size: int = 16):
+    def __init__(
+        self,
+        root: str | Path,
+        check: str = "auto",
+        cache_size: int = 16,
+        degraded_dir: str = "",
+        clean_dir: str = "",
+    ):
         super().__init__(cache_size=cache_size)
         self.root = Path(root)
         self.name = str(root)
-        ddir, cdir = _find_subdir(self.root, DEGRADED_DIRS), _find_subdir(self.root, CLEAN_DIRS)
+        ddir = self.root / degraded_dir if degraded_dir else find_subdir(self.root, DEGRADED_DIRS)
+        cdir = self.root / clean_dir if clean_dir else find_subdir(self.root, CLEAN_DIRS)
+        for given, found in ((degraded_dir, ddir), (clean_dir, cdir)):
+            if given and not found.is_dir():
+                raise UsageError(f"paired folder {root} has no sub-folder {given}/")
         if ddir is None or cdir is None:
             raise UsageError(f"{root} is not a paired folder (it needs degraded/ and clean/)")
-        dfiles, bad_d = _check_files(list_images(ddir), self.root, check)
-        cfiles, bad_c = _check_files(list_images(cdir), self.root, check)
+        self.degraded_dir, self.clean_dir = ddir, cdir
+        dall, call = list_images(ddir), list_images(cdir)
+        dfiles, bad_d = _check_files(dall, self.root, check)
+        cfiles, bad_c = _check_files(call, self.root, check)
         _report_bad(str(root), bad_d + bad_c)
+        self.num_files = len(dall) + len(call)
         self.num_unreadable = len(bad_d) + len(bad_c)
+        self.unreadable = bad_d + bad_c
         drel = [p.relative_to(ddir).as_posix() for p in dfiles]
         crel = [p.relative_to(cdir).as_posix() for p in cfiles]
         pairs, lone_d, lone_c = match_pairs(drel, crel)
@@ -269,7 +341,10 @@ class PairedSource(ImageSource):
             names = ", ".join(self.unmatched[:10]) + (", ..." if len(self.unmatched) > 10 else "")
             log.warning("%s: %d unmatched file(s): %s", root, len(self.unmatched), names)
         if not pairs:
-            raise UsageError(f"no matching degraded/clean pair in {root}")
+            raise UsageError(
+                f"no matching {ddir.name}/{cdir.name} pair in {root} "
+                f"({len(drel)} {ddir.name} and {len(crel)} {cdir.name} image(s))"
+            )
         self.pairs = [(ddir / d, cdir / c) for d, c in pairs]
         self._keys = [f"{ddir.name}/{d}" for d, _ in pairs]
         self.clean_keys = [f"{cdir.name}/{c}" for _, c in pairs]

@@ -286,6 +286,7 @@ def train(config, workdir: str | Path, *, progress: bool = True) -> dict:
     import jax
     from tqdm import tqdm
 
+    from lmdir_jax.data import pipeline as pipeline_lib
     from lmdir_jax.data.pipeline import make_train_iterator
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import mesh as mesh_lib
@@ -307,6 +308,7 @@ def train(config, workdir: str | Path, *, progress: bool = True) -> dict:
 
     # Data first: a source without usable images fails here, before anything is compiled.
     iterator = make_train_iterator(config, prior_cache=_prior_cache(config))
+    source_names = pipeline_lib.source_names(config)
     clip, clip_params = _load_clip(config)
     write_config(config, workdir)
 
@@ -356,9 +358,10 @@ def train(config, workdir: str | Path, *, progress: bool = True) -> dict:
                 )
         dt = time.perf_counter() - window_t
         images_per_s = window_n * gbatch / max(dt, 1e-9)
+        per_source = step_lib.pop_source_losses(fetched, source_names)
         means = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
         last_loss = means["loss"]
-        logger.write(pending[-1][0], {**means, "images_per_s": images_per_s})
+        logger.write(pending[-1][0], {**means, **per_source, "images_per_s": images_per_s})
         bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
         pending, window_t, window_n = [], time.perf_counter(), 0
 
@@ -417,6 +420,7 @@ def train(config, workdir: str | Path, *, progress: bool = True) -> dict:
         bar.close()
         manager.wait_until_finished()
         manager.close()
+        iterator.close()  # stops grain's prefetch threads and worker processes (shared memory)
         logger.close()
     seconds = time.perf_counter() - t0
     plot_loss(workdir)
@@ -441,9 +445,9 @@ def _train_rows(predictor: _Predictor, state: dict, local: dict, clip) -> list:
     return [(local["lq"][i], restored[i], local["gt"][i]) for i in range(n)]
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
-    """One line per fact of a finished run (for the CLI)."""
+def print_summary(summary: dict, file=None) -> None:
+    """One line per fact of a finished run (for the CLI); `file` defaults to the current stdout."""
     keys = ("step", "loss", "images_per_s", "seconds", "val_psnr", "val_ssim", "checkpoint_step")
     parts = [f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
              for k in keys if k in summary]
-    print("trained: " + " ".join(parts), file=file)
+    print("trained: " + " ".join(parts), file=file or sys.stdout)

@@ -84,14 +84,51 @@ def psnr_loss(restored: jax.Array, gt: jax.Array) -> jax.Array:
 LOSSES = {"l1": l1_loss, "psnr": psnr_loss}
 
 
+def example_losses(name: str, restored: jax.Array, gt: jax.Array) -> jax.Array:
+    """The (B,) per-example values whose mean is loss `name` (mean |error|, or minus PSNR)."""
+    diff = restored.astype(jnp.float32) - gt.astype(jnp.float32)
+    axes = tuple(range(1, diff.ndim))
+    if name == "psnr":
+        return 10.0 * jnp.log10(jnp.mean(jnp.square(diff), axis=axes) + 1e-8)
+    return jnp.mean(jnp.abs(diff), axis=axes)
+
+
+def source_loss_sums(losses: jax.Array, source_id: jax.Array, num_sources: int) -> dict:
+    """Per-source sums and counts of per-example losses: {'source_loss_sum', 'source_count'} (S,)."""
+    onehot = jax.nn.one_hot(source_id, num_sources, dtype=jnp.float32)
+    return {
+        "source_loss_sum": jax.lax.stop_gradient(losses) @ onehot,
+        "source_count": jnp.sum(onehot, axis=0),
+    }
+
+
+def pop_source_losses(fetched: list[dict], names: list[str]) -> dict[str, float]:
+    """Remove the per-source sums from fetched step metrics; return {'loss/<source>': mean loss}.
+
+    The mean is over every example of that source in the fetched steps (absent sources are left
+    out), so it is comparable with `loss` of a single-source run.
+    """
+    sums, counts = np.zeros(len(names)), np.zeros(len(names))
+    for m in fetched:
+        if "source_loss_sum" in m:
+            sums += np.asarray(m.pop("source_loss_sum"), np.float64)
+            counts += np.asarray(m.pop("source_count"), np.float64)
+    return {f"loss/{n}": float(sums[i] / counts[i]) for i, n in enumerate(names) if counts[i] > 0}
+
+
 def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
-    """`step(state, batch, clip_params) -> (state, metrics)`, jitted with the state donated."""
+    """`step(state, batch, clip_params) -> (state, metrics)`, jitted with the state donated.
+
+    A batch with `source_id` (a data.sources mixture) adds the per-source `source_loss_sum` and
+    `source_count` to the metrics (see `pop_source_losses`).
+    """
     pc = config.priors
     ema_decay = float(config.train.ema_decay)
     if config.train.loss not in LOSSES:
         raise ValueError(f"train.loss must be one of {sorted(LOSSES)}, got {config.train.loss!r}")
     loss_of = LOSSES[config.train.loss]
     schedule = learning_rate_schedule(config.train)
+    num_sources = max(1, len(config.data.get("sources") or {}))
     if clip is not None and float(pc.auto_ratio) > 0:
         clip.degradation_bank()  # computed eagerly once; enters the step as a constant
 
@@ -106,9 +143,10 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
         )
 
         def loss_fn(m):
-            return loss_of(m(batch["lq"], priors), batch["gt"])
+            restored = m(batch["lq"], priors)
+            return loss_of(restored, batch["gt"]), restored
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        (loss, restored), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
         new = {"model": nnx.state(model), "opt": nnx.state(opt)}
         if "ema" in state:
@@ -123,6 +161,9 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(step),
         }
+        if "source_id" in batch:
+            per = example_losses(config.train.loss, restored, batch["gt"])
+            metrics.update(source_loss_sums(per, batch["source_id"], num_sources))
         return new, metrics
 
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(setup.shardings, None))
