@@ -173,6 +173,9 @@ class Progress(Action):
 
             self.bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
                             dynamic_ncols=True, file=self.stream)
+        elif self.enabled:
+            self.stream.write(f"train: starting at step {run.step}/{run.total} (the first step compiles)\n")
+            self.stream.flush()
 
     def __call__(self, run: Run) -> None:
         if not self.enabled:
@@ -350,13 +353,13 @@ def default_actions(config, progress: bool = True) -> list[Action]:
     """The actions of `train(config, ...)`, in order, from the `train` config section."""
     tc = config.train
     return [
+        StopOnSignal(),  # first: its handlers are in place before anything else starts
         StopOnNonFinite(),
         LogMetrics(int(tc.log_every)),
         Progress(progress),
         Checkpoint(int(tc.ckpt_every)),
         Validate(int(tc.val_every)),
         Plot(int(tc.plot_every)),
-        StopOnSignal(),
     ]
 
 
