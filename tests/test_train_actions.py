@@ -135,7 +135,8 @@ def test_progress_outside_a_terminal_is_periodic_lines():
     p.close(run)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in stream.getvalue()
-    assert lines[0].startswith("train: step 5/10 loss 0.1667 12.0 images/s ETA 0:00:")
+    assert lines[0].startswith("train: step 5/10 loss 0.1667 12.0 images/s ETA 0:00:0")
+    assert lines[1].startswith("train: step 5/10")
     assert A.Progress(False, stream=stream).bar is None
 
 

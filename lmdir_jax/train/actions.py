@@ -161,13 +161,12 @@ class Progress(Action):
         self.interval = float(interval)
         self.bar = None
         self._last_line = 0.0
-        self._t0 = 0.0
-        self._s0 = 0
+        self._first: tuple[float, int] | None = None
 
     def start(self, run: Run) -> None:
         self.stream = self.stream or sys.stderr
         self.enabled = self.enabled and monitor.is_main()
-        self._t0, self._s0, self._last_line = time.perf_counter(), run.step, time.perf_counter()
+        self._first, self._last_line = None, time.perf_counter()
         if self.enabled and _isatty(self.stream):
             from tqdm import tqdm
 
@@ -180,6 +179,8 @@ class Progress(Action):
     def __call__(self, run: Run) -> None:
         if not self.enabled:
             return
+        if self._first is None:  # ETA from the steps after the first (which includes compiling)
+            self._first = (time.perf_counter(), run.step)
         if self.bar is not None:
             self.bar.update(run.step - self.bar.n)
         elif time.perf_counter() - self._last_line >= self.interval:
@@ -192,8 +193,9 @@ class Progress(Action):
     def line(self, run: Run) -> None:
         """Write one progress line now."""
         now = time.perf_counter()
-        done = run.step - self._s0
-        eta = (run.total - run.step) * (now - self._t0) / done if done > 0 else float("nan")
+        t0, s0 = self._first or (now, run.step)
+        done = run.step - s0
+        eta = (run.total - run.step) * (now - t0) / done if done > 0 else float("nan")
         self.stream.write(
             f"train: step {run.step}/{run.total} loss {run.loss:.4f} "
             f"{run.images_per_s:.1f} images/s ETA {_clock(eta)}\n"

@@ -203,8 +203,21 @@ def save_grid(workdir: Path, name: str, rows: list) -> None:
 
 
 def train_rows(predictor: Predictor, state: dict, local: dict, clip) -> list:
-    """(degraded, restored, clean) rows for the first few patches of a training batch."""
+    """(degraded, restored, clean) rows for the first few patches of a training batch.
+
+    With several processes every process must feed the same replicated inputs: the first patches
+    of each process's batch are gathered (and shown without degradation texts).
+    """
+    import jax
+
     n = min(4, local["lq"].shape[0])
+    lq, gt = local["lq"][:n], local["gt"][:n]
     texts = [str(t) for t in local["deg_text"][:n]] if clip is not None else None
-    restored = predictor(state, local["lq"][:n], texts)
-    return [(local["lq"][i], restored[i], local["gt"][i]) for i in range(n)]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        k = max(1, n // jax.process_count())
+        lq, gt = (np.asarray(multihost_utils.process_allgather(x[:k], tiled=True)) for x in (lq, gt))
+        n, texts = lq.shape[0], None
+    restored = predictor(state, lq, texts)
+    return [(lq[i], restored[i], gt[i]) for i in range(n)]
