@@ -162,7 +162,7 @@ def _shapes(tree) -> dict[str, tuple]:
     for path, leaf in leaves:
         if hasattr(leaf, "shape"):
             key = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
-            out[key] = tuple(leaf.shape)
+            out[key.removesuffix("/value")] = tuple(leaf.shape)  # (saved nnx Variables end in /value)
     return out
 
 
