@@ -245,3 +245,58 @@ def test_shape_mismatch_is_not_corruption_and_corruption_says_what_it_uses(tmp_p
     assert len(warnings) == 1 and "step 2 is unreadable" in warnings[0] and "trying step 1" in warnings[0]
     assert len(err.splitlines()) < 10, err[-2000:]
     assert (tmp_path / "checkpoints_corrupt" / "2").is_dir()
+
+
+class _Identity:
+    """A stand-in predictor: returns its input (the restored image is the degraded one)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, state, lq, texts=None):
+        self.calls += 1
+        return np.asarray(lq, np.float32)
+
+
+def test_validate_action_logs_evaluate_metrics_and_writes_a_grid(tmp_path):
+    from lmdir_jax.data.io import write_image
+    from lmdir_jax.metrics import image_metrics
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "val").mkdir()
+    for i in range(2):
+        write_image(tmp_path / "val" / f"{i}.png", rng.random((40, 48, 3)).astype(np.float32))
+    config = load_config("tiny", [f"data.val_source={tmp_path / 'val'}", "data.val_size=32",
+                                  "data.val_spec=noise:25"])
+    run = A.Run(config=config, workdir=tmp_path / "wd", total=10, step=5, logger=_Logger(),
+                predictor=_Identity())
+    action = A.Validate(5)
+    assert action.due(run) and not action.due(A.Run(config=config, workdir=tmp_path, total=10, step=4))
+    action(run)
+    (step, scalars), = run.logger.records
+    assert step == 5 and scalars["val_images"] == 2.0 and run.predictor.calls == 2
+    assert scalars["val_psnr"] == scalars["val_input_psnr"] < 30  # identity: restored == input
+    assert 0 < scalars["val_ssim"] < 0.99 and run.summary["val_psnr"] == scalars["val_psnr"]
+    assert (tmp_path / "wd" / "plots" / "val_000005.png").is_file()
+    # the same numbers as `lmdir evaluate` computes (uint8 RGB PSNR), not a private variant
+    from lmdir_jax.data.evaluation import iter_eval_pairs
+
+    want = np.mean([image_metrics(np.clip(d, 0, 1), c)["psnr_rgb"] for _, d, c, _ in iter_eval_pairs(
+        str(tmp_path / "val"), spec="noise:25", seed=0, crop_multiple=8, center_crop=32)])
+    assert scalars["val_psnr"] == pytest.approx(want)
+
+
+def test_plot_action_writes_loss_curve_and_training_grid(tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    run = A.Run(config=load_config("tiny"), workdir=wd, total=4, step=4, predictor=_Identity())
+    run.last_batch = {"lq": np.zeros((8, 16, 16, 3), np.float32), "gt": np.ones((8, 16, 16, 3), np.float32),
+                      "deg_text": np.array(["noise"] * 8)}
+    A.Plot(2)(run)
+    assert (wd / "plots" / "loss.png").stat().st_size > 1000
+    assert (wd / "plots" / "train_000004.png").is_file() and run.predictor.calls == 1
+    run.step, run.interrupted = 5, True
+    A.Plot(2).on_end(run)  # interrupted: the curve, but no grid
+    assert not (wd / "plots" / "train_000005.png").exists()

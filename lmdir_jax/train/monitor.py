@@ -152,16 +152,18 @@ class Predictor:
 def validate(config, state: dict, predictor: Predictor) -> tuple[dict, list]:
     """PSNR/SSIM of the (EMA) model on config.data.val_source degraded with val_spec.
 
+    The metrics are `lmdir evaluate`'s (`metrics.image_metrics`: uint8-quantised RGB PSNR and
+    Gaussian SSIM), so validation numbers and evaluation tables agree.
+
     Returns ({'val_psnr', 'val_ssim', 'val_input_psnr', 'val_images'}, grid rows); empty when
     no validation source is configured or it yields no image.
     """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
     dc = config.data
     if not str(dc.val_source):
         return {}, []
     from lmdir_jax.data.evaluation import iter_eval_pairs
     from lmdir_jax.data.sources import is_paired_folder
+    from lmdir_jax.metrics import image_metrics
 
     spec = None if is_paired_folder(dc.val_source) else (str(dc.val_spec) or None)
     psnrs, ssims, inputs, rows = [], [], [], []
@@ -175,9 +177,10 @@ def validate(config, state: dict, predictor: Predictor) -> tuple[dict, list]:
     ):
         text = [label.text()] if label is not None else None
         restored = np.clip(predictor(state, degraded[None], text)[0], 0, 1)
-        psnrs.append(peak_signal_noise_ratio(clean, restored, data_range=1.0))
-        inputs.append(peak_signal_noise_ratio(clean, np.clip(degraded, 0, 1), data_range=1.0))
-        ssims.append(structural_similarity(clean, restored, channel_axis=-1, data_range=1.0))
+        got = image_metrics(restored, clean)  # what `lmdir evaluate` reports (uint8, RGB)
+        psnrs.append(got["psnr_rgb"])
+        ssims.append(got["ssim_rgb"])
+        inputs.append(image_metrics(np.clip(degraded, 0, 1), clean)["psnr_rgb"])
         if len(rows) < 4:
             rows.append((degraded, restored, clean))
     if not psnrs:
