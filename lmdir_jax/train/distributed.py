@@ -122,3 +122,18 @@ def check_batch(batch_size: int, devices: int, processes: int) -> None:
         raise UsageError(
             f"data.batch_size={batch_size} must be a multiple of the {devices} devices in the mesh"
         )
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches `name` (coordination service; no device collective).
+
+    Used after compiling: a process whose step came from the compilation cache must not enter
+    the step's collectives while another still compiles (gloo gives up after 30 s).
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public barrier
+
+    jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

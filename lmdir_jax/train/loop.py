@@ -88,6 +88,20 @@ def _restore_or_init(config, setup, manager, iterator) -> tuple[int, dict, bool]
     return start, state, True
 
 
+def _compile(step_fn, *args):
+    """The step compiled for these arguments; with several processes, all wait until all have
+    compiled (see distributed.barrier). A plain function (tests' stand-ins) is used as it is."""
+    import jax
+
+    from lmdir_jax.train import distributed
+
+    if jax.process_count() == 1 or not hasattr(step_fn, "lower"):
+        return step_fn
+    compiled = step_fn.lower(*args).compile()
+    distributed.barrier("lmdir_train_step_compiled")
+    return compiled
+
+
 def run_loop(run: Run, step_fn, clip_params=None) -> None:
     """Step until `run.total` or an action sets `run.stop`; the actions do everything else."""
     from lmdir_jax.train import mesh as mesh_lib
@@ -95,6 +109,7 @@ def run_loop(run: Run, step_fn, clip_params=None) -> None:
 
     for action in run.actions:
         action.start(run)
+    compiled = None
     while run.step < run.total and not run.stop:
         local = next(run.iterator)
         for action in run.actions:
@@ -102,7 +117,9 @@ def run_loop(run: Run, step_fn, clip_params=None) -> None:
         batch = mesh_lib.global_batch(local, run.mesh)
         if run.clip is not None:
             batch.update(mesh_lib.global_batch(step_lib.host_tokens(run.clip, local["deg_text"]), run.mesh))
-        run.state, metrics = step_fn(run.state, batch, clip_params)
+        if compiled is None:
+            compiled = _compile(step_fn, run.state, batch, clip_params)
+        run.state, metrics = compiled(run.state, batch, clip_params)
         run.step += 1
         run.pending.append((run.step, metrics))
         run.last_batch = local

@@ -128,6 +128,7 @@ class Predictor:
             return model(lq, priors)
 
         self._forward = jax.jit(forward)
+        self._compiled: dict = {}
         self._Priors = Priors
 
     def __call__(self, state: dict, lq: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
@@ -145,7 +146,18 @@ class Predictor:
         rep = replicated(self.mesh)
         lq = jax.device_put(jnp.asarray(lq, jnp.float32), rep)
         priors = jax.device_put(priors, rep)
-        out = self._forward(state["model"], state.get("ema"), lq, priors)
+        args = (state["model"], state.get("ema"), lq, priors)
+        if jax.process_count() > 1:  # all processes compiled before any enters a collective
+            from lmdir_jax.train.distributed import barrier
+
+            key = jax.tree.map(lambda x: (x.shape, str(x.dtype)), args)
+            key = str(jax.tree.leaves(key))
+            if key not in self._compiled:
+                self._compiled[key] = self._forward.lower(*args).compile()
+                barrier(f"lmdir_predictor_compiled_{len(self._compiled)}")
+            out = self._compiled[key](*args)
+        else:
+            out = self._forward(*args)
         return np.asarray(jax.device_get(out), np.float32)
 
 
