@@ -231,3 +231,119 @@ def test_psnr_loss_is_minus_mean_example_psnr_and_bad_loss_names_fail():
     c = load_config("tiny", ["config.train.loss=l2"])
     with pytest.raises(ValueError, match="train.loss"):
         make_train_step(c, None)
+
+
+def _start(workdir: Path, cache: Path, extra: list[str] = (), **env: str) -> subprocess.Popen:
+    """`lmdir train` in the background, progress lines on stderr (a pipe: no redraws)."""
+    cmd = [sys.executable, "-m", "lmdir_jax.cli", "train", "--config", "tiny",
+           "--workdir", str(workdir), *OVERRIDES, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(cache, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _signal_when_started(proc: subprocess.Popen, sig: int) -> str:
+    """Send `sig` once the loop announces its start (handlers installed); return all of stderr."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("train: starting at step"):
+            proc.send_signal(sig)
+            break
+    _, rest = proc.communicate(timeout=1500)
+    return "".join(lines) + rest
+
+
+def _steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_sigint_and_sigterm_save_and_resume_bit_identical(full_run, tmp_path, cache_dir):
+    """Real signals to a real `lmdir train`: each saves the step it finished and exits 130; the
+    resumed run goes on from there and ends with the uninterrupted run's parameters."""
+    wd = tmp_path / "signals"
+    for sig, want_step in ((signal.SIGINT, 1), (signal.SIGTERM, 2)):
+        proc = _start(wd, cache_dir)
+        err = _signal_when_started(proc, sig)
+        assert proc.returncode == 130, err[-3000:]
+        assert f"interrupted at step {want_step}; checkpoint saved" in err and "Traceback" not in err
+        assert _steps(wd)[-1] == want_step
+    records = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # the second run began at step 2
+    r = _cli(wd, cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(np.array_equal(x, y) for x, y in zip(_params(full_run), _params(wd), strict=True))
+
+
+def test_resume_on_another_device_count(full_run, tmp_path, cache_dir):
+    """Steps 1-2 on 8 devices, steps 3-4 resumed on 1 device: the uninterrupted 8-device run's
+    parameters within 1e-5 (only the order of floating-point reductions differs)."""
+    wd = tmp_path / "devices"
+    shutil.copytree(full_run, wd)
+    shutil.rmtree(wd / "checkpoints" / "4")
+    r = _cli(wd, cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((wd / "checkpoints" / "4" / "meta" / "metadata").read_text())["devices"] == 1
+    a, b = _params(full_run), _params(wd)
+    assert len(a) == len(b) > 10
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_with_another_model_is_refused_before_writing(full_run, tmp_path, capsys):
+    from lmdir_jax.cli import main
+
+    wd = tmp_path / "changed"
+    shutil.copytree(full_run, wd)
+    before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+    code = main(["train", "--config", "tiny", "--workdir", str(wd), *OVERRIDES,
+                 "--config.model.width=8", "--config.seed=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.width: 4 -> 8" in err[0] and "seed: 0 -> 1" in err[0]
+    assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()} == before
+    # Forced, the checkpoint still does not fit: one line again, never treated as corruption.
+    code = main(["train", "--config", "tiny", "--workdir", str(wd), *OVERRIDES,
+                 "--config.model.width=8", "--config.train.allow_config_change=True"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not fit the config" in err[0], err
+    assert not (wd / "checkpoints_corrupt").exists() and _steps(wd) == [2, 4]
+    assert json.loads((wd / "config.json").read_text())["model"]["width"] == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(n: int, workdir: Path, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    """scripts/launch_local.sh: n processes x 4 emulated CPU devices on 127.0.0.1."""
+    cmd = ["bash", str(REPO / "scripts" / "launch_local.sh"), str(n), "tiny", str(workdir),
+           "--no-progress", *OVERRIDES]
+    extra = dict(PYTHON=sys.executable, LMDIR_PORT=str(_free_port()), LMDIR_DEVICES_PER_PROCESS="4",
+                 XLA_FLAGS="", **env)
+    return subprocess.run(cmd, cwd=REPO, env=_env(cache, **extra), capture_output=True, text=True,
+                          timeout=1500)
+
+
+def test_two_processes_kill_resume_equal_one_process(full_run, tmp_path, cache_dir):
+    """2 processes x 4 CPU devices (jax.distributed, gloo), each reading its own data shard; both
+    killed after step 3 (checkpoint 2), resumed to step 4: the 1-process 8-device run's parameters
+    within 1e-5 (the global batch holds the same examples; reductions may run in another order)."""
+    wd = tmp_path / "two"
+    r = _launch(2, wd, cache_dir, LMDIR_DEBUG_SIGKILL_AT_STEP="3")
+    log1 = (wd / "logs" / "process_1.log").read_text()
+    assert r.returncode != 0 and _steps(wd) == [2], r.stderr[-3000:] + log1[-3000:]
+    meta = json.loads((wd / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["devices"] == 8
+    data = sorted(p.name for p in (wd / "checkpoints" / "2" / "data").iterdir())
+    assert len(data) == 2 and data[0] != data[1]  # one iterator state per process
+    r = _launch(2, wd, cache_dir)
+    log1 = (wd / "logs" / "process_1.log").read_text()
+    assert r.returncode == 0, r.stderr[-3000:] + log1[-3000:]
+    assert _steps(wd) == [2, 4]
+    a, b = _params(full_run), _params(wd)
+    assert len(a) == len(b) > 10
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)

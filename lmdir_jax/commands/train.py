@@ -11,11 +11,13 @@ def register(sub) -> None:
         "train",
         help="train LMDIR (rerun the same command to resume)",
         description="Train LMDIR on the config's data; checkpoints, logs and plots go to WORKDIR. "
-        "Running the same command again resumes from the newest readable checkpoint.",
+        "Running the same command again resumes from the newest readable checkpoint. "
+        "Started on several hosts (JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, "
+        "Slurm, Open MPI, a TPU pod), it trains as one multi-process job.",
     )
     p.add_argument("--config", required=True, help="config file or name in configs/ (tiny, quickstart, ...)")
     p.add_argument("--workdir", required=True, help="run folder (checkpoints, metrics, plots)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=run)
 
 
@@ -32,15 +34,18 @@ def data_problems(config) -> list[str]:
 
 
 def run(args) -> int:
-    """Load the config, train, print a one-line summary; NaN loss -> exit 1, Ctrl-C -> 130."""
+    """Load the config, train, print a one-line summary; NaN loss -> exit 1, SIGINT/SIGTERM -> 130."""
     from lmdir_jax.config import load_config
-    from lmdir_jax.train.loop import TrainingDiverged, print_summary, train
+    from lmdir_jax.train.actions import fault_actions_from_env
+    from lmdir_jax.train.loop import TrainingDiverged, check_workdir, print_summary, train
 
+    check_workdir(args.workdir)
     config = load_config(args.config, args.config_overrides)
     if data_problems(config):
         return 1
     try:
-        summary = train(config, args.workdir, progress=not args.no_progress)
+        summary = train(config, args.workdir, progress=not args.no_progress,
+                        actions=fault_actions_from_env())
     except TrainingDiverged as e:
         sys.stderr.write(f"lmdir: error: {e}\n")
         return 1

@@ -7,12 +7,16 @@ Each checkpoint step is an `ocp.args.Composite` of items:
   data   the grain iterator state (grain.checkpoint.CheckpointSave), per process
   meta   JSON: step, device count, mesh shape
 Restoring takes abstract targets (jax.ShapeDtypeStruct with the *current* NamedSharding), so a run
-saved on 8 devices resumes on 1 (or on another mesh shape). A latest checkpoint that cannot be read
-is reported in one warning line, moved to WORKDIR/checkpoints_corrupt/, and the previous one is used.
+saved on 8 devices resumes on 1 (or on another mesh shape). A checkpoint whose parameter shapes do
+not fit the config is a UsageError (never "corruption"); a checkpoint that cannot be read is
+reported in one warning line saying what is used instead, and moved to WORKDIR/checkpoints_corrupt/.
+On resume, `check_resume_config` compares the config with WORKDIR/config.json before anything is
+written.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +28,66 @@ import orbax.checkpoint as ocp
 from lmdir_jax.errors import UsageError
 
 ITEMS = ("model", "opt", "ema", "data", "meta")
+
+# Config keys that may change when a run resumes (they alter neither parameter shapes nor the data
+# order); everything else under FIXED_PREFIXES needs --config.train.allow_config_change=True.
+FIXED_PREFIXES = ("seed", "model.", "data.", "priors.clip", "priors.cache", "priors.max_text_len",
+                  "priors.ref_size")
+FREE_KEYS = ("data.num_workers", "data.val_")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys present in both configs (as JSON dicts) whose values differ, sorted."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+
+
+def is_fixed(key: str) -> bool:
+    """Whether changing `key` on resume would alter parameter shapes or the data order."""
+    return key.startswith(FIXED_PREFIXES) and not key.startswith(FREE_KEYS)
+
+
+def check_resume_config(config, workdir: str | Path) -> list[str]:
+    """Compare `config` with WORKDIR/config.json (if any); returns the changed keys.
+
+    A change of a fixed key (model, data order, seed, prior inputs) is a UsageError naming the
+    keys, unless `config.train.allow_config_change`. Reads only: nothing is written.
+    """
+    from lmdir_jax.config import config_to_json
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); use another --workdir") from None
+    new = json.loads(config_to_json(config))
+    changed = config_changes(old, new)
+    fixed = [k for k in changed if is_fixed(k)]
+    if fixed and not bool(config.train.get("allow_config_change", False)):
+        a, b = _flatten(old), _flatten(new)
+        diff = ", ".join(f"{k}: {_short(a[k])} -> {_short(b[k])}" for k in fixed)
+        raise UsageError(
+            f"{workdir} holds a run with another config ({diff}); this would change parameter shapes "
+            "or the data order: use a new --workdir, or --config.train.allow_config_change=True"
+        )
+    return changed
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -70,7 +134,7 @@ def _warn(message: str) -> None:
     sys.stderr.flush()
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> Path:
     """Move an unreadable step folder out of the manager's directory (never silently deleted)."""
     src = Path(manager.directory) / str(step)
     dst = Path(manager.directory).parent / "checkpoints_corrupt" / str(step)
@@ -79,11 +143,47 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.move(str(src), str(dst))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"lmdir_quarantine_{step}")
     manager.reload()
+    return dst
 
 
 def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
     return (Path(manager.directory) / str(step) / item).exists()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{'a/b/c': shape} of the array leaves of a (nested dict / nnx.State) tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        if hasattr(leaf, "shape"):
+            key = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+            out[key.removesuffix("/value")] = tuple(leaf.shape)  # (saved nnx Variables end in /value)
+    return out
+
+
+class ShapeMismatch(Exception):
+    """A readable checkpoint whose arrays do not have the config's shapes."""
+
+
+def check_shapes(manager: ocp.CheckpointManager, step: int, name: str, abstract) -> None:
+    """Raise ShapeMismatch when item `name` of `step` holds other arrays than `abstract`.
+
+    Reads only the item's metadata; an unreadable one raises whatever orbax raises.
+    """
+    meta = ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / name)
+    tree = getattr(meta, "tree", meta)
+    saved = _shapes(tree)
+    want = _shapes(abstract.to_pure_dict() if hasattr(abstract, "to_pure_dict") else abstract)
+    for key in sorted(want.keys() | saved.keys()):
+        if saved.get(key) != want.get(key):
+            got = "absent" if key not in saved else f"shape {saved[key]}"
+            exp = "absent" if key not in want else f"shape {want[key]}"
+            raise ShapeMismatch(f"{name}/{key} is {got} in the checkpoint but {exp} in the config")
 
 
 def restore_latest(
@@ -95,11 +195,13 @@ def restore_latest(
     """Restore the newest readable checkpoint onto the shardings in `abstract`.
 
     Returns (step, state) or None when there is no checkpoint. `iterator` (a grain iterator) gets
-    its saved state set in place. Unreadable checkpoints are reported, moved aside and skipped.
+    its saved state set in place. Unreadable checkpoints are reported, moved aside and skipped; a
+    readable one that does not fit `abstract` (another model config) is a UsageError.
     """
     import grain
 
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
         args: dict[str, Any] = {}
         for name in items:
             if name == "data":
@@ -112,14 +214,21 @@ def restore_latest(
             missing = [n for n in args if n != "data" and not _has_item(manager, step, n)]
             if missing:
                 raise FileNotFoundError(f"item(s) {', '.join(missing)} missing")
+            for name in args:
+                if name in ("model", "ema"):
+                    check_shapes(manager, step, name, abstract[name])
             restored = manager.restore(step, args=ocp.args.Composite(**args))
+        except ShapeMismatch as e:
+            raise UsageError(
+                f"the checkpoint at step {step} in {manager.directory} does not fit the config ({e}); "
+                "use a new --workdir for another model"
+            ) from None
         except Exception as e:  # a truncated / corrupt checkpoint: report, fall back
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            _warn(
-                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {first}); "
-                "using the previous one"
-            )
-            _quarantine(manager, step)
+            dst = _quarantine(manager, step)
+            later = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier checkpoint is left"
+            _warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {first}); "
+                  f"moved to {dst}; {later}")
             continue
         state = {k: restored[k] for k in args if k != "data"}
         return int(step), state

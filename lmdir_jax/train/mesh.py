@@ -1,8 +1,6 @@
-"""The device mesh ('data', 'fsdp'), parameter and batch shardings, multi-host start-up."""
+"""The device mesh ('data', 'fsdp'), parameter and batch shardings (multi-process start-up: distributed.py)."""
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
@@ -13,33 +11,6 @@ from lmdir_jax.errors import UsageError
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(("data", "fsdp"))
-
-_MULTIPROCESS_ENV = (
-    "JAX_COORDINATOR_ADDRESS",
-    "COORDINATOR_ADDRESS",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-)
-
-
-def maybe_initialize_distributed() -> bool:
-    """Call `jax.distributed.initialize()` when the environment says this is a multi-process run.
-
-    Harmless on one host: nothing happens unless a coordinator/cluster variable is set (and a
-    single-task SLURM job is treated as single-process).
-    """
-    if os.environ.get("LMDIR_NO_DISTRIBUTED"):
-        return False
-    if os.environ.get("SLURM_NTASKS", "1") == "1" and not any(
-        os.environ.get(k) for k in _MULTIPROCESS_ENV if k != "SLURM_NTASKS"
-    ):
-        return False
-    if jax.distributed.is_initialized():
-        return True
-    jax.distributed.initialize()
-    return True
 
 
 def make_mesh(mesh_data: int = -1, mesh_fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -96,8 +67,7 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
         shape = getattr(x, "shape", ())
         return NamedSharding(mesh, fit_spec(spec, tuple(shape), mesh))
 
-    values = jax.tree.map(lambda v: v, abstract_state)
-    return jax.tree.map(one, values, specs)
+    return jax.tree.map(one, abstract_state, specs)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

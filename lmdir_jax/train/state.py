@@ -23,11 +23,7 @@ def build_model(config) -> nnx.Module:
     from lmdir_jax import models
 
     with nnx.use_eager_sharding(False):
-        if hasattr(models, "build_model"):
-            return models.build_model(config.model, int(config.seed))
-        from lmdir_jax.models.lmdir import LMDIR
-
-        return LMDIR(config.model, rngs=nnx.Rngs(int(config.seed)))
+        return models.build_model(config.model, int(config.seed))
 
 
 def learning_rate_schedule(tc) -> optax.Schedule:

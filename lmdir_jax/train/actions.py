@@ -1,0 +1,381 @@
+"""Periodic actions of the training loop: logging, NaN stop, progress, checkpoints, validation,
+plots, signals, and the fault injections the tests use.
+
+`loop.run_loop` calls, for every action in order:
+- `start(run)` once before the first step,
+- `before_step(run, batch) -> batch` with each per-host batch,
+- `__call__(run)` after each step where `due(run)` (every `every` steps; 0 = never),
+- `on_metrics(run, records)` whenever device metrics are fetched (`run.flush()`),
+- `on_end(run)` after the last step (not when training raised), `close(run)` always.
+Each action is small and testable on its own with a stand-in `Run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmdir_jax.train import monitor
+
+DEBUG_SIGKILL_ENV = "LMDIR_DEBUG_SIGKILL_AT_STEP"  # fault injection: SIGKILL self right after step N
+DEBUG_NAN_ENV = "LMDIR_DEBUG_NAN_AT_STEP"  # fault injection: poison the batch of step N with NaN
+
+Record = tuple[int, dict]  # (step, {metric name: float})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What the actions of one training run share (mutable as training goes)."""
+
+    config: Any
+    workdir: Path
+    total: int
+    step: int
+    state: Any = None
+    batch_size: int = 1
+    iterator: Any = None
+    manager: Any = None
+    mesh: Any = None
+    logger: Any = None
+    predictor: Any = None
+    clip: Any = None
+    actions: list = dataclasses.field(default_factory=list)
+    start_step: int = 0
+    last_saved: int = -1  # step of the last checkpoint written or restored (-1: none)
+    last_batch: dict | None = None
+    pending: list = dataclasses.field(default_factory=list)  # (step, device metrics) not fetched
+    loss: float = float("nan")
+    images_per_s: float = float("nan")
+    stop: bool = False
+    interrupted: bool = False
+    summary: dict = dataclasses.field(default_factory=dict)
+    source_names: list = dataclasses.field(default_factory=list)  # data.sources, in source_id order
+
+    def flush(self) -> list[Record]:
+        """Fetch the pending device metrics and hand them to every action's `on_metrics`."""
+        if not self.pending:
+            return []
+        import jax
+
+        fetched = jax.device_get([m for _, m in self.pending])
+        records = [(s, {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in m.items()})
+                   for (s, _), m in zip(self.pending, fetched, strict=True)]
+        self.pending = []
+        for action in self.actions:
+            action.on_metrics(self, records)
+        return records
+
+
+class Action:
+    """Base: does nothing; subclasses override the hooks they need."""
+
+    every: int = 0
+
+    def due(self, run: Run) -> bool:
+        return self.every > 0 and run.step % self.every == 0
+
+    def start(self, run: Run) -> None:
+        pass
+
+    def before_step(self, run: Run, batch: dict) -> dict:
+        return batch
+
+    def __call__(self, run: Run) -> None:
+        pass
+
+    def on_metrics(self, run: Run, records: list[Record]) -> None:
+        pass
+
+    def on_end(self, run: Run) -> None:
+        pass
+
+    def close(self, run: Run) -> None:
+        pass
+
+
+class StopOnNonFinite(Action):
+    """A NaN/inf loss stops the run (TrainingDiverged) before anything saves the bad state."""
+
+    def on_metrics(self, run: Run, records: list[Record]) -> None:
+        for step, m in records:
+            if not math.isfinite(m["loss"]):
+                good = "none" if run.last_saved < 0 else f"step {run.last_saved}"
+                raise TrainingDiverged(
+                    f"loss became {m['loss']} at step {step}; stopped without saving "
+                    f"(last good checkpoint: {good})"
+                )
+
+
+class LogMetrics(Action):
+    """Every `every` steps: fetch metrics, write their window means and images/s to the logger."""
+
+    def __init__(self, every: int):
+        self.every = max(1, int(every))
+        self._t = time.perf_counter()
+        self._n = 0
+
+    def start(self, run: Run) -> None:
+        self._t, self._n = time.perf_counter(), 0
+
+    def __call__(self, run: Run) -> None:
+        run.flush()
+
+    def on_metrics(self, run: Run, records: list[Record]) -> None:
+        now = time.perf_counter()
+        run.images_per_s = len(records) * run.batch_size / max(now - self._t, 1e-9)
+        self._t = now
+        from lmdir_jax.train.step import pop_source_losses
+
+        per_source = pop_source_losses([dict(m) for _, m in records], run.source_names)
+        means = {k: float(np.mean([m[k] for _, m in records]))
+                 for k, v in records[0][1].items() if np.ndim(v) == 0}
+        run.loss = means["loss"]
+        if run.logger is not None:
+            run.logger.write(records[-1][0], {**means, **per_source, "images_per_s": run.images_per_s})
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress(Action):
+    """Progress on `stream` (process 0): a tqdm bar on a terminal; otherwise one line every
+    `interval` seconds (step, loss, images/s, ETA) and a last one at the end, no redraws."""
+
+    every = 1
+
+    def __init__(self, enabled: bool = True, stream=None, interval: float = 10.0):
+        self.enabled = enabled
+        self.stream = stream
+        self.interval = float(interval)
+        self.bar = None
+        self._last_line = 0.0
+        self._first: tuple[float, int] | None = None
+
+    def start(self, run: Run) -> None:
+        self.stream = self.stream or sys.stderr
+        self.enabled = self.enabled and monitor.is_main()
+        self._first, self._last_line = None, time.perf_counter()
+        if self.enabled and _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
+                            dynamic_ncols=True, file=self.stream)
+        elif self.enabled:
+            self.stream.write(f"train: starting at step {run.step}/{run.total} (the first step compiles)\n")
+            self.stream.flush()
+
+    def __call__(self, run: Run) -> None:
+        if not self.enabled:
+            return
+        if self._first is None:  # ETA from the steps after the first (which includes compiling)
+            self._first = (time.perf_counter(), run.step)
+        if self.bar is not None:
+            self.bar.update(run.step - self.bar.n)
+        elif time.perf_counter() - self._last_line >= self.interval:
+            self.line(run)
+
+    def on_metrics(self, run: Run, records: list[Record]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{run.loss:.4f}", img_s=f"{run.images_per_s:.1f}", refresh=False)
+
+    def line(self, run: Run) -> None:
+        """Write one progress line now."""
+        now = time.perf_counter()
+        t0, s0 = self._first or (now, run.step)
+        done = run.step - s0
+        eta = (run.total - run.step) * (now - t0) / done if done > 0 else float("nan")
+        self.stream.write(
+            f"train: step {run.step}/{run.total} loss {run.loss:.4f} "
+            f"{run.images_per_s:.1f} images/s ETA {_clock(eta)}\n"
+        )
+        self.stream.flush()
+        self._last_line = now
+
+    def on_end(self, run: Run) -> None:
+        if self.enabled and self.bar is None:
+            self.line(run)
+
+    def close(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class Checkpoint(Action):
+    """Every `every` steps (not the last) and at the end: an asynchronous orbax checkpoint."""
+
+    def __init__(self, every: int):
+        self.every = int(every)
+
+    def due(self, run: Run) -> bool:
+        return super().due(run) and run.step < run.total
+
+    def __call__(self, run: Run) -> None:
+        self.save(run)
+
+    def save(self, run: Run) -> None:
+        from lmdir_jax.train import checkpoints as ckpt
+
+        run.flush()  # a diverged state raises here and is never saved
+        meta = {"mesh": list(run.mesh.shape.values())} if run.mesh is not None else None
+        ckpt.save(run.manager, run.step, run.state, run.iterator, meta=meta)
+        run.last_saved = run.step
+
+    def on_end(self, run: Run) -> None:
+        if run.last_saved != run.step:
+            self.save(run)
+
+
+class Validate(Action):
+    """Every `every` steps: PSNR/SSIM on data.val_source, logged, with plots/val_STEP.png."""
+
+    def __init__(self, every: int):
+        self.every = int(every)
+
+    def __call__(self, run: Run) -> None:
+        run.flush()
+        scalars, rows = monitor.validate(run.config, run.state, run.predictor)
+        if scalars:
+            run.logger.write(run.step, scalars)
+            run.summary.update(scalars)
+            monitor.save_grid(run.workdir, f"val_{run.step:06d}.png", rows)
+
+
+class Plot(Action):
+    """Every `every` steps and at the end: plots/loss.png and a grid of training patches."""
+
+    def __init__(self, every: int):
+        self.every = int(every)
+
+    def __call__(self, run: Run) -> None:
+        run.flush()
+        monitor.plot_loss(run.workdir)
+        self.grid(run)
+
+    def grid(self, run: Run) -> None:
+        if run.last_batch is not None and run.predictor is not None:
+            rows = monitor.train_rows(run.predictor, run.state, run.last_batch, run.clip)
+            monitor.save_grid(run.workdir, f"train_{run.step:06d}.png", rows)
+
+    def on_end(self, run: Run) -> None:
+        monitor.plot_loss(run.workdir)
+        if not run.interrupted:
+            self.grid(run)
+
+
+class StopOnSignal(Action):
+    """SIGINT/SIGTERM: finish the current step, then stop (the end checkpoint saves it).
+
+    A second signal gives up at once (KeyboardInterrupt). With several processes the stop is
+    agreed on every step (a signal reaching one process stops all at the same step).
+    """
+
+    every = 1
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+        self._processes = 1
+
+    def start(self, run: Run) -> None:
+        import jax
+
+        self._processes = jax.process_count()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __call__(self, run: Run) -> None:
+        stop = self.signal is not None
+        if self._processes > 1:
+            from jax.experimental import multihost_utils
+
+            stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+        if stop:
+            run.stop = run.interrupted = True
+
+    def close(self, run: Run) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+class KillAtStep(Action):
+    """Fault injection: SIGKILL this process right after step `step` (earlier saves committed)."""
+
+    every = 1
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def __call__(self, run: Run) -> None:
+        if run.step == self.step:
+            if run.manager is not None:
+                run.manager.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonBatchAtStep(Action):
+    """Fault injection: the inputs of step `step` become NaN."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def before_step(self, run: Run, batch: dict) -> dict:
+        if run.step + 1 == self.step:
+            return dict(batch, lq=np.full_like(batch["lq"], np.nan))
+        return batch
+
+
+def default_actions(config, progress: bool = True) -> list[Action]:
+    """The actions of `train(config, ...)`, in order, from the `train` config section."""
+    tc = config.train
+    return [
+        StopOnSignal(),  # first: its handlers are in place before anything else starts
+        StopOnNonFinite(),
+        LogMetrics(int(tc.log_every)),
+        Progress(progress),
+        Checkpoint(int(tc.ckpt_every)),
+        Validate(int(tc.val_every)),
+        Plot(int(tc.plot_every)),
+    ]
+
+
+def fault_actions_from_env(environ=None) -> list[Action]:
+    """Fault injections asked for by LMDIR_DEBUG_SIGKILL_AT_STEP / LMDIR_DEBUG_NAN_AT_STEP."""
+    environ = os.environ if environ is None else environ
+    out: list[Action] = []
+    for name, cls in ((DEBUG_NAN_ENV, PoisonBatchAtStep), (DEBUG_SIGKILL_ENV, KillAtStep)):
+        value = environ.get(name, "").strip()
+        if value:
+            out.append(cls(int(value)))
+    return out
