@@ -387,6 +387,8 @@ def train(config, workdir: str | Path, *, progress: bool = True) -> dict:
                         mesh_lib.global_batch(step_lib.host_tokens(clip, local["deg_text"]), mesh)
                     )
                 state, metrics = step_fn(state, batch, clip_params)
+                if "source_id" in local:  # this host's source of each example (per-source loss)
+                    metrics = dict(metrics, source_id=local["source_id"])
                 step += 1
                 window_n += 1
                 pending.append((step, metrics))
