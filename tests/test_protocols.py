@@ -219,9 +219,10 @@ def test_data_check_table_and_problem_lines(promptir, tmp_path, capsys):
     assert "train:derain" in captured.out and "    1 " in captured.out  # the unpaired file is counted
 
     wd = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--workdir", str(wd), "--no-progress"]) == 1
+    assert main(["train", "--config", str(cfg), "--workdir", str(wd), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "train:denoise: folder not found" in err and "test:sots" not in err
+    assert "lmdir: error: train:denoise: folder not found" in err and "test:sots" not in err
+    assert "Traceback" not in err
     assert not wd.exists()  # nothing written
 
 

@@ -22,19 +22,23 @@ def register(sub) -> None:
 
 
 def data_problems(config) -> list[str]:
-    """`lmdir data check` on the training sources: print each problem line (stderr) and return them."""
+    """`lmdir data check` on the training sources: print each problem line (stderr) and return them.
+
+    `lmdir train` then exits 2, as it always did for a missing or empty data source.
+    """
     from lmdir_jax.data.check import check_config, problems
 
     lines = problems(check_config(config, tests=False))
     for line in lines:
-        sys.stderr.write(f"lmdir: data problem: {line}\n")
+        sys.stderr.write(f"lmdir: error: {line}\n")
     if lines:
         sys.stderr.write("lmdir: training not started (see `lmdir data check --config ...`)\n")
     return lines
 
 
 def run(args) -> int:
-    """Load the config, train, print a one-line summary; NaN loss -> exit 1, SIGINT/SIGTERM -> 130."""
+    """Check the data, train, print a one-line summary; data problem -> exit 2 (one line each),
+    NaN loss -> exit 1, SIGINT/SIGTERM -> 130."""
     from lmdir_jax.config import load_config
     from lmdir_jax.train.actions import fault_actions_from_env
     from lmdir_jax.train.loop import TrainingDiverged, check_workdir, print_summary, train
@@ -42,7 +46,7 @@ def run(args) -> int:
     check_workdir(args.workdir)
     config = load_config(args.config, args.config_overrides)
     if data_problems(config):
-        return 1
+        return 2
     try:
         summary = train(config, args.workdir, progress=not args.no_progress,
                         actions=fault_actions_from_env())

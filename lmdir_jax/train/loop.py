@@ -120,6 +120,8 @@ def run_loop(run: Run, step_fn, clip_params=None) -> None:
         if compiled is None:
             compiled = _compile(step_fn, run.state, batch, clip_params)
         run.state, metrics = compiled(run.state, batch, clip_params)
+        if "source_id" in local:  # this host's source of each example (per-source loss)
+            metrics = dict(metrics, source_id=local["source_id"])
         run.step += 1
         run.pending.append((run.step, metrics))
         run.last_batch = local

@@ -83,13 +83,13 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
     """Numeric arrays of a per-host batch -> global jax.Arrays sharded over the batch axis.
 
-    String arrays (deg_text, key) stay on the host and are dropped here.
+    String arrays (deg_text, key, source) and `source_id` stay on the host and are dropped here.
     """
     sharding = batch_sharding(mesh)
     out = {}
     for k, v in local.items():
         a = np.asarray(v)
-        if a.dtype.kind in "USO":
+        if a.dtype.kind in "USO" or k == "source_id":
             continue
         out[k] = jax.make_array_from_process_local_data(sharding, a)
     return out

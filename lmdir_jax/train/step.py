@@ -93,34 +93,30 @@ def example_losses(name: str, restored: jax.Array, gt: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(diff), axis=axes)
 
 
-def source_loss_sums(losses: jax.Array, source_id: jax.Array, num_sources: int) -> dict:
-    """Per-source sums and counts of per-example losses: {'source_loss_sum', 'source_count'} (S,)."""
-    onehot = jax.nn.one_hot(source_id, num_sources, dtype=jnp.float32)
-    return {
-        "source_loss_sum": jax.lax.stop_gradient(losses) @ onehot,
-        "source_count": jnp.sum(onehot, axis=0),
-    }
-
-
 def pop_source_losses(fetched: list[dict], names: list[str]) -> dict[str, float]:
-    """Remove the per-source sums from fetched step metrics; return {'loss/<source>': mean loss}.
+    """Remove the per-example losses (and the host's source ids) from fetched step metrics; return
+    {'loss/<source>': mean loss} for a mixture ({} for a single source).
 
-    The mean is over every example of that source in the fetched steps (absent sources are left
-    out), so it is comparable with `loss` of a single-source run.
+    `source_id` holds this host's examples, the first rows of the global batch on process 0 (the
+    one that logs), so with several hosts the per-source means are over process 0's examples.
     """
     sums, counts = np.zeros(len(names)), np.zeros(len(names))
     for m in fetched:
-        if "source_loss_sum" in m:
-            sums += np.asarray(m.pop("source_loss_sum"), np.float64)
-            counts += np.asarray(m.pop("source_count"), np.float64)
+        losses = np.asarray(m.pop("example_loss"), np.float64)
+        ids = m.pop("source_id", None)
+        if ids is None or not names:
+            continue
+        ids = np.asarray(ids)
+        np.add.at(sums, ids, losses[: len(ids)])
+        np.add.at(counts, ids, 1.0)
     return {f"loss/{n}": float(sums[i] / counts[i]) for i, n in enumerate(names) if counts[i] > 0}
 
 
 def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
     """`step(state, batch, clip_params) -> (state, metrics)`, jitted with the state donated.
 
-    A batch with `source_id` (a data.sources mixture) adds the per-source `source_loss_sum` and
-    `source_count` to the metrics (see `pop_source_losses`).
+    The metrics (replicated) include `example_loss` (B,), the per-example values whose mean is
+    `loss`, which the loop turns into per-source losses (see `pop_source_losses`).
     """
     pc = config.priors
     ema_decay = float(config.train.ema_decay)
@@ -128,7 +124,6 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
         raise ValueError(f"train.loss must be one of {sorted(LOSSES)}, got {config.train.loss!r}")
     loss_of = LOSSES[config.train.loss]
     schedule = learning_rate_schedule(config.train)
-    num_sources = max(1, len(config.data.get("sources") or {}))
     if clip is not None and float(pc.auto_ratio) > 0:
         clip.degradation_bank()  # computed eagerly once; enters the step as a constant
 
@@ -161,12 +156,13 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(step),
         }
-        if "source_id" in batch:
-            per = example_losses(config.train.loss, restored, batch["gt"])
-            metrics.update(source_loss_sums(per, batch["source_id"], num_sources))
+        metrics["example_loss"] = jax.lax.stop_gradient(
+            example_losses(config.train.loss, restored, batch["gt"])
+        )
         return new, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(setup.shardings, None))
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(setup.shardings, replicated))
 
 
 def host_tokens(clip: Any, deg_text: np.ndarray) -> dict:
