@@ -89,6 +89,7 @@ class ClipPrior:
         self._degradation_vocab = degradation_vocab
         self.scene_vocab = list(scene_vocab) if scene_vocab is not None else None
         self._banks: dict[str, tuple] = {}
+        self.controller = None  # a DegradationAssessor (priors/controller.py) once attached
         self._jit_states = jax.jit(self.text_states)
         self._jit_text_feats = jax.jit(self.text_features)
         self._jit_image_feats = jax.jit(self.image_features)
@@ -197,10 +198,18 @@ class ClipPrior:
         the vocabulary masks (B, T). `bank` is `degradation_bank()` (computed eagerly when omitted).
         """
         feats, states, mask = self.degradation_bank() if bank is None else bank
+        if self.controller is not None:  # the trained controller (native-resolution tiles)
+            return (w := self.controller.weights_fn(images, feats), *mix_states(w, states, mask))
         img = self.image_features(params, images)
         scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
         weights = jax.nn.softmax(scale * img @ feats.T, axis=-1)
         return (weights, *mix_states(weights, states, mask))
+
+    def attach_controller(self, assessor) -> None:
+        """Use a trained DA-CLIP controller (`priors.controller.load_controller`) from now on: the
+        automatic degradation prior comes from it (native-resolution crops) and the image
+        embeddings (captions) from the frozen tower under its control."""
+        self.controller = assessor
 
     # ---- eager API ------------------------------------------------------------------------------
 
@@ -210,11 +219,24 @@ class ClipPrior:
         return np.asarray(self._jit_states(self.params, ids, mask)), mask
 
     def encode_images(self, images) -> np.ndarray:
-        """Normalised image embeddings (B, P) of NHWC images in [0, 1]."""
+        """Normalised image embeddings (B, P) of NHWC images in [0, 1] (under the controller's
+        control when one is attached)."""
+        if self.controller is not None:
+            images = np.asarray(self.preprocess(jnp.asarray(images, jnp.float32)) * self.std + self.mean)
+            return self.controller.content_features(images)
         return np.asarray(self._jit_image_feats(self.params, jnp.asarray(images, jnp.float32)))
 
     def auto_degradation(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask)."""
+        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask).
+
+        With a controller attached the weights are its probabilities averaged over native crops of
+        each image (give the images at full resolution); otherwise zero-shot CLIP.
+        """
+        if self.controller is not None:
+            _, states, mask = self.degradation_bank()
+            w = np.stack([self.controller.probabilities(img) for img in np.asarray(images, np.float32)])
+            s, m = mix_states(jnp.asarray(w), states, mask)
+            return w, np.asarray(s), np.asarray(m)
         bank = self.degradation_bank()  # eager, outside the trace; passed as an argument
         w, s, m = self._jit_auto(self.params, jnp.asarray(images, jnp.float32), bank)
         return np.asarray(w), np.asarray(s), np.asarray(m)
