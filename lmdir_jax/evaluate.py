@@ -189,6 +189,7 @@ def evaluate(
     tile: int | None = None,
     overlap: int = 32,
     progress: bool = True,
+    iterative: int = 0,
 ) -> EvalReport:
     """Restore and score every set with `restorer` (an `inference.Restorer`).
 
@@ -197,6 +198,8 @@ def evaluate(
     masked with `blind` (no guidance at all, as PromptIR/AirNet are evaluated).
     `crop_multiple=16` applies the AirNet/PromptIR protocol: images are centre-cropped to a
     multiple of 16 before restoring and scoring. Degradations use `seed` (same seed, same inputs).
+    `iterative` > 0 restores with AutoDIR's loop of at most that many steps
+    (`Restorer.restore_iterative`) instead of one automatic pass; the chain's kinds are recorded.
     """
     from tqdm.auto import tqdm
 
@@ -206,7 +209,7 @@ def evaluate(
     report = EvalReport(
         settings={
             "seed": seed, "crop_multiple": crop_multiple, "max_images": max_images,
-            "prior": "oracle" if oracle else (
+            "prior": f"iterative:{iterative}" if iterative else "oracle" if oracle else (
                 "text" if degradation is not None else ("blind" if blind else "auto")),
             "degradation": degradation, "tile": tile, "overlap": overlap,
             "sets": [{"path": s.path, "spec": s.spec} for s in sets],
@@ -229,8 +232,15 @@ def evaluate(
                 if label is None:
                     raise UsageError(f"--oracle needs a degradation label: {es.path} has none (give --spec)")
                 text = label.text()
-            priors, choice = restorer.priors_for(lq, degradation=text, auto=not blind)
-            out = restorer.restore(lq, priors, tile=tile, overlap=overlap)
+            if iterative:
+                out, chain = restorer.restore_iterative(lq, max_steps=iterative, tile=tile, overlap=overlap)
+                kinds = [st["degradation"] for st in chain["steps"]]
+                choice = restorer.priors_for(lq, auto=False)[1]
+                choice.degradation = " -> ".join(kinds) or "clean"
+                choice.probability = chain["steps"][0]["probability"] if kinds else None
+            else:
+                priors, choice = restorer.priors_for(lq, degradation=text, auto=not blind)
+                out = restorer.restore(lq, priors, tile=tile, overlap=overlap)
             report.images.append(
                 ImageResult(
                     dataset=es.dataset, task=es.task, image=str(key),

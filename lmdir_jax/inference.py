@@ -327,7 +327,8 @@ class Restorer:
         for _ in range(max(0, int(max_steps))):
             kind, p = next_degradation(probs, names, treated)
             if kind is None:
-                stop = "clean" if names[int(np.argmax(probs))] == "clean" else "all_treated"
+                left = [n for n in names if n != "clean" and n not in treated]
+                stop = "clean" if left else "all_treated"  # clean beats every untreated kind
                 break
             priors, _ = self.priors_for(current, degradation=texts[kind], caption=caption, reference=reference)
             restored = self.restore(current, priors, **tiling)

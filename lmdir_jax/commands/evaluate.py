@@ -61,6 +61,11 @@ def register(sub) -> None:
                    help="tile side for very large images (default 0 = whole image, as in the literature)")
     p.add_argument("--tile-overlap", type=int, default=32, metavar="N")
     p.add_argument("--clip", metavar="DIR", help="CLIP folder (overrides the checkpoint's priors.clip)")
+    p.add_argument("--controller", metavar="WD",
+                   help="trained DA-CLIP controller for the automatic mode (overrides priors.controller)")
+    guide.add_argument("--iterative", action="store_true",
+                       help="AutoDIR's loop: assess, restore the dominant degradation, repeat")
+    p.add_argument("--max-steps", type=int, default=3, metavar="N", help="iterative: at most N steps (3)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write per-image results as CSV")
     p.set_defaults(func=run)
@@ -80,13 +85,16 @@ def run(args) -> int:
     for s in sets:
         if not (is_named_source(s.path) or Path(s.path).is_dir()):
             raise UsageError(f"evaluation folder not found: {s.path}")
-    restorer = load_restorer(args.checkpoint, args.clip)
-    if (args.degradation is not None or args.oracle) and restorer.clip is None:
-        raise UsageError("--degradation/--oracle need CLIP: the checkpoint has no priors.clip; pass --clip DIR")
+    if args.max_steps < 1:
+        raise UsageError("--max-steps must be >= 1")
+    restorer = load_restorer(args.checkpoint, args.clip, args.controller)
+    if (args.degradation is not None or args.oracle or args.iterative) and restorer.clip is None:
+        raise UsageError("--degradation/--oracle/--iterative need CLIP: the checkpoint has no priors.clip; "
+                         "pass --clip DIR")
     report = evaluate(
         restorer, sets, seed=args.seed, crop_multiple=args.crop_multiple,
         max_images=args.max_images, degradation=args.degradation, oracle=args.oracle,
-        blind=args.blind,
+        blind=args.blind, iterative=args.max_steps if args.iterative else 0,
         tile=args.tile or None, overlap=args.tile_overlap,
     )
     report.settings["checkpoint"] = str(args.checkpoint)
