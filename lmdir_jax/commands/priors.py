@@ -49,6 +49,8 @@ def register(sub) -> None:
     b.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     b.add_argument("--max-items", type=int, default=None, help="only the first N images")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--controller", metavar="WD",
+                   help="trained DA-CLIP controller: zero-shot captions from the controlled image tower")
     b.set_defaults(func=run_build)
 
     c = psub.add_parser(
@@ -113,10 +115,20 @@ def run_build(args) -> int:
     """Build or resume a prior cache and print its summary."""
     from lmdir_jax.priors.cache import build_cache
 
+    clip = None
+    if args.controller:
+        from lmdir_jax.priors.clip import load_clip
+        from lmdir_jax.priors.controller import load_controller
+
+        if not Path(args.controller).is_dir():
+            raise UsageError(f"controller folder not found: {args.controller}")
+        clip = load_clip(args.clip, max_text_len=args.max_text_len)
+        clip.attach_controller(load_controller(args.controller, clip))
     summary = build_cache(
         args.data,
         args.clip,
         args.output,
+        clip=clip,
         sd_path=args.sd,
         captions_file=args.captions,
         ref_size=args.ref_size,

@@ -130,7 +130,7 @@ class Controller(nnx.Module):
 
     `controller(pixels, frozen)` -> (degradation embedding (B, P), content embedding (B, P)), both
     L2-normalised; `frozen` is `{'vision_model': ..., 'visual_projection': ...}` of the frozen CLIP.
-    `logit_scale` (log) starts at CLIP's and is trained with the rest.
+    `logit_scale` (log) starts at CLIP's (at least 100) and is trained with the rest.
     """
 
     def __init__(self, vision_params: dict, projection: Any, shape: TowerShape, logit_scale: float,
@@ -143,7 +143,9 @@ class Controller(nnx.Module):
             nnx.Linear(shape.width, shape.width, kernel_init=zeros, bias_init=zeros, rngs=rngs)
             for _ in range(shape.layers)
         ])
-        self.logit_scale = nnx.Param(jnp.asarray(np.log(logit_scale), jnp.float32))
+        # At least 100 (CLIP's trained value): a random tiny CLIP's vocabulary embeddings can be
+        # nearly parallel, and a small scale would cap the logit gaps between them.
+        self.logit_scale = nnx.Param(jnp.asarray(np.log(max(logit_scale, 100.0)), jnp.float32))
 
     @classmethod
     def from_clip(cls, clip, seed: int = 0) -> Controller:
