@@ -101,3 +101,18 @@ def test_missing_or_foreign_controller_exits_2(tiny_workdir, tmp_path, capsys):
     assert main([*args, "--controller", str(tmp_path / "foreign")]) == 2
     err = capsys.readouterr().err
     assert "another CLIP" in err and err.count("\n") == 1
+
+
+def test_evaluate_iterative_reports_the_chain(tiny_workdir, controller_wd, tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    (tmp_path / "set").mkdir()
+    for i in range(2):
+        write_image(tmp_path / "set" / f"c{i}.png", rng.random((32, 40, 3)).astype(np.float32))
+    code = main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(tmp_path / "set"),
+                 "--spec", "noise:25+rain", "--iterative", "--max-steps", "2", "--controller", str(controller_wd),
+                 "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["prior"] == "iterative:2"
+    kinds = [img["degradation"] for img in report["images"]]
+    assert len(kinds) == 2 and all(k == "clean" or 1 <= len(k.split(" -> ")) <= 2 for k in kinds)
