@@ -190,6 +190,7 @@ def evaluate(
     overlap: int = 32,
     progress: bool = True,
     ssim_window: str = "gaussian",
+    iterative: int = 0,
 ) -> EvalReport:
     """Restore and score every set with `restorer` (an `inference.Restorer`).
 
@@ -199,6 +200,8 @@ def evaluate(
     `crop_multiple=16` applies the AirNet/PromptIR protocol: images are centre-cropped to a
     multiple of 16 before restoring and scoring. Degradations use `seed` (same seed, same inputs).
     `ssim_window`: 'gaussian' (BasicSR) or 'uniform' (scikit-image defaults, PromptIR's script).
+    `iterative` > 0 restores with AutoDIR's loop of at most that many steps
+    (`Restorer.restore_iterative`) instead of one automatic pass; the chain's kinds are recorded.
     """
     from tqdm.auto import tqdm
 
@@ -208,7 +211,7 @@ def evaluate(
     report = EvalReport(
         settings={
             "seed": seed, "crop_multiple": crop_multiple, "max_images": max_images,
-            "prior": "oracle" if oracle else (
+            "prior": f"iterative:{iterative}" if iterative else "oracle" if oracle else (
                 "text" if degradation is not None else ("blind" if blind else "auto")),
             "degradation": degradation, "tile": tile, "overlap": overlap, "ssim": ssim_window,
             "sets": [{"path": s.path, "spec": s.spec} for s in sets],
@@ -231,8 +234,15 @@ def evaluate(
                 if label is None:
                     raise UsageError(f"--oracle needs a degradation label: {es.path} has none (give --spec)")
                 text = label.text()
-            priors, choice = restorer.priors_for(lq, degradation=text, auto=not blind)
-            out = restorer.restore(lq, priors, tile=tile, overlap=overlap)
+            if iterative:
+                out, chain = restorer.restore_iterative(lq, max_steps=iterative, tile=tile, overlap=overlap)
+                kinds = [st["degradation"] for st in chain["steps"]]
+                choice = restorer.priors_for(lq, auto=False)[1]
+                choice.degradation = " -> ".join(kinds) or "clean"
+                choice.probability = chain["steps"][0]["probability"] if kinds else None
+            else:
+                priors, choice = restorer.priors_for(lq, degradation=text, auto=not blind)
+                out = restorer.restore(lq, priors, tile=tile, overlap=overlap)
             report.images.append(
                 ImageResult(
                     dataset=es.dataset, task=es.task, image=str(key),

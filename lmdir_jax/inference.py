@@ -234,8 +234,11 @@ def build_priors(
         choice.mode, choice.degradation = "text", degradation
     elif clip is not None and auto:
         vocab = clip.degradation_vocab
-        small = clip_view(image, clip.image_size)
-        weights, s, m = clip.auto_degradation(small[None])
+        if getattr(clip, "controller", None) is not None:  # trained controller: native crops
+            weights, s, m = clip.auto_degradation(image[None, ..., :3])
+        else:
+            small = clip_view(image, clip.image_size)
+            weights, s, m = clip.auto_degradation(small[None])
         weights = np.asarray(weights)[0]
         best = int(np.argmax(weights))
         deg_states, deg_mask = _fit_text(np.asarray(s), np.asarray(m), text_len)
@@ -292,12 +295,80 @@ class Restorer:
         """`restore_image` with this network (tiling options as in `restore_image`)."""
         return restore_image(self.model, image, priors, **tiling)
 
+    def assess(self, image: np.ndarray) -> np.ndarray:
+        """(K,) probabilities of the CLIP degradation vocabulary for one image (the controller's
+        when one is attached, else zero-shot CLIP on the downscaled view)."""
+        if self.clip is None:
+            raise ValueError("assessing an image needs CLIP: the checkpoint's config has no CLIP folder")
+        if getattr(self.clip, "controller", None) is not None:
+            return np.asarray(self.clip.auto_degradation(image[None, ..., :3])[0])[0]
+        return np.asarray(self.clip.auto_degradation(clip_view(image, self.clip.image_size)[None])[0])[0]
 
-def load_restorer(checkpoint: str, clip: str | None = None) -> Restorer:
+    def restore_iterative(
+        self, image: np.ndarray, *, max_steps: int = 3, clean: np.ndarray | None = None,
+        caption: str | None = None, reference: np.ndarray | None = None, **tiling: Any,
+    ) -> tuple[np.ndarray, dict]:
+        """AutoDIR's loop: assess, restore with the dominant degradation's text, assess again.
+
+        Stops when 'clean' wins the assessment, after `max_steps` restorations, or when the only
+        degradations left were already treated (never the same one twice). Returns the image and
+        the chain `{'steps': [...], 'stop': reason, 'final': assessment}`; each step records the
+        kind, its description, its probability and, given the `clean` reference, PSNR before/after.
+        """
+        from lmdir_jax.metrics import psnr
+
+        names = [n for n, _ in self.clip.degradation_vocab]
+        texts = dict(self.clip.degradation_vocab)
+        treated: list[str] = []
+        steps: list[dict] = []
+        current = np.asarray(image, np.float32)
+        stop = "max_steps"
+        probs = self.assess(current)
+        for _ in range(max(0, int(max_steps))):
+            kind, p = next_degradation(probs, names, treated)
+            if kind is None:
+                left = [n for n in names if n != "clean" and n not in treated]
+                stop = "clean" if left else "all_treated"  # clean beats every untreated kind
+                break
+            priors, _ = self.priors_for(current, degradation=texts[kind], caption=caption, reference=reference)
+            restored = self.restore(current, priors, **tiling)
+            record = {"degradation": kind, "text": texts[kind], "probability": round(float(p), 4)}
+            if clean is not None:
+                before, after = psnr(clean, current), psnr(clean, restored)
+                record.update(psnr_before=round(before, 3), psnr_after=round(after, 3),
+                              psnr_change=round(after - before, 3))
+            steps.append(record)
+            treated.append(kind)
+            current = restored
+            probs = self.assess(current)
+        else:
+            if names[int(np.argmax(probs))] == "clean":
+                stop = "clean"
+        final = {n: round(float(v), 4) for n, v in zip(names, probs, strict=True)}
+        return current, {"steps": steps, "stop": stop, "final": final}
+
+
+def next_degradation(probs: np.ndarray, names: list[str], treated: list[str]) -> tuple[str | None, float]:
+    """AutoDIR's choice: None when 'clean' is the most probable entry; otherwise the most probable
+    degradation not yet treated, as long as it is more probable than 'clean' (None when none is)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")
+    if names[int(order[0])] == "clean":
+        return None, float(probs[order[0]])
+    for i in order:
+        if names[i] == "clean":
+            return None, float(probs[i])
+        if names[i] not in treated:
+            return names[i], float(probs[i])
+    return None, 0.0
+
+
+def load_restorer(checkpoint: str, clip: str | None = None, controller: str | None = None) -> Restorer:
     """Load a training workdir for inference (EMA weights when present) and its CLIP prior.
 
     `clip` overrides the CLIP folder named in the workdir's config (`priors.clip`); with neither,
-    the text priors are masked. Raises `UsageError` for a missing workdir or CLIP folder.
+    the text priors are masked. `controller` (or the config's `priors.controller`) names a trained
+    DA-CLIP controller that the automatic mode then uses. Raises `UsageError` for a missing workdir,
+    CLIP or controller folder, or a controller trained for another CLIP.
     """
     from pathlib import Path
 
@@ -324,4 +395,14 @@ def load_restorer(checkpoint: str, clip: str | None = None) -> Restorer:
 
         prior = load_clip(clip_path, max_text_len=int(config.priors.max_text_len))
         prior.check_text_dim(int(config.model.text_dim))
+    ctrl = controller or str(config.priors.get("controller", "") or "")
+    if ctrl:
+        if prior is None:
+            raise UsageError("a controller needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
+        if not Path(ctrl).is_dir():
+            where = "--controller" if controller else "the checkpoint's config (priors.controller)"
+            raise UsageError(f"controller folder not found: {ctrl} (from {where})")
+        from lmdir_jax.priors.controller import attach_from_config
+
+        attach_from_config(prior, config, ctrl)
     return Restorer(model=model, config=config, clip=prior)

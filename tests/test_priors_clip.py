@@ -106,6 +106,26 @@ def test_auto_degradation_eager_and_default_vocabulary(clip_dir):
     assert all(name in dict(vocabulary()) for name in prior.classify_degradation(images))
 
 
+def test_auto_degradation_retraces_without_leaked_tracers(clip_dir):
+    """issue 19: the vocabulary bank first asked for inside a trace must not cache tracers; batch
+    sizes that do not divide evenly and two image sizes in one process each retrace."""
+    prior = load_clip(clip_dir, max_text_len=8)
+    rng = np.random.default_rng(1)
+    inside = jax.jit(lambda p, x: prior.auto_degradation_fn(p, x)[0])  # bank built in this trace
+    first = np.asarray(inside(prior.params, rng.random((3, 32, 32, 3), np.float32)))
+    assert isinstance(prior.degradation_bank()[0], jax.Array)
+    assert not isinstance(prior.degradation_bank()[0], jax.core.Tracer)
+    for shape in ((3, 32, 32, 3), (2, 32, 32, 3), (1, 40, 24, 3), (5, 40, 24, 3)):
+        images = rng.random(shape, np.float32)
+        w = prior.auto_degradation(images)[0]
+        assert w.shape == (shape[0], len(prior.degradation_vocab))
+        np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(inside(prior.params, images)), w, atol=1e-5)
+    assert first.shape == (3, len(prior.degradation_vocab))
+    prior.caption(rng.random((3, 32, 32, 3), np.float32))
+    prior.caption(rng.random((1, 24, 24, 3), np.float32))
+
+
 def test_caption_picks_best_scene_phrases(clip, monkeypatch):
     bank = np.asarray(clip.scene_bank())
     monkeypatch.setattr(clip, "encode_images", lambda images: bank[[2, 1]])

@@ -71,6 +71,11 @@ def register(sub) -> None:
                    "7x7 with sample covariance, as PromptIR's test script")
     p.add_argument("--format", choices=("text", "markdown"), default="text",
                    help="protocol table format on stdout (default text)")
+    p.add_argument("--controller", metavar="WD",
+                   help="trained DA-CLIP controller for the automatic mode (overrides priors.controller)")
+    guide.add_argument("--iterative", action="store_true",
+                       help="AutoDIR's loop: assess, restore the dominant degradation, repeat")
+    p.add_argument("--max-steps", type=int, default=3, metavar="N", help="iterative: at most N steps (3)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write per-image results as CSV")
     p.set_defaults(func=run)
@@ -110,7 +115,7 @@ def run_protocol(args) -> int:
         return 1
     for ps in missing:
         sys.stderr.write(f"lmdir: warning: {ps.label} not found under {args.root}: skipped\n")
-    restorer = load_restorer(args.checkpoint, args.clip)
+    restorer = load_restorer(args.checkpoint, args.clip, args.controller)
     if (args.degradation is not None or args.oracle) and restorer.clip is None:
         raise UsageError("--degradation/--oracle need CLIP: the checkpoint has no priors.clip; pass --clip DIR")
     table, report = evaluate_protocol(
@@ -152,13 +157,16 @@ def run(args) -> int:
     for s in sets:
         if not (is_named_source(s.path) or Path(s.path).is_dir()):
             raise UsageError(f"evaluation folder not found: {s.path}")
-    restorer = load_restorer(args.checkpoint, args.clip)
-    if (args.degradation is not None or args.oracle) and restorer.clip is None:
-        raise UsageError("--degradation/--oracle need CLIP: the checkpoint has no priors.clip; pass --clip DIR")
+    if args.max_steps < 1:
+        raise UsageError("--max-steps must be >= 1")
+    restorer = load_restorer(args.checkpoint, args.clip, args.controller)
+    if (args.degradation is not None or args.oracle or args.iterative) and restorer.clip is None:
+        raise UsageError("--degradation/--oracle/--iterative need CLIP: the checkpoint has no priors.clip; "
+                         "pass --clip DIR")
     report = evaluate(
         restorer, sets, seed=args.seed, crop_multiple=args.crop_multiple,
         max_images=args.max_images, degradation=args.degradation, oracle=args.oracle,
-        blind=args.blind,
+        blind=args.blind, iterative=args.max_steps if args.iterative else 0,
         tile=args.tile or None, overlap=args.tile_overlap, ssim_window=args.ssim,
     )
     report.settings["checkpoint"] = str(args.checkpoint)

@@ -2,8 +2,9 @@
 
     lmdir priors make-tiny OUTDIR                      tiny random CLIP (OUTDIR/clip) and SD (OUTDIR/sd)
     lmdir priors build --data SRC --clip DIR [--sd DIR] [--captions F.jsonl] --output CACHE
-    lmdir priors classify --clip DIR --data DIR --spec SPEC [--spec SPEC ...] [--max-images N]
+    lmdir priors classify --clip DIR [--controller WD] --data DIR --spec SPEC [--spec SPEC ...]
     lmdir priors caption --clip DIR IMAGE...           zero-shot scene captions
+    lmdir priors train-controller --clip DIR [--config CFG] --workdir WD   DA-CLIP controller
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ def register(sub) -> None:
     b.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     b.add_argument("--max-items", type=int, default=None, help="only the first N images")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--controller", metavar="WD",
+                   help="trained DA-CLIP controller: zero-shot captions from the controlled image tower")
     b.set_defaults(func=run_build)
 
     c = psub.add_parser(
         "classify",
-        help="zero-shot CLIP degradation accuracy and confusion matrix",
-        description="Degrade a clean folder with each --spec and report how often CLIP's zero-shot "
-        "choice over the degradation vocabulary names a kind of the spec ('clean' = undegraded).",
+        help="degradation accuracy and confusion matrix: zero-shot CLIP and a trained controller",
+        description="Degrade a clean folder with each --spec (or take a paired folder's real degraded "
+        "photos, one --spec naming their kind) and report how often the top-1 vocabulary entry names "
+        "a kind of the spec ('clean' = undegraded), for the downscaled view and native crops, "
+        "zero-shot and with --controller.",
     )
     c.add_argument("--clip", required=True, metavar="DIR")
     c.add_argument("--data", required=True, metavar="SRC", help="clean images (folder or skimage)")
@@ -62,9 +67,22 @@ def register(sub) -> None:
                    help="degradation spec, e.g. noise:25 or rain+haze; repeatable; 'clean' allowed")
     c.add_argument("--max-images", type=int, default=None, metavar="N")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch", type=int, default=8)
+    c.add_argument("--controller", metavar="WD", help="also classify with this trained controller")
+    c.add_argument("--grid", type=int, default=3, help="native crops per side (grid x grid, default 3)")
     c.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     c.set_defaults(func=run_classify)
+
+    tc = psub.add_parser(
+        "train-controller",
+        help="train (or resume) a DA-CLIP degradation controller for a CLIP",
+        description="A trainable copy of CLIP's image tower learns the degradation (vocabulary incl. "
+        "'clean') of native-resolution crops; zero-initialised links steer the frozen tower. "
+        "Rerun the same command to resume.",
+    )
+    tc.add_argument("--clip", required=True, metavar="DIR", help="local Hugging Face CLIP folder")
+    tc.add_argument("--config", default="controller", metavar="CFG", help="config (default controller)")
+    tc.add_argument("--workdir", required=True, metavar="WD", help="controller workdir (created/resumed)")
+    tc.set_defaults(func=run_train_controller)
 
     k = psub.add_parser("caption", help="zero-shot scene captions of images")
     k.add_argument("images", nargs="+", metavar="IMAGE")
@@ -97,10 +115,20 @@ def run_build(args) -> int:
     """Build or resume a prior cache and print its summary."""
     from lmdir_jax.priors.cache import build_cache
 
+    clip = None
+    if args.controller:
+        from lmdir_jax.priors.clip import load_clip
+        from lmdir_jax.priors.controller import load_controller
+
+        if not Path(args.controller).is_dir():
+            raise UsageError(f"controller folder not found: {args.controller}")
+        clip = load_clip(args.clip, max_text_len=args.max_text_len)
+        clip.attach_controller(load_controller(args.controller, clip))
     summary = build_cache(
         args.data,
         args.clip,
         args.output,
+        clip=clip,
         sd_path=args.sd,
         captions_file=args.captions,
         ref_size=args.ref_size,
@@ -128,17 +156,56 @@ def _spec_kinds(spec: str) -> tuple[str, ...]:
     return ("clean",) if spec == "clean" else tuple(item.kind for item in parse_spec(spec))
 
 
-def classify(clip, data, specs: list[str], *, max_images=None, seed=0, batch=8) -> dict:
-    """Zero-shot degradation classification of `data` degraded by each spec -> accuracy + confusion.
+MIXTURE_THRESHOLD = 0.25  # a mixture's predicted kinds: vocabulary entries with probability >= this
 
-    A prediction is correct when the vocabulary entry CLIP prefers is one of the spec's kinds.
+
+def view_predictors(clip, assessor=None, grid: int = 3) -> dict:
+    """{view name: fn(image HxWx3) -> (K,) vocabulary probabilities} for classify.
+
+    'downscaled': the centre square area-resized to CLIP's input (`inference.clip_view`);
+    'crops': grid x grid crops at native resolution, probabilities averaged (`native_crops`).
+    Zero-shot CLIP always; the controller's two views when `assessor` is given.
+    """
+    import numpy as np
+
+    from lmdir_jax.inference import clip_view
+    from lmdir_jax.priors.controller import native_crops
+
+    size = clip.image_size
+    views = {
+        "zero-shot downscaled": lambda img: clip.auto_degradation(clip_view(img, size)[None])[0][0],
+        "zero-shot crops": lambda img: np.asarray(clip.auto_degradation(native_crops(img, size, grid))[0]).mean(0),
+    }
+    if assessor is not None:
+        views["controller downscaled"] = lambda img: assessor.crop_probabilities(clip_view(img, size)[None])[0]
+        views["controller crops"] = assessor.probabilities
+    return views
+
+
+def _iter_images(source, spec: str, n_imgs: int, seed: int):
+    from lmdir_jax.data.evaluation import iter_eval_pairs
+
+    if getattr(source, "paired", False):
+        return (source[i]["degraded"] for i in range(n_imgs))
+    if spec == "clean":
+        return (source[i]["clean"] for i in range(n_imgs))
+    return (d for _, d, _, _ in iter_eval_pairs(source, spec, seed=seed, max_images=n_imgs))
+
+
+def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=None, grid: int = 3) -> dict:
+    """Degradation classification of `data` degraded by each spec, in every view -> accuracy + confusion.
+
+    A top-1 prediction is correct when it is one of the spec's kinds ('clean' = undegraded). For a
+    paired folder (real degraded photos, e.g. Rain100L) the single spec names the true kind and the
+    degraded images are classified as they are. Mixtures (specs of several kinds) also get precision
+    and recall of the predicted kind set (probability >= MIXTURE_THRESHOLD, top-1 when none).
+    The top-level confusion/accuracy are those of the main view: 'controller crops' with a
+    controller, else 'zero-shot downscaled'.
     """
     import numpy as np
     from tqdm import tqdm
 
-    from lmdir_jax.data.evaluation import iter_eval_pairs
     from lmdir_jax.data.sources import load_source
-    from lmdir_jax.priors.cache import clip_input
 
     names = [n for n, _ in clip.degradation_vocab]
     kinds = {s: _spec_kinds(s) for s in specs}  # UsageError for a bad spec, before any work
@@ -147,48 +214,60 @@ def classify(clip, data, specs: list[str], *, max_images=None, seed=0, batch=8) 
         if bad:
             raise UsageError(f"spec {s}: kind {bad[0]} is not in the CLIP degradation vocabulary")
     source = load_source(data)
-    if getattr(source, "paired", False):
-        raise UsageError(f"{data} is a paired folder: classify needs clean images to degrade")
-    confusion = np.zeros((len(specs), len(names)), np.int64)
+    if getattr(source, "paired", False) and len(specs) != 1:
+        raise UsageError(f"{data} is a paired folder: give exactly one --spec naming its degradation")
+    views = view_predictors(clip, assessor, grid)
+    conf = {v: np.zeros((len(specs), len(names)), np.int64) for v in views}
+    pr = {v: {s: [0.0, 0.0, 0] for s in specs} for v in views}
     n_imgs = len(source) if max_images is None else min(len(source), int(max_images))
-    bar = tqdm(total=n_imgs * len(specs), desc="classify", unit="img")
+    bar = tqdm(total=n_imgs * len(specs), desc="classify", unit="img", mininterval=2.0)
     for r, spec in enumerate(specs):
-        if spec == "clean":
-            pairs = ((source[i]["clean"],) for i in range(n_imgs))
-        else:
-            pairs = ((d,) for _, d, _, _ in iter_eval_pairs(source, spec, seed=seed, max_images=n_imgs))
-        chunk: list = []
-        for (img,) in pairs:
-            chunk.append(clip_input(img, clip.image_size))
-            if len(chunk) == batch:
-                for p in clip.auto_degradation(np.stack(chunk))[0].argmax(-1):
-                    confusion[r, p] += 1
-                bar.update(len(chunk))
-                chunk = []
-        if chunk:
-            for p in clip.auto_degradation(np.stack(chunk))[0].argmax(-1):
-                confusion[r, p] += 1
-            bar.update(len(chunk))
+        truth = {names.index(k) for k in kinds[spec]}
+        for img in _iter_images(source, spec, n_imgs, seed):
+            for v, fn in views.items():
+                p = np.asarray(fn(img))
+                conf[v][r, int(p.argmax())] += 1
+                pred = set(np.flatnonzero(p >= MIXTURE_THRESHOLD).tolist()) or {int(p.argmax())}
+                acc = pr[v][spec]
+                acc[0] += len(pred & truth) / len(pred)
+                acc[1] += len(pred & truth) / len(truth)
+                acc[2] += 1
+            bar.update(1)
     bar.close()
-    per_spec = {}
-    for r, spec in enumerate(specs):
-        hit = sum(confusion[r, names.index(k)] for k in kinds[spec])
-        per_spec[spec] = float(hit / max(1, confusion[r].sum()))
-    total = int(confusion.sum())
-    correct = sum(per_spec[s] * confusion[r].sum() for r, s in enumerate(specs))
+    out_views = {}
+    for v in views:
+        c = conf[v]
+        per_spec = {s: float(sum(c[r, names.index(k)] for k in kinds[s]) / max(1, c[r].sum()))
+                    for r, s in enumerate(specs)}
+        singles = [r for r, s in enumerate(specs) if len(kinds[s]) == 1 and s != "clean"]
+        single_hits = sum(per_spec[specs[r]] * c[r].sum() for r in singles)
+        single_n = sum(c[r].sum() for r in singles)
+        total = int(c.sum())
+        correct = sum(per_spec[s] * c[r].sum() for r, s in enumerate(specs))
+        mixtures = {s: {"precision": round(a[0] / max(1, a[2]), 4), "recall": round(a[1] / max(1, a[2]), 4)}
+                    for s, a in pr[v].items() if len(kinds[s]) > 1}
+        out_views[v] = {
+            "confusion": c.tolist(),
+            "accuracy": {s: round(a, 4) for s, a in per_spec.items()},
+            "overall_accuracy": round(float(correct / max(1, total)), 4),
+            "single_accuracy": round(float(single_hits / single_n), 4) if single_n else None,
+            "mixtures": mixtures,
+        }
+    main = "controller crops" if assessor is not None else "zero-shot downscaled"
     return {
         "classes": names,
         "specs": specs,
-        "confusion": confusion.tolist(),
-        "accuracy": {s: round(a, 4) for s, a in per_spec.items()},
-        "overall_accuracy": round(float(correct / max(1, total)), 4),
-        "images": total,
+        "views": out_views,
+        "main_view": main,
+        **{k: out_views[main][k] for k in ("confusion", "accuracy", "overall_accuracy")},
+        "images": int(conf[main].sum()),
     }
 
 
-def format_confusion(result: dict) -> str:
-    """The classification result as a plain-text table (rows: specs, columns: vocabulary)."""
+def format_confusion(result: dict, view: str | None = None) -> str:
+    """A classification view as a plain-text table (rows: specs, columns: vocabulary)."""
     names, specs = result["classes"], result["specs"]
+    r = result["views"][view] if view else result
     head = "spec \\ predicted"
     w0 = max(len(head), *(len(s) for s in specs))
     widths = [max(len(n), 5) for n in names]
@@ -197,10 +276,28 @@ def format_confusion(result: dict) -> str:
         + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
         + "  accuracy"
     ]
-    for spec, row in zip(specs, result["confusion"], strict=True):
+    for spec, row in zip(specs, r["confusion"], strict=True):
         cells = "  ".join(f"{v:>{w}}" for v, w in zip(row, widths, strict=True))
-        lines.append(f"{spec:<{w0}}  {cells}  {result['accuracy'][spec]:8.1%}")
-    lines.append(f"overall accuracy {result['overall_accuracy']:.1%} on {result['images']} images")
+        lines.append(f"{spec:<{w0}}  {cells}  {r['accuracy'][spec]:8.1%}")
+    lines.append(f"overall accuracy {r['overall_accuracy']:.1%} on {result['images']} images")
+    for spec, m in r.get("mixtures", {}).items():
+        lines.append(f"mixture {spec}: precision {m['precision']:.1%}, recall {m['recall']:.1%}")
+    return "\n".join(lines)
+
+
+def format_views(result: dict) -> str:
+    """Top-1 accuracy per spec for every view side by side (the summary table)."""
+    views = list(result["views"])
+    w0 = max(4, *(len(s) for s in result["specs"]))
+    widths = [max(len(v), 7) for v in views]
+    lines = [f"{'spec':<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(views, widths, strict=True))]
+    for s in result["specs"]:
+        lines.append(f"{s:<{w0}}  " + "  ".join(
+            f"{result['views'][v]['accuracy'][s]:>{w}.1%}" for v, w in zip(views, widths, strict=True)))
+    for key, label in (("single_accuracy", "single kinds"), ("overall_accuracy", "all")):
+        vals = [result["views"][v][key] for v in views]
+        if all(x is not None for x in vals):
+            lines.append(f"{label:<{w0}}  " + "  ".join(f"{x:>{w}.1%}" for x, w in zip(vals, widths, strict=True)))
     return "\n".join(lines)
 
 
@@ -208,17 +305,41 @@ def run_classify(args) -> int:
     """Print the zero-shot degradation accuracy and confusion matrix (and JSON with --json)."""
     from lmdir_jax.priors.clip import load_clip
 
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.grid < 1:
+        raise UsageError(f"--grid must be >= 1, got {args.grid}")
     for spec in args.spec:
         _spec_kinds(spec)
+    if args.controller and not Path(args.controller).is_dir():
+        raise UsageError(f"controller folder not found: {args.controller}")
     clip = load_clip(args.clip)
-    result = classify(
-        clip, args.data, list(args.spec), max_images=args.max_images, seed=args.seed, batch=args.batch
-    )
-    print(format_confusion(result))
+    assessor = None
+    if args.controller:
+        from lmdir_jax.priors.controller import load_controller
+
+        assessor = load_controller(args.controller, clip, grid=args.grid)
+    result = classify(clip, args.data, list(args.spec), max_images=args.max_images, seed=args.seed,
+                      assessor=assessor, grid=args.grid)
+    for view in result["views"]:
+        print(f"== {view}")
+        print(format_confusion(result, view))
+    print("== top-1 accuracy by view")
+    print(format_views(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def run_train_controller(args) -> int:
+    """Train a controller and print one summary line."""
+    from lmdir_jax.config import load_config
+    from lmdir_jax.priors.controller_train import train_controller
+
+    if not Path(args.clip).is_dir():
+        raise UsageError(f"CLIP folder not found: {args.clip}")
+    config = load_config(args.config, getattr(args, "config_overrides", []))
+    s = train_controller(config, args.clip, args.workdir)
+    print(f"controller: step={s['step']} loss={s['loss']:.4g} train_accuracy={s['accuracy']:.3f} "
+          f"seconds={s['seconds']:.1f} cpu_seconds={s['cpu_seconds']:.1f} workdir={s['workdir']}")
     return 0
 
 

@@ -8,6 +8,7 @@ replace an input.
 from __future__ import annotations
 
 import glob
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def register(sub) -> None:
         "--no-reference", action="store_true", help="use no reference image (the default)"
     )
     p.add_argument("--clip", metavar="DIR", help="CLIP folder (overrides the checkpoint's priors.clip)")
+    p.add_argument("--controller", metavar="WD",
+                   help="trained DA-CLIP controller for the automatic mode (overrides priors.controller)")
+    guide.add_argument(
+        "--iterative", action="store_true",
+        help="AutoDIR's loop: assess, restore the dominant degradation, assess again; stop when "
+        "'clean' wins or after --max-steps (never the same degradation twice); writes NAME.json chains",
+    )
+    p.add_argument("--max-steps", type=int, default=3, metavar="N", help="iterative: at most N steps (3)")
+    p.add_argument("--clean", metavar="IMG|DIR",
+                   help="iterative: clean reference image (or folder of same-named images) for PSNR changes")
     p.set_defaults(func=run)
 
 
@@ -124,6 +135,24 @@ def _read(path: Path):
     return load_image(path)
 
 
+def _clean_for(clean: str | None, f: Path, shape) -> object:
+    """The clean reference of input `f` (a file, or the same-named file in a folder), or None."""
+    if not clean:
+        return None
+    c = Path(clean)
+    if c.is_dir():
+        found = [p for p in c.iterdir() if p.stem == f.stem and _is_image_name(p)]
+        if not found:
+            return None
+        c = found[0]
+    got = _read(c)
+    if got is None:
+        raise UsageError(f"--clean is not a readable image: {c}")
+    if got.rgb.shape != tuple(shape):
+        raise UsageError(f"--clean {c} has size {got.rgb.shape[:2]}, the input {f} {tuple(shape[:2])}")
+    return got.rgb
+
+
 def run(args) -> int:
     """Handler of `lmdir restore`."""
     if args.tile < 0 or args.tile_overlap < 0 or args.tile_batch < 1:
@@ -152,7 +181,15 @@ def run(args) -> int:
     from lmdir_jax.data.io import write_image
     from lmdir_jax.inference import load_restorer
 
-    restorer = load_restorer(args.checkpoint, args.clip)
+    if args.max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.clean and not args.iterative:
+        raise UsageError("--clean is used by --iterative only")
+    if args.clean and not Path(args.clean).exists():
+        raise UsageError(f"--clean not found: {args.clean}")
+    restorer = load_restorer(args.checkpoint, args.clip, args.controller)
+    if args.iterative and restorer.clip is None:
+        raise UsageError("--iterative needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
     if args.degradation is not None and restorer.clip is None:
         raise UsageError("--degradation needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
     if args.caption is not None and restorer.clip is None:
@@ -170,6 +207,19 @@ def run(args) -> int:
             skipped += 1
             continue
         rgb = got.rgb
+        if args.iterative:
+            restored, chain = restorer.restore_iterative(
+                rgb, max_steps=args.max_steps, clean=_clean_for(args.clean, f, rgb.shape),
+                caption=args.caption, reference=reference,
+                tile=tile, overlap=args.tile_overlap, batch_size=args.tile_batch,
+            )
+            write_image(out, restored, bit_depth=got.bit_depth, alpha=got.alpha, protect=inputs)
+            sidecar = out.with_suffix(".json")
+            sidecar.write_text(json.dumps({"input": str(f), "output": str(out), **chain}, indent=2) + "\n")
+            kinds = " -> ".join(st["degradation"] for st in chain["steps"]) or "nothing"
+            tqdm.write(f"{f}: restored {kinds} (stop: {chain['stop']}) -> {out}", file=sys.stdout)
+            done += 1
+            continue
         priors, choice = restorer.priors_for(
             rgb, degradation=args.degradation, caption=args.caption, reference=reference,
             auto=not args.blind,

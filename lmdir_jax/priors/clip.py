@@ -42,6 +42,14 @@ def _normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
 
+def mix_states(weights: jax.Array, states: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Text states sum_k w_k states_k (B, T, D) of vocabulary weights (B, K), and the union of the
+    vocabulary masks (B, T): the automatic degradation prior of the weights."""
+    mixed = jnp.einsum("bk,ktd->btd", weights, states)
+    union = jnp.broadcast_to(mask.any(axis=0), (weights.shape[0], mask.shape[1]))
+    return mixed, union
+
+
 class ClipPrior:
     """A frozen CLIP model with its tokenizer and preprocessing, as the restoration priors use it.
 
@@ -81,6 +89,7 @@ class ClipPrior:
         self._degradation_vocab = degradation_vocab
         self.scene_vocab = list(scene_vocab) if scene_vocab is not None else None
         self._banks: dict[str, tuple] = {}
+        self.controller = None  # a DegradationAssessor (priors/controller.py) once attached
         self._jit_states = jax.jit(self.text_states)
         self._jit_text_feats = jax.jit(self.text_features)
         self._jit_image_feats = jax.jit(self.image_features)
@@ -156,38 +165,51 @@ class ClipPrior:
         return _normalize(out.astype(jnp.float32))
 
     def degradation_bank(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Text features (K, P), states (K, T, D) and mask (K, T) of the degradation vocabulary."""
+        """Text features (K, P), states (K, T, D) and mask (K, T) of the degradation vocabulary.
+
+        Always computed eagerly (concrete arrays, even when first asked for inside a jit trace),
+        so the cached bank never holds a tracer of one trace that a later trace would reuse.
+        """
         if "deg" not in self._banks:
             texts = [text for _, text in self.degradation_vocab]
             ids, mask = self.tokenize(texts)
-            self._banks["deg"] = (
-                self._jit_text_feats(self.params, ids, mask),
-                self._jit_states(self.params, ids, mask),
-                jnp.asarray(mask),
-            )
+            with jax.ensure_compile_time_eval():
+                self._banks["deg"] = (
+                    self._jit_text_feats(self.params, ids, mask),
+                    self._jit_states(self.params, ids, mask),
+                    jnp.asarray(mask),
+                )
         return self._banks["deg"]
 
     def scene_bank(self) -> jax.Array:
-        """Text features (S, P) of the scene vocabulary (for zero-shot captions)."""
+        """Text features (S, P) of the scene vocabulary (for zero-shot captions), eager like
+        `degradation_bank`."""
         if "scene" not in self._banks:
             ids, mask = self.tokenize(self._scene_vocab())
-            self._banks["scene"] = (self._jit_text_feats(self.params, ids, mask),)
+            with jax.ensure_compile_time_eval():
+                self._banks["scene"] = (self._jit_text_feats(self.params, ids, mask),)
         return self._banks["scene"][0]
 
-    def auto_degradation_fn(self, params, images: jax.Array):
+    def auto_degradation_fn(self, params, images: jax.Array, bank=None):
         """Pure automatic degradation prior (AutoDIR-style) for use inside a jitted step.
 
         Zero-shot softmax weights (B, K) of the images against the degradation vocabulary (logit
         scale from the model), the weighted text states sum_k w_k states_k (B, T, D) and the union of
-        the vocabulary masks (B, T). The vocabulary bank is computed once and enters as a constant.
+        the vocabulary masks (B, T). `bank` is `degradation_bank()` (computed eagerly when omitted).
         """
-        feats, states, mask = self.degradation_bank()
+        feats, states, mask = self.degradation_bank() if bank is None else bank
+        if self.controller is not None:  # the trained controller (native-resolution tiles)
+            return (w := self.controller.weights_fn(images, feats), *mix_states(w, states, mask))
         img = self.image_features(params, images)
         scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
         weights = jax.nn.softmax(scale * img @ feats.T, axis=-1)
-        mixed = jnp.einsum("bk,ktd->btd", weights, states)
-        union = jnp.broadcast_to(mask.any(axis=0), (images.shape[0], mask.shape[1]))
-        return weights, mixed, union
+        return (weights, *mix_states(weights, states, mask))
+
+    def attach_controller(self, assessor) -> None:
+        """Use a trained DA-CLIP controller (`priors.controller.load_controller`) from now on: the
+        automatic degradation prior comes from it (native-resolution crops) and the image
+        embeddings (captions) from the frozen tower under its control."""
+        self.controller = assessor
 
     # ---- eager API ------------------------------------------------------------------------------
 
@@ -197,12 +219,26 @@ class ClipPrior:
         return np.asarray(self._jit_states(self.params, ids, mask)), mask
 
     def encode_images(self, images) -> np.ndarray:
-        """Normalised image embeddings (B, P) of NHWC images in [0, 1]."""
+        """Normalised image embeddings (B, P) of NHWC images in [0, 1] (under the controller's
+        control when one is attached)."""
+        if self.controller is not None:
+            images = np.asarray(self.preprocess(jnp.asarray(images, jnp.float32)) * self.std + self.mean)
+            return self.controller.content_features(images)
         return np.asarray(self._jit_image_feats(self.params, jnp.asarray(images, jnp.float32)))
 
     def auto_degradation(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask)."""
-        w, s, m = self._jit_auto(self.params, jnp.asarray(images, jnp.float32))
+        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask).
+
+        With a controller attached the weights are its probabilities averaged over native crops of
+        each image (give the images at full resolution); otherwise zero-shot CLIP.
+        """
+        if self.controller is not None:
+            _, states, mask = self.degradation_bank()
+            w = np.stack([self.controller.probabilities(img) for img in np.asarray(images, np.float32)])
+            s, m = mix_states(jnp.asarray(w), states, mask)
+            return w, np.asarray(s), np.asarray(m)
+        bank = self.degradation_bank()  # eager, outside the trace; passed as an argument
+        w, s, m = self._jit_auto(self.params, jnp.asarray(images, jnp.float32), bank)
         return np.asarray(w), np.asarray(s), np.asarray(m)
 
     def classify_degradation(self, images) -> list[str]:

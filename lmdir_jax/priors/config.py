@@ -11,6 +11,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.cache = ""  # prior cache folder built by `lmdir priors build`
     c.max_text_len = 32  # CLIP tokens per text (<= 77)
     c.ref_size = 64  # side of the reference image fed to the network
+    # DA-CLIP degradation controller (`lmdir priors train-controller`): a trained controller workdir
+    # ('' = zero-shot CLIP); the automatic mode (restore, evaluate, auto_ratio, the prior cache)
+    # uses it when set.
+    c.controller = ""
+    c.controller_grid = 3  # native-resolution crops per side (grid x grid crops, probabilities averaged)
+    c.controller_content_weight = 0.1  # weight of the content loss in controller training
+    c.controller_clean_prob = 0.125  # fraction of training crops left undegraded (the 'clean' class)
     # Training: probability of using the automatic (CLIP zero-shot) degradation prior instead of
     # the synthesis label's text (teacher forcing).
     c.auto_ratio = 0.0

@@ -55,6 +55,9 @@ def _load_clip(config):
 
     clip = load_clip(str(config.priors.clip), max_text_len=int(config.priors.max_text_len))
     clip.check_text_dim(int(config.model.text_dim))
+    from lmdir_jax.priors.controller import attach_from_config
+
+    attach_from_config(clip, config)  # priors.controller: auto_ratio uses the trained controller
     return clip, clip.params
 
 

@@ -1,0 +1,358 @@
+"""A degradation-aware CLIP controller (DA-CLIP, Luo et al. 2024) in Flax NNX.
+
+The controller is a trainable copy of CLIP's vision tower. Its pooled, projected output is the
+*degradation embedding*, compared with the frozen text embeddings of the degradation vocabulary
+(`lmdir_jax.degradations.vocabulary()`, "clean" included). After every transformer layer its hidden
+states also pass through a zero-initialised linear connection whose output is added to the output
+of the same layer of the *frozen* tower (DA-CLIP's `ControlTransformer`), steering the frozen
+tower's *content embedding* towards the clean scene. Zero-initialised, the controlled tower is
+exactly the frozen one.
+
+The vision tower is written here as a pure function of the Hugging Face Flax CLIP parameters
+(`vision_forward`), so the frozen tower and its trainable copy share one implementation, and
+hints can be injected between layers (the Hugging Face module has no such hook).
+
+What the controller looks at: crops of the image at native resolution (`native_crops`), several per
+image, whose probabilities are averaged; a downscaled view (`inference.clip_view`) hides noise and
+JPEG blocks at CLIP's input size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmdir_jax.errors import UsageError
+
+SPEC_FILE = "controller.json"
+
+
+# --------------------------------------------------------------------------- the vision tower
+
+
+def _layer_norm(x, p, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _act(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=name != "gelu")
+    raise UsageError(f"unsupported CLIP vision activation {name!r}")
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    """Static shape of a CLIP vision tower (from the Hugging Face `vision_config`)."""
+
+    width: int
+    layers: int
+    heads: int
+    patch: int
+    image_size: int
+    eps: float
+    act: str
+
+    @classmethod
+    def of(cls, clip) -> TowerShape:
+        v = clip.model.config.vision_config
+        return cls(
+            width=int(v.hidden_size), layers=int(v.num_hidden_layers), heads=int(v.num_attention_heads),
+            patch=int(v.patch_size), image_size=int(v.image_size), eps=float(v.layer_norm_eps),
+            act=str(v.hidden_act),
+        )
+
+
+def _attention(x, p, heads):
+    b, n, d = x.shape
+    hd = d // heads
+    q = (_dense(x, p["q_proj"]) * hd**-0.5).reshape(b, n, heads, hd)
+    k = _dense(x, p["k_proj"]).reshape(b, n, heads, hd)
+    v = _dense(x, p["v_proj"]).reshape(b, n, heads, hd)
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    return _dense(jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, d), p["out_proj"])
+
+
+def vision_forward(vp: dict, pixels: jax.Array, shape: TowerShape, hints=None, collect: bool = False):
+    """CLIP's vision transformer on normalised NHWC pixels -> (pooled (B, W), per-layer states).
+
+    `vp` is the `vision_model` parameter dict of a Hugging Face Flax CLIP. `hints[i]` (B, N, W), when
+    given, is added to the output of layer i (DA-CLIP's control); with `collect` the output of each
+    layer is returned (the controller's hidden states), else an empty list.
+    """
+    emb = vp["embeddings"]
+    x = jax.lax.conv_general_dilated(
+        pixels.astype(jnp.float32), emb["patch_embedding"]["kernel"], (shape.patch, shape.patch),
+        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    b = x.shape[0]
+    x = x.reshape(b, -1, shape.width)
+    cls = jnp.broadcast_to(emb["class_embedding"], (b, 1, shape.width))
+    x = jnp.concatenate([cls, x], axis=1) + emb["position_embedding"]["embedding"][None]
+    x = _layer_norm(x, vp["pre_layrnorm"], shape.eps)
+    act = _act(shape.act)
+    states = []
+    for i in range(shape.layers):
+        p = vp["encoder"]["layers"][str(i)]
+        x = x + _attention(_layer_norm(x, p["layer_norm1"], shape.eps), p["self_attn"], shape.heads)
+        h = _layer_norm(x, p["layer_norm2"], shape.eps)
+        x = x + _dense(act(_dense(h, p["mlp"]["fc1"])), p["mlp"]["fc2"])
+        if hints is not None:
+            x = x + hints[i]
+        if collect:
+            states.append(x)
+    return _layer_norm(x[:, 0], vp["post_layernorm"], shape.eps), states
+
+
+def _normalize(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
+
+
+# --------------------------------------------------------------------------- the NNX controller
+
+
+class Controller(nnx.Module):
+    """Trainable copy of a CLIP vision tower + zero-initialised connections into the frozen tower.
+
+    `controller(pixels, frozen)` -> (degradation embedding (B, P), content embedding (B, P)), both
+    L2-normalised; `frozen` is `{'vision_model': ..., 'visual_projection': ...}` of the frozen CLIP.
+    `logit_scale` (log) starts at CLIP's (at least 100) and is trained with the rest.
+    """
+
+    def __init__(self, vision_params: dict, projection: Any, shape: TowerShape, logit_scale: float,
+                 *, rngs: nnx.Rngs):
+        self.shape = shape
+        self.tower = nnx.data(jax.tree.map(lambda a: nnx.Param(jnp.array(a, jnp.float32)), vision_params))
+        self.projection = nnx.Param(jnp.array(projection, jnp.float32))
+        zeros = nnx.initializers.zeros_init()
+        self.zero_links = nnx.List([
+            nnx.Linear(shape.width, shape.width, kernel_init=zeros, bias_init=zeros, rngs=rngs)
+            for _ in range(shape.layers)
+        ])
+        # At least 100 (CLIP's trained value): a random tiny CLIP's vocabulary embeddings can be
+        # nearly parallel, and a small scale would cap the logit gaps between them.
+        self.logit_scale = nnx.Param(jnp.asarray(np.log(max(logit_scale, 100.0)), jnp.float32))
+
+    @classmethod
+    def from_clip(cls, clip, seed: int = 0) -> Controller:
+        """A controller initialised from `clip` (a `ClipPrior`): the copy equals the frozen tower."""
+        return cls(
+            clip.params["vision_model"], clip.params["visual_projection"]["kernel"], TowerShape.of(clip),
+            clip.logit_scale, rngs=nnx.Rngs(seed),
+        )
+
+    def hints(self, pixels: jax.Array) -> tuple[jax.Array, list]:
+        """(degradation embedding (B, P) normalised, per-layer control hints)."""
+        tower = jax.tree.map(lambda v: v[...], self.tower, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        pooled, states = vision_forward(tower, pixels, self.shape, collect=True)
+        hints = [link(s) for link, s in zip(self.zero_links, states, strict=True)]
+        return _normalize(pooled @ self.projection[...]), hints
+
+    def __call__(self, pixels: jax.Array, frozen: dict) -> tuple[jax.Array, jax.Array]:
+        deg, hints = self.hints(pixels)
+        return deg, controlled_features(frozen, pixels, self.shape, hints)
+
+
+def controlled_features(frozen: dict, pixels: jax.Array, shape: TowerShape, hints=None) -> jax.Array:
+    """L2-normalised projected embedding (B, P) of the frozen tower (under control when `hints`)."""
+    pooled, _ = vision_forward(frozen["vision_model"], pixels, shape, hints=hints)
+    return _normalize(pooled @ frozen["visual_projection"]["kernel"])
+
+
+def frozen_params(clip) -> dict:
+    """The frozen image-tower parameters a controller needs, from a `ClipPrior`."""
+    return {"vision_model": clip.params["vision_model"], "visual_projection": clip.params["visual_projection"]}
+
+
+def label_targets(deg_vector: np.ndarray, names: list[str]) -> np.ndarray:
+    """(B, K) target distribution over the vocabulary `names` from (B, len(KINDS)) severities:
+    uniform over the kinds present (multi-label), all mass on 'clean' when none is."""
+    from lmdir_jax.degradations import KINDS
+
+    deg_vector = np.asarray(deg_vector)
+    t = np.zeros((deg_vector.shape[0], len(names)), np.float32)
+    for j, kind in enumerate(KINDS):
+        if kind in names:
+            t[:, names.index(kind)] = deg_vector[:, j] > 0
+    none = t.sum(1) == 0
+    if "clean" in names:
+        t[none, names.index("clean")] = 1.0
+    return t / np.maximum(t.sum(1, keepdims=True), 1.0)
+
+
+# --------------------------------------------------------------------------- native-resolution views
+
+
+def crop_starts(length: int, size: int, n: int) -> list[int]:
+    """`n` evenly spread start offsets of windows of `size` in [0, length) (one when too short)."""
+    if length <= size or n <= 1:
+        return [max(0, (length - size) // 2)]
+    return sorted({int(round(v)) for v in np.linspace(0, length - size, n)})
+
+
+def native_crops(image: np.ndarray, size: int, grid: int = 3) -> np.ndarray:
+    """Up to grid x grid `size` x `size` crops of `image` at native resolution, on a regular grid.
+
+    An image smaller than `size` is padded by reflection first (never resized).
+    """
+    img = np.asarray(image[..., :3], np.float32)
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="symmetric")
+        h, w = img.shape[:2]
+    return np.stack([img[y : y + size, x : x + size] for y in crop_starts(h, size, grid)
+                     for x in crop_starts(w, size, grid)])
+
+
+def normalize_pixels(images, mean, std) -> jax.Array:
+    """CLIP normalisation of NHWC images in [0, 1] (no resizing: crops already have CLIP's size)."""
+    return (jnp.clip(jnp.asarray(images, jnp.float32), 0.0, 1.0) - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+# --------------------------------------------------------------------------- a trained controller
+
+
+def controller_spec(clip) -> dict:
+    """What a controller is tied to: its CLIP's widths, tower shape and degradation vocabulary."""
+    shape = TowerShape.of(clip)
+    return {
+        "text_dim": clip.text_dim,
+        "projection_dim": clip.projection_dim,
+        "vision_width": shape.width,
+        "vision_layers": shape.layers,
+        "image_size": shape.image_size,
+        "vocabulary": [list(v) for v in clip.degradation_vocab],
+    }
+
+
+def check_spec(workdir: Path, spec: dict, clip) -> None:
+    """UsageError (one line) when the controller in `workdir` was trained for another CLIP."""
+    mine = controller_spec(clip)
+    for key in ("text_dim", "projection_dim", "vision_width", "vision_layers", "image_size"):
+        if int(spec.get(key, -1)) != mine[key]:
+            raise UsageError(
+                f"controller {workdir} was trained for another CLIP ({key} {spec.get(key)} != {mine[key]})"
+            )
+    if [list(v) for v in spec.get("vocabulary", [])] != mine["vocabulary"]:
+        raise UsageError(f"controller {workdir} was trained on another degradation vocabulary")
+
+
+class DegradationAssessor:
+    """A trained controller with its frozen CLIP: degradation probabilities and controlled features.
+
+    `probabilities(image)` averages the softmax over the vocabulary of `grid` x `grid` native crops;
+    `content_features(images)` is the controlled frozen tower's embedding (CLIP-sized views).
+    """
+
+    def __init__(self, controller: Controller, clip, grid: int = 3):
+        self.controller, self.clip, self.grid = controller, clip, int(grid)
+        self.names = [n for n, _ in clip.degradation_vocab]
+        self.frozen = frozen_params(clip)
+        graphdef, state = nnx.split(controller)
+
+        def probs(state, frozen, bank, pixels):
+            m = nnx.merge(graphdef, state)
+            deg, _ = m.hints(pixels)
+            return jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T, axis=-1)
+
+        def content(state, frozen, pixels):
+            m = nnx.merge(graphdef, state)
+            return m(pixels, frozen)[1]
+
+        self._graphdef = graphdef
+        self._state = state
+        self._probs = jax.jit(probs)
+        self._content = jax.jit(content)
+
+    def crop_probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """(N, K) vocabulary probabilities of N CLIP-sized crops."""
+        bank = self.clip.degradation_bank()[0]
+        pixels = normalize_pixels(crops, self.clip.mean, self.clip.std)
+        return np.asarray(self._probs(self._state, self.frozen, bank, pixels))
+
+    def weights_fn(self, images: jax.Array, bank: jax.Array) -> jax.Array:
+        """Pure (jittable) (B, K) probabilities of NHWC images in [0, 1]: the mean over their
+        non-overlapping CLIP-sized tiles at native resolution (images smaller than CLIP's input are
+        resized up). Used inside the training step (`priors.auto_ratio`)."""
+        s = self.clip.image_size
+        b, h, w, _ = images.shape
+        if h < s or w < s:
+            images = jax.image.resize(images, (b, max(h, s), max(w, s), 3), "bilinear")
+            b, h, w, _ = images.shape
+        ny, nx = h // s, w // s
+        tiles = images[:, : ny * s, : nx * s].reshape(b, ny, s, nx, s, 3).transpose(0, 1, 3, 2, 4, 5)
+        pixels = normalize_pixels(tiles.reshape(b * ny * nx, s, s, 3), self.clip.mean, self.clip.std)
+        m = nnx.merge(self._graphdef, self._state)
+        deg, _ = m.hints(pixels)
+        p = jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T, axis=-1)
+        return p.reshape(b, ny * nx, -1).mean(1)
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """(K,) vocabulary probabilities of one HxWx3 image (mean over native crops)."""
+        return self.crop_probabilities(native_crops(image, self.clip.image_size, self.grid)).mean(0)
+
+    def content_features(self, images: np.ndarray) -> np.ndarray:
+        """(B, P) controlled content embeddings of CLIP-sized NHWC images in [0, 1]."""
+        pixels = normalize_pixels(images, self.clip.mean, self.clip.std)
+        return np.asarray(self._content(self._state, self.frozen, pixels))
+
+
+def attach_from_config(clip, config, controller: str | None = None):
+    """Attach the controller named by `controller` or `config.priors.controller` to `clip` (a
+    `ClipPrior`); returns the assessor, or None when neither names one."""
+    path = controller or str(config.priors.get("controller", "") or "")
+    if not path or clip is None:
+        return None
+    assessor = load_controller(path, clip, grid=int(config.priors.get("controller_grid", 3)))
+    clip.attach_controller(assessor)
+    return assessor
+
+
+def load_controller(workdir: str | Path, clip, grid: int = 3) -> DegradationAssessor:
+    """A trained controller workdir (from `lmdir priors train-controller`) for `clip`.
+
+    Missing folder, missing spec or checkpoint, or a controller for another CLIP -> UsageError.
+    """
+    from lmdir_jax.train import checkpoints as ckpt
+
+    wd = Path(workdir)
+    if not wd.is_dir():
+        raise UsageError(f"controller folder not found: {wd}")
+    spec_file = wd / SPEC_FILE
+    if not spec_file.is_file():
+        raise UsageError(f"{wd} is not a controller workdir (no {SPEC_FILE}; train one with "
+                         "`lmdir priors train-controller`)")
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {spec_file}: {e}") from None
+    check_spec(wd, spec, clip)
+    if not ckpt.checkpoint_dir(wd).is_dir():
+        raise UsageError(f"no checkpoints in controller folder {wd}")
+    controller = Controller.from_clip(clip)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = nnx.state(controller)
+    abstract = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)}
+    manager = ckpt.make_manager(wd, keep=1_000_000, async_save=False)
+    try:
+        restored = ckpt.restore_latest(manager, abstract, items=("model",))
+    finally:
+        manager.close()
+    if restored is None:
+        raise UsageError(f"no readable checkpoint in controller folder {wd}")
+    nnx.update(controller, restored[1]["model"])
+    return DegradationAssessor(controller, clip, grid=grid)

@@ -1,0 +1,266 @@
+"""Training the DA-CLIP controller: `train_controller(config, clip_path, workdir) -> dict`.
+
+Built from the shared training pieces (mesh, `train.state` setup with a model factory, optimiser,
+`train.checkpoints` orbax manager, the grain pipeline `data.make_train_iterator`), with a short loop
+that can fold into the common one. Each step takes the pipeline's degraded patches, cuts one
+CLIP-sized crop per patch at native resolution (position drawn from (seed, step)), and minimises
+
+  degradation loss  softmax cross-entropy of the controller's embedding against the frozen text
+                    embeddings of the vocabulary (multi-label: the target is uniform over the kinds
+                    present; 'clean' for undegraded patches) - not in-batch contrastive;
+  content loss      1 - cos(controlled frozen tower on the degraded crop, target), the target being
+                    the caption's text embedding when a prior cache gives captions, else the frozen
+                    tower's embedding of the clean crop.
+
+Files in WORKDIR: controller.json (what it is tied to), config.json, checkpoints/ (orbax: model,
+opt, data, meta), metrics.jsonl, plots/confusion.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmdir_jax.errors import UsageError
+
+
+def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One random `size` crop per patch of the batch: (lq crops, gt crops), same positions."""
+    lq, gt = local["lq"], local["gt"]
+    p = lq.shape[1]
+    if p == size:
+        return lq, gt
+    ys = rng.integers(0, p - size + 1, lq.shape[0])
+    xs = rng.integers(0, p - size + 1, lq.shape[0])
+    pick = lambda a: np.stack([a[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])  # noqa: E731
+    return pick(lq), pick(gt)
+
+
+def make_controller_step(config, setup, shape, logit_names: list[str]):
+    """`step(state, batch, frozen, bank, text_proj) -> (state, metrics)`, jitted, state donated."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from lmdir_jax.priors.controller import controlled_features
+    from lmdir_jax.train.state import learning_rate_schedule
+
+    weight = float(config.priors.controller_content_weight)
+    schedule = learning_rate_schedule(config.train)
+    clean = logit_names.index("clean") if "clean" in logit_names else -1
+
+    def step(state, batch, frozen, bank, text_proj):
+        model = nnx.merge(setup.model_graphdef, state["model"])
+        opt = nnx.merge(setup.opt_graphdef, state["opt"])
+        frozen = jax.lax.stop_gradient(frozen)
+        if "scene_states" in batch:  # caption embedding from the cache's text states (EOS token)
+            mask = batch["scene_mask"].astype(bool)
+            last = jnp.maximum(mask.sum(1) - 1, 0)
+            pooled = jnp.take_along_axis(batch["scene_states"], last[:, None, None], axis=1)[:, 0]
+            target = pooled @ text_proj
+            target = target / jnp.linalg.norm(target, axis=-1, keepdims=True).clip(1e-6)
+            has = mask.any(1)
+        else:
+            target = controlled_features(frozen, batch["gt"], shape)
+            has = jnp.ones(batch["gt"].shape[0], bool)
+
+        def loss_fn(m):
+            deg, content = m(batch["lq"], frozen)
+            logits = jnp.exp(m.logit_scale[...]) * deg @ bank.T
+            deg_loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
+            cos = (content * target).sum(-1)
+            content_loss = jnp.sum(jnp.where(has, 1.0 - cos, 0.0)) / jnp.maximum(has.sum(), 1)
+            return deg_loss + weight * content_loss, (logits, deg_loss, content_loss)
+
+        (loss, (logits, deg_loss, content_loss)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        opt.update(model, grads)
+        pred = logits.argmax(-1)
+        hit = jnp.take_along_axis(batch["target"], pred[:, None], axis=1)[:, 0] > 0
+        single = (batch["target"] > 0).sum(-1) == 1
+        metrics = {
+            "loss": loss, "deg_loss": deg_loss, "content_loss": content_loss,
+            "accuracy": hit.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(opt.step[...] - 1),
+            "clean_recall": jnp.where(batch["target"][:, clean] > 0, hit, 0).sum()
+            / jnp.maximum((batch["target"][:, clean] > 0).sum(), 1) if clean >= 0 else jnp.float32(0),
+        }
+        return {"model": nnx.state(model), "opt": nnx.state(opt)}, (metrics, pred, single)
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(setup.shardings, None))
+
+
+def _append_metrics(path: Path, step: int, scalars: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+
+def plot_confusion(confusion: np.ndarray, rows: list[str], cols: list[str], out: Path, title: str) -> Path:
+    """A confusion-matrix heat map (rows: true, columns: predicted) written to `out` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = np.asarray(confusion, np.float64)
+    frac = c / np.maximum(c.sum(1, keepdims=True), 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.55 * len(rows)), dpi=100)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(c.shape[0]):
+        for j in range(c.shape[1]):
+            if c[i, j]:
+                ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def train_controller(config, clip_path: str, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Train (or resume) a controller for the CLIP at `clip_path` in `workdir`; returns a summary.
+
+    Summary keys: step, start_step, loss, accuracy (last logged window), seconds, cpu_seconds,
+    workdir. Rerunning the same command resumes from the newest checkpoint (model, optimiser, data).
+    """
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from lmdir_jax.config import config_to_json
+    from lmdir_jax.data.pipeline import make_train_iterator
+    from lmdir_jax.priors.cache import PriorCache
+    from lmdir_jax.priors.clip import load_clip
+    from lmdir_jax.priors.controller import (
+        SPEC_FILE,
+        Controller,
+        TowerShape,
+        check_spec,
+        controller_spec,
+        frozen_params,
+        label_targets,
+        normalize_pixels,
+    )
+    from lmdir_jax.train import checkpoints as ckpt
+    from lmdir_jax.train import mesh as mesh_lib
+    from lmdir_jax.train import state as state_lib
+
+    config = copy.deepcopy(config)
+    config.train.ema_decay = 0.0  # the controller keeps no EMA copy
+    workdir = Path(workdir).resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir} exists and is not a folder")
+    tc = config.train
+    total = int(tc.steps)
+    if total < 1:
+        raise UsageError(f"train.steps must be >= 1, got {total}")
+    clip = load_clip(clip_path, max_text_len=int(config.priors.max_text_len))
+    size = clip.image_size
+    if int(config.data.patch_size) < size:
+        raise UsageError(f"data.patch_size={config.data.patch_size} is smaller than this CLIP's input "
+                         f"size {size}: set --config.data.patch_size={size} or more")
+    spec = controller_spec(clip)
+    spec_file = workdir / SPEC_FILE
+    if spec_file.is_file():
+        check_spec(workdir, json.loads(spec_file.read_text(encoding="utf-8")), clip)
+    mesh_lib.maybe_initialize_distributed()
+    mesh = mesh_lib.mesh_from_config(config)
+    if int(config.data.batch_size) % mesh.size:
+        raise UsageError(f"data.batch_size={config.data.batch_size} must be a multiple of the "
+                         f"{mesh.size} devices in the mesh")
+    cache = PriorCache(str(config.priors.cache)) if str(config.priors.cache) else None
+    iterator = make_train_iterator(config, prior_cache=cache)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps({**spec, "clip": str(Path(clip_path).resolve())}, indent=2) + "\n")
+        (workdir / "config.json").write_text(config_to_json(config))
+
+    seed = int(config.seed)
+    clean_prob = float(config.priors.controller_clean_prob)
+    model_fn = lambda: Controller.from_clip(clip, seed)  # noqa: E731
+    setup = state_lib.make_setup(config, mesh, model_fn)
+    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
+    restored = ckpt.restore_latest(manager, setup.abstract, iterator, items=("model", "opt", "data"))
+    start, state = (0, state_lib.init_state(config, setup, model_fn)) if restored is None else restored
+    names = [n for n, _ in clip.degradation_vocab]
+    rep = mesh_lib.replicated(mesh)
+    frozen = jax.device_put(frozen_params(clip), rep)
+    bank = jax.device_put(clip.degradation_bank()[0], rep)
+    text_proj = jax.device_put(jnp.asarray(clip.params["text_projection"]["kernel"], jnp.float32), rep)
+    step_fn = make_controller_step(config, setup, TowerShape.of(clip), names)
+
+    log_every, ckpt_every = max(1, int(tc.log_every)), int(tc.ckpt_every)
+    metrics_file = workdir / "metrics.jsonl"
+    confusion = np.zeros((len(names), len(names)), np.int64)  # single-label training crops
+    pending: list = []
+    last: dict = {}
+    step, t0, c0 = start, time.perf_counter(), time.process_time()
+    bar = tqdm(total=total, initial=start, desc="controller", unit="step", dynamic_ncols=True,
+               disable=not (progress and jax.process_index() == 0), mininterval=1.0 if sys.stdout.isatty() else 10.0)
+
+    def flush() -> None:
+        nonlocal pending, last
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        means = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
+        if not math.isfinite(means["loss"]):
+            raise RuntimeError(f"controller loss became {means['loss']} at step {pending[-1][0]}")
+        if jax.process_index() == 0:
+            _append_metrics(metrics_file, pending[-1][0], means)
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.2f}", refresh=False)
+        last, pending = means, []
+
+    try:
+        while step < total:
+            local = next(iterator)
+            rng = np.random.default_rng([seed, step])
+            lq, gt = _crops(local, size, rng)
+            clean = rng.random(lq.shape[0]) < clean_prob  # the 'clean' class: undegraded crops
+            lq = np.where(clean[:, None, None, None], gt, lq)
+            target = label_targets(np.where(clean[:, None], 0.0, local["deg_vector"]), names)
+            batch = {"lq": normalize_pixels(lq, clip.mean, clip.std), "gt": normalize_pixels(gt, clip.mean, clip.std),
+                     "target": target}
+            if "scene_states" in local:
+                batch["scene_states"], batch["scene_mask"] = local["scene_states"], local["scene_mask"]
+            batch = mesh_lib.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+            state, (metrics, pred, single) = step_fn(state, batch, frozen, bank, text_proj)
+            step += 1
+            pending.append((step, metrics))
+            pred, single = np.asarray(pred), np.asarray(single)
+            for t, p, s in zip(target.argmax(1), pred, single, strict=True):
+                if s:
+                    confusion[t, p] += 1
+            bar.update(1)
+            if step % log_every == 0 or step == total:
+                flush()
+            if ckpt_every > 0 and step % ckpt_every == 0 and step < total:
+                flush()
+                ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
+        flush()
+        ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+    if jax.process_index() == 0 and confusion.sum():
+        plot_confusion(confusion, names, names, workdir / "plots" / "confusion.png",
+                       f"controller training crops, steps {start + 1}-{step}")
+    return {
+        "step": step, "start_step": start, "loss": last.get("loss", float("nan")),
+        "accuracy": last.get("accuracy", float("nan")), "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0, "workdir": str(workdir),
+        "threads": os.cpu_count(),
+    }
