@@ -206,8 +206,9 @@ def train(
     return run.summary
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
-    """One line per fact of a finished run (for the CLI)."""
+def print_summary(summary: dict, file=None) -> None:
+    """One line per fact of a finished run (for the CLI), on `file` (default: the current stdout)."""
+    file = sys.stdout if file is None else file
     keys = ("step", "loss", "images_per_s", "seconds", "val_psnr", "val_ssim", "checkpoint_step")
     parts = [f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary[k]}"
              for k in keys if k in summary]
