@@ -30,6 +30,17 @@ def _make_bad_files(folder):
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
 
 
+def test_skimage_heldout_photos_are_not_training_photos():
+    """The quick start's sample and fallback evaluation use photos the model never trained on."""
+    from lmdir_jax.data.sources import SKIMAGE_HELDOUT_NAMES, is_named_source
+
+    held = load_source("skimage-heldout")
+    assert held.name == "skimage-heldout" and is_named_source("skimage-heldout")
+    assert held.keys() == list(SKIMAGE_HELDOUT_NAMES) and "coffee" in held.keys()
+    assert not set(held.keys()) & set(load_source("skimage").keys())
+    assert held[0]["clean"].ndim == 3 and held[0]["clean"].shape[2] == 3
+
+
 def test_skimage_source_is_local_and_stable():
     src = load_source("skimage")
     assert len(src) == len(SKIMAGE_NAMES) >= 6

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_file
 
 
 class _DataAction(argparse.Action):
@@ -76,10 +77,17 @@ def run(args) -> int:
         raise UsageError("--max-images must be >= 1")
     if args.crop_multiple < 0 or args.tile < 0:
         raise UsageError("--crop-multiple and --tile must be >= 0")
+    if args.degradation is not None and not args.degradation.strip():
+        raise UsageError("--degradation needs a text (e.g. 'heavy rain'); use --blind for none")
     sets = [EvalSet(path=s["path"], spec=s["spec"]) for s in args.sets]
     for s in sets:
         if not (is_named_source(s.path) or Path(s.path).is_dir()):
             raise UsageError(f"evaluation folder not found: {s.path}")
+    if args.json and args.csv and Path(args.json).resolve() == Path(args.csv).resolve():
+        raise UsageError("--json and --csv name the same file")
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:  # checked before the evaluation, so a bad path loses no results
+            check_output_file(path, flag=flag)
     restorer = load_restorer(args.checkpoint, args.clip)
     if (args.degradation is not None or args.oracle) and restorer.clip is None:
         raise UsageError("--degradation/--oracle need CLIP: the checkpoint has no priors.clip; pass --clip DIR")

@@ -190,7 +190,7 @@ def validate(config, state: dict, predictor: _Predictor) -> tuple[dict, list]:
     Returns ({'val_psnr', 'val_ssim', 'val_input_psnr', 'val_images'}, grid rows); empty when
     no validation source is configured or it yields no image.
     """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from lmdir_jax.metrics import image_metrics
 
     dc = config.data
     if not str(dc.val_source):
@@ -210,9 +210,10 @@ def validate(config, state: dict, predictor: _Predictor) -> tuple[dict, list]:
     ):
         text = [label.text()] if label is not None else None
         restored = np.clip(predictor(state, degraded[None], text)[0], 0, 1)
-        psnrs.append(peak_signal_noise_ratio(clean, restored, data_range=1.0))
-        inputs.append(peak_signal_noise_ratio(clean, np.clip(degraded, 0, 1), data_range=1.0))
-        ssims.append(structural_similarity(clean, restored, channel_axis=-1, data_range=1.0))
+        scores = image_metrics(restored, clean)  # the numbers `lmdir evaluate` reports
+        psnrs.append(scores["psnr_rgb"])
+        inputs.append(image_metrics(np.clip(degraded, 0, 1), clean)["psnr_rgb"])
+        ssims.append(scores["ssim_rgb"])
         if len(rows) < 4:
             rows.append((degraded, restored, clean))
     if not psnrs:
