@@ -1,6 +1,7 @@
 """A small trained workdir shared by the restore/evaluate CLI tests: trained once, then cached.
 
-`trained_workdir` trains configs/tiny.py (a little wider, on noise and rain only, with a tiny
+`trained_workdir` trains configs/tiny.py (width 8, 150 steps, EMA, one validation on the held-out
+skimage photos at the end; on noise and rain only, with a tiny
 random CLIP so the degradation text reaches the network) through `lmdir train` in a subprocess
 on one CPU device. The run is cached under `.pytest_cache/trained-fixture/<hash>`, the hash
 covering the package's code, configs/tiny.py and the overrides below, so reruns reuse it; a file
@@ -31,8 +32,13 @@ OVERRIDES = [
     "--config.train.warmup_steps=10",
     "--config.train.ckpt_every=150",
     "--config.train.log_every=50",
-    "--config.train.plot_every=0",
+    "--config.train.plot_every=150",  # plots/loss.png and plots/val_000150.png at the end
+    "--config.train.val_every=150",
+    "--config.train.ema_decay=0.9",  # restore uses the EMA parameters
     "--config.model.width=8",
+    "--config.data.val_source=skimage-heldout",
+    "--config.data.val_size=48",
+    "--config.data.val_max_images=2",
     "--config.data.mix_prob=0.0",
     *(f"--config.data.tasks.{k}={1.0 if k in TASKS else 0.0}"
       for k in ("noise", "blur", "jpeg", "rain", "haze", "lowlight", "downsample", "snow")),
