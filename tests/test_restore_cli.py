@@ -83,7 +83,7 @@ def test_trained_restore_beats_the_input_and_guidance_beats_blind(trained_workdi
     scores = {name: [_psnr(folder / "sub" / f"p{i}.png", c) for i, c in enumerate(cleans)]
               for name, folder in (("input", src), ("blind", tmp_path / "blind"),
                                    ("guided", tmp_path / "guided"))}
-    assert all(b > i + MIN_GAIN_DB for i, b in zip(scores["input"], scores["blind"])), scores
+    assert all(b > i + MIN_GAIN_DB for i, b in zip(scores["input"], scores["blind"], strict=True)), scores
     assert np.mean(scores["guided"]) > np.mean(scores["blind"]), scores
 
 
