@@ -36,7 +36,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--config.key=value` (or `--config.key value`) tokens from the other arguments."""
+    """Separate `--config.key=value` (or `--config.key value`) tokens from the other arguments.
+
+    Only the tokens are split off (argparse does not know the config's keys); their values are
+    parsed and typed by `ml_collections.config_flags` in `lmdir_jax.config.load_config`.
+    """
     rest: list[str] = []
     overrides: list[str] = []
     i = 0
@@ -65,13 +69,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"lmdir_jax.commands.{name}")
-        except ModuleNotFoundError as e:  # a command not written yet
-            if e.name == f"lmdir_jax.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"lmdir_jax.commands.{name}").register(sub)
     return parser
 
 

@@ -6,12 +6,12 @@ The defaults of each section live beside the code that reads them (`lmdir_jax/<s
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from lmdir_jax.errors import UsageError
 
@@ -47,68 +47,65 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise UsageError(f"config not found: {name_or_path} (give a path to a .py file or a name in configs/)")
 
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        low = text.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        return text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """Apply `config.a.b=value` strings; unknown keys and wrong types are user errors."""
+def _override_args(overrides: list[str]) -> list[str]:
+    """`config.a.b=v`, `a.b=v` or `--config.a.b=v` (as `cli.main` splits them off) -> absl args."""
+    args = []
     for item in overrides:
-        key, sep, raw = item.partition("=")
+        text = item[2:] if item.startswith("--") else item
+        key, sep, _ = text.partition("=")
         if not sep:
-            raise UsageError(f"override '--{item}' needs the form --config.key=value")
-        path = key.split(".")[1:] if key.startswith("config.") else key.split(".")
-        node = config
-        for part in path[:-1]:
-            if part not in node:
-                raise UsageError(f"unknown config key: {key}")
-            node = node[part]
-        leaf = path[-1]
-        if leaf not in node:
-            raise UsageError(f"unknown config key: {key}")
-        value = _parse_value(raw)
-        old = node[leaf]
-        if isinstance(old, str) and not isinstance(value, str):
-            value = raw
-        if isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if isinstance(old, list) and isinstance(value, tuple):
-            value = list(value)
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        try:
-            with node.unlocked() if hasattr(node, "unlocked") else _null():
-                node[leaf] = value
-        except TypeError as e:
-            raise UsageError(f"bad value for {key}: {raw} ({e})") from None
-    return config
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+            raise UsageError(f"override '--{text}' needs the form --config.key=value")
+        args.append("--" + (text if key.startswith("config.") else f"config.{text}"))
+    return args
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """Load `get_config()` from a config file (path or name) and apply overrides."""
+    """Load `get_config()` from a config file (path or name) with `config.key=value` overrides.
+
+    Loading and overriding go through `ml_collections.config_flags` (typed by each field's current
+    value; tuples as `(1, 2)`); unknown keys and wrong types are `UsageError`s.
+    """
     path = resolve_config_path(name_or_path)
-    spec = importlib.util.spec_from_file_location(f"lmdir_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UsageError(f"{path} has no get_config()")
-    config = module.get_config()
-    return apply_overrides(config, list(overrides or []))
+    args = _override_args(list(overrides or []))
+    defaults = _parse_config_flag(path, [])
+    for arg in args:  # name the unknown key before absl would (its errors name only one part)
+        key = arg[2:].partition("=")[0]
+        try:
+            config_path.get_value(key.partition(".")[2], defaults)
+        except (KeyError, AttributeError, IndexError):
+            raise UsageError(f"unknown config key: {key}") from None
+    config = _parse_config_flag(path, args)
+    for arg in args:  # a tuple field keeps its element type: blocks=abc is not ('a', 'b', 'c')
+        key = arg[2:].partition("=")[0].partition(".")[2]
+        old, new = config_path.get_value(key, defaults), config_path.get_value(key, config)
+        if isinstance(old, tuple) and old and not all(
+            isinstance(v, type(old[0])) or (isinstance(old[0], float) and isinstance(v, int))
+            for v in new
+        ):
+            raise UsageError(f"bad value for config.{key}: {arg.partition('=')[2]} "
+                             f"(a tuple of {type(old[0]).__name__}, e.g. {old})")
+    return config
+
+
+def _parse_config_flag(path: Path, args: list[str]) -> ml_collections.ConfigDict:
+    """`get_config()` of `path` with absl-style `--config.key=value` args, via config_flags."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["lmdir", f"--config={path}", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=values,
+                                    lock_config=False, sys_argv=argv)
+    try:
+        with warnings.catch_warnings():  # config_flags loads the file with a deprecated loader call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            values(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        text = " ".join(str(e).split())
+        if "get_config" in text:
+            raise UsageError(f"{path} has no get_config()") from None
+        raise UsageError(f"bad config override: {text}") from None
+    return values.config
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

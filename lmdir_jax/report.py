@@ -48,6 +48,28 @@ def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
+def _describe_source(source: str) -> str:
+    """One line on what the network trained on (and which skimage photos it never saw)."""
+    from lmdir_jax.data.sources import SKIMAGE_HELDOUT_NAMES, SKIMAGE_NAMES
+
+    if source == "skimage":
+        return (f"`skimage` ({len(SKIMAGE_NAMES)} scikit-image photos: {', '.join(SKIMAGE_NAMES)}); "
+                f"held out, never trained on: {', '.join(SKIMAGE_HELDOUT_NAMES)} (`skimage-heldout`, "
+                "the quick start's sample and its evaluation without ../shared)")
+    return f"`{source}`"
+
+
+def _sample_note(clean: Path, source: str) -> str:
+    """Whether the sample's clean photo was one of the training photos."""
+    from lmdir_jax.data.sources import SKIMAGE_HELDOUT_NAMES, SKIMAGE_NAMES
+
+    if clean.stem in SKIMAGE_HELDOUT_NAMES:
+        return f"The sample photo (`{clean.name}`) is held out: the network never trained on it."
+    if source == "skimage" and clean.stem in SKIMAGE_NAMES:
+        return f"The sample photo (`{clean.name}`) is one of the training photos."
+    return f"Sample photo: `{clean.name}`."
+
+
 def write_report(
     output: str | Path,
     workdir: str | Path,
@@ -81,6 +103,7 @@ def write_report(
         f"- priors: CLIP `{config['priors'].get('clip') or 'none'}`, cache "
         f"`{config['priors'].get('cache') or 'none'}`",
     ]
+    lines.append(f"- training data: {_describe_source(str(config['data'].get('source', '')))}")
     if train_recs:
         last = train_recs[-1]
         first = train_recs[0]
@@ -115,6 +138,8 @@ def write_report(
         fig = out_dir / "sample.png"
         scores = comparison_figure(deg, res, clean, fig)
         lines += ["## Sample restoration", "", f"![sample]({_rel(fig, out_dir)})", ""]
+        if clean_p:
+            lines += [_sample_note(Path(clean_p), str(config["data"].get("source", ""))), ""]
         if scores:
             lines += [
                 "PSNR against the clean photo: "

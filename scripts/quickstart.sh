@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start, from nothing: create .venv and install, make tiny random CLIP / Stable Diffusion priors,
-# build the prior cache, train the quick-start model on the photos that ship with scikit-image,
-# restore a sample, evaluate, and write a report. Re-running resumes training and reuses what is done.
+# build the prior cache, train the quick-start model on the photos that ship with scikit-image
+# (less two held-out photos), restore a held-out sample, evaluate (on ../shared test sets, or on the
+# held-out photos without them), and write a report. Re-running resumes training and reuses what is done.
 # Environment: RUN=folder (default runs/quickstart); extra args are passed to `lmdir train`
 # (e.g. ./scripts/quickstart.sh --config.train.steps=200).
 set -euo pipefail
@@ -29,7 +30,7 @@ fi
 $LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
   --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" "$@"
 
-echo "== [4/6] restoring a sample (noise + JPEG on a photo; blind: the tiny CLIP is random, so its automatic guess is too)"
+echo "== [4/6] restoring a sample (noise + JPEG on a held-out photo the model never trained on; blind: the tiny CLIP is random, so its automatic guess is too)"
 SAMPLE=$($PY -c "import os, skimage; print(os.path.join(skimage.data_dir, 'coffee.png'))")
 rm -rf "$RUN/sample" "$RUN/restored"
 $LMDIR degrade "$SAMPLE" --spec noise:25+jpeg:40 --seed 1 --output "$RUN/sample"
@@ -44,8 +45,9 @@ if [ -d ../shared/data/test/CBSD68 ]; then
   [ -d ../shared/data/test/SOTS-outdoor-sample ] && EVAL_ARGS+=(--data ../shared/data/test/SOTS-outdoor-sample)
   ORACLE_ARGS+=(--data ../shared/data/test/CBSD68 --spec noise:25)
 else
-  EVAL_ARGS+=(--data skimage --spec noise:25 --data skimage --spec rain --data skimage --spec haze)
-  ORACLE_ARGS+=(--data skimage --spec noise:25)
+  # the skimage photos held out of training (coffee, chelsea), never the training photos
+  EVAL_ARGS+=(--data skimage-heldout --spec noise:25 --data skimage-heldout --spec rain --data skimage-heldout --spec haze)
+  ORACLE_ARGS+=(--data skimage-heldout --spec noise:25)
 fi
 {
   echo "Blind (no degradation prior):"

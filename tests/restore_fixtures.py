@@ -1,15 +1,26 @@
-"""Shared fixtures of the restore/evaluate tests: a tiny trained-run workdir with a tiny CLIP.
+"""Shared fixtures of the restore/evaluate tests.
 
-Import the fixtures into a test module with `from restore_fixtures import tiny_clip, tiny_workdir`.
-The network is the tiny config at initialisation: its zero-initialised output conv makes it the
-identity, so restored images can be compared with their inputs exactly.
+- `tiny_workdir`: the tiny config at initialisation with a tiny CLIP. Its zero-initialised output
+  conv makes it the identity, so the file-format tests (16-bit, alpha) can compare restored images
+  with their inputs exactly.
+- `trained_workdir` (tests/trained_fixture.py): a tiny network trained on noise and rain, for every
+  test that checks the quality of what comes out.
+- `heldout_crops(folder, n)`: 48x48 crops of the skimage photos the network never trained on.
+
+Import them into a test module with `tiny_workdir = restore_fixtures.tiny_workdir` and so on.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import trained_fixture
+
+trained_workdir = trained_fixture.trained_workdir
+trained_clip = trained_fixture.trained_clip
+CROP = 48  # one image size for the quality tests: the restorer compiles once
 
 
 def write_workdir(path: Path, overrides: list[str]) -> Path:
@@ -29,6 +40,28 @@ def write_workdir(path: Path, overrides: list[str]) -> Path:
     manager.wait_until_finished()
     manager.close()
     return path
+
+
+def heldout_crops(folder: Path, n: int = 2) -> list[Path]:
+    """Write n CROP x CROP PNG crops of the held-out skimage photos (never trained on) to folder."""
+    from lmdir_jax.data.io import write_image
+    from lmdir_jax.data.sources import load_source
+
+    src = load_source("skimage-heldout")
+    paths = []
+    for i in range(n):
+        img = src[i % len(src)]["clean"]
+        y, x = (img.shape[0] - CROP) // 2 + 40 * (i // len(src)), (img.shape[1] - CROP) // 2
+        paths.append(write_image(folder / f"h{i}.png", img[y:y + CROP, x:x + CROP]))
+    return paths
+
+
+def degraded_copy(clean: np.ndarray, spec: str, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(degraded image, its canonical label text) for a spec at a seed."""
+    from lmdir_jax.degradations import apply_spec
+
+    lq, label = apply_spec(clean, spec, np.random.default_rng(seed))
+    return np.clip(lq, 0, 1).astype(np.float32), label.text()
 
 
 @pytest.fixture(scope="session")

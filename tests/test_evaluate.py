@@ -14,7 +14,9 @@ from lmdir_jax.data.io import write_image
 from lmdir_jax.metrics import crop_to_multiple, image_metrics, psnr, rgb_to_y, ssim
 
 tiny_clip = restore_fixtures.tiny_clip  # shared session fixture
-tiny_workdir = restore_fixtures.tiny_workdir  # shared session fixture
+tiny_workdir = restore_fixtures.tiny_workdir  # shared session fixture (the identity network)
+trained_workdir = restore_fixtures.trained_workdir  # shared session fixture (trained, cached)
+trained_clip = restore_fixtures.trained_clip
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -51,14 +53,15 @@ def _sots_like(root, n: int = 2, h: int = 40, w: int = 48):
         write_image(root / "degraded" / f"{i:04d}_0.8_0.{i}.jpg", hazy, quality=95)
 
 
-def test_evaluate_paired_and_synthetic_json_csv(tiny_workdir, tmp_path, capsys):
+def test_evaluate_paired_and_synthetic_json_csv(trained_workdir, tmp_path, capsys):
+    """The trained network beats the input on held-out photos with noise, the oracle (the true
+    degradation text) beats blind restoration, and JSON/CSV hold the numbers printed."""
     paired = tmp_path / "SOTS-tiny"
     _sots_like(paired)
     cleanset = tmp_path / "clean-tiny"
-    for i in range(3):
-        write_image(cleanset / f"c{i}.png", _photo(40, 48, 10 + i))
+    restore_fixtures.heldout_crops(cleanset, 3)  # 48x48 crops of photos never trained on
     js, cs = tmp_path / "r.json", tmp_path / "r.csv"
-    code = main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
+    code = main(["evaluate", "--checkpoint", str(trained_workdir), "--data", str(paired),
                  "--data", str(cleanset), "--spec", "noise:25", "--max-images", "2",
                  "--crop-multiple", "16", "--json", str(js), "--csv", str(cs),
                  "--tile", "32", "--tile-overlap", "8"])
@@ -71,24 +74,30 @@ def test_evaluate_paired_and_synthetic_json_csv(tiny_workdir, tmp_path, capsys):
     noisy = rows[("clean-tiny", "noise:25")]
     assert noisy["images"] == 2  # --max-images
     assert 17 < noisy["input_psnr_rgb"] < 24  # sigma 25 on 0-255 is about 20 dB
-    # the untrained tiny network is the identity: restored scores equal the input's
-    for r in report["summary"]:
-        assert r["psnr_rgb"] == pytest.approx(r["input_psnr_rgb"], abs=1e-6)
+    assert noisy["psnr_rgb"] > noisy["input_psnr_rgb"] + 0.3  # it denoises
+    assert noisy["ssim_rgb"] > noisy["input_ssim_rgb"]
     avg = report["average"]
     assert avg["psnr_rgb"] == pytest.approx(np.mean([r["psnr_rgb"] for r in report["summary"]]))
     with cs.open() as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 4 and {"psnr_y", "ssim_y", "input_psnr_rgb", "degradation"} <= set(recs[0])
     assert all(r["degradation"] and r["probability"] for r in recs)  # automatic prior recorded
-    assert {int(r["height"]) for r in recs} == {32} and {int(r["width"]) for r in recs} == {48}
+    assert {(int(r["height"]), int(r["width"])) for r in recs if r["dataset"] == "SOTS-tiny"} == {(32, 48)}
+    assert {(int(r["height"]), int(r["width"])) for r in recs if r["dataset"] == "clean-tiny"} == {(48, 48)}
 
     # same seed, same degraded inputs: a second run gives identical numbers
-    assert main(["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(cleanset),
+    assert main(["evaluate", "--checkpoint", str(trained_workdir), "--data", str(cleanset),
                  "--spec", "noise:25", "--max-images", "2", "--crop-multiple", "16", "--oracle",
                  "--tile", "32", "--tile-overlap", "8",
                  "--json", str(tmp_path / "r2.json")]) == 0
     again = json.loads((tmp_path / "r2.json").read_text())["summary"][0]
     assert again["input_psnr_rgb"] == pytest.approx(noisy["input_psnr_rgb"])
+    assert main(["evaluate", "--checkpoint", str(trained_workdir), "--data", str(cleanset),
+                 "--spec", "noise:25", "--max-images", "2", "--crop-multiple", "16", "--blind",
+                 "--tile", "32", "--tile-overlap", "8", "--json", str(tmp_path / "r3.json")]) == 0
+    blind = json.loads((tmp_path / "r3.json").read_text())["summary"][0]
+    assert blind["psnr_rgb"] > blind["input_psnr_rgb"] + 0.3
+    assert again["psnr_rgb"] > blind["psnr_rgb"]  # guided by the true text beats blind
     assert "noise" in json.loads((tmp_path / "r2.json").read_text())["images"][0]["degradation"]
 
 
@@ -101,10 +110,19 @@ def test_evaluate_errors(tiny_workdir, tmp_path, capsys):
         (["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", str(paired)], "no checkpoint"),
         (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(tmp_path / "gone")], "not found"),
         (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--oracle"], "label"),
+        # output paths are checked before the evaluation runs (nothing printed, nothing lost)
+        (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
+          "--json", str(paired / "clean" / "0001.png" / "r.json")], "is a file, not a folder"),
+        (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--csv", str(paired)],
+         "is a folder"),
+        (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
+          "--degradation", " "], "--degradation needs a text"),
     ]:
         assert main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
+        captured = capsys.readouterr()
+        err = captured.err.strip()
         assert err.startswith("lmdir: error:") and needle in err and "\n" not in err, err
+        assert "average" not in captured.out  # failed before evaluating
 
 
 def test_evaluate_real_sots_sample(tiny_workdir, shared_data, tmp_path, capsys):

@@ -11,15 +11,9 @@ BENCH_MODULES = ("data", "model", "priors", "train", "compare_torch", "restore")
 
 
 def register(sub) -> None:
-    """Add `lmdir bench` and its available benchmarks."""
+    """Add `lmdir bench` and its benchmarks."""
     p = sub.add_parser("bench", help="measure speed and memory")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(p))
     bsub.required = True
     for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(f"lmdir_jax.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"lmdir_jax.bench.{name}":
-                continue
-            raise
-        module.register(bsub)
+        importlib.import_module(f"lmdir_jax.bench.{name}").register(bsub)

@@ -46,13 +46,13 @@ def run(args) -> int:
     from lmdir_jax.data.io import load_image, write_image
     from lmdir_jax.degradations import apply_spec, format_spec, parse_spec
     from lmdir_jax.errors import UsageError
+    from lmdir_jax.outputs import check_output_folder
 
     items = parse_spec(args.spec)
     files = collect_inputs(args.inputs)
     out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output {out_dir} exists and is not a folder")
     protect = [f for f, _ in files]
+    check_output_folder(out_dir, protect + [p for p in args.inputs if Path(p).exists()])
     targets = [out_dir / (rel.rsplit(".", 1)[0] + ".png") for _, rel in files]
     for t in targets:  # check everything before writing anything
         if any(t.resolve() == f.resolve() for f in protect):
@@ -69,7 +69,7 @@ def run(args) -> int:
                 continue
             degraded, label = apply_spec(loaded.rgb, items, np.random.default_rng([args.seed, i]))
             write_image(target, degraded, bit_depth=loaded.bit_depth, alpha=loaded.alpha,
-                        protect=protect)
+                        protect=protect, grayscale=loaded.grayscale)
             record = {
                 "name": target.relative_to(out_dir).as_posix(),
                 "input": str(src),
@@ -80,11 +80,15 @@ def run(args) -> int:
             }
             labels.write(json.dumps(record) + "\n")
     done = len(files) - len(skipped)
-    print(f"wrote {done} degraded image(s) and labels.jsonl to {out_dir}")
+    if done:
+        print(f"wrote {done} degraded image(s) and labels.jsonl to {out_dir}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:5])}")
+        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
     if done == 0:
-        raise UsageError("no input image could be read")
+        import sys
+
+        sys.stderr.write(f"lmdir: error: no input image could be read; {out_dir} holds no image\n")
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_file
 
 
 class _DataAction(argparse.Action):
@@ -81,13 +82,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _check_output(path: str | None, flag: str) -> None:
-    if path and Path(path).is_dir():
-        raise UsageError(f"{flag} {path} is a folder: give a file name")
-    if path and Path(path).parent.exists() and not Path(path).parent.is_dir():
-        raise UsageError(f"{flag} {path}: {Path(path).parent} is a file, not a folder")
-
-
 def run_protocol(args) -> int:
     """`lmdir evaluate --protocol NAME --root DIR --checkpoint WD`: the protocol table."""
     import json
@@ -144,8 +138,13 @@ def run(args) -> int:
         raise UsageError("--max-images must be >= 1")
     if args.crop_multiple < 0 or args.tile < 0:
         raise UsageError("--crop-multiple and --tile must be >= 0")
-    _check_output(args.json, "--json")
-    _check_output(args.csv, "--csv")
+    if args.degradation is not None and not args.degradation.strip():
+        raise UsageError("--degradation needs a text (e.g. 'heavy rain'); use --blind for none")
+    if args.json and args.csv and Path(args.json).resolve() == Path(args.csv).resolve():
+        raise UsageError("--json and --csv name the same file")
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:  # checked before the evaluation, so a bad path loses no results
+            check_output_file(path, flag=flag)
     args.sets = getattr(args, "sets", None) or []
     if args.protocol:
         return run_protocol(args)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_folder
 
 
 def register(sub) -> None:
@@ -160,10 +161,14 @@ def run(args) -> int:
     tile = args.tile or None
     if tile is not None and tile <= 2 * args.tile_overlap:
         raise UsageError(f"--tile ({tile}) must be more than twice --tile-overlap ({args.tile_overlap})")
+    if args.degradation is not None and not args.degradation.strip():
+        raise UsageError("--degradation needs a text (e.g. 'heavy rain'); use --blind for none")
     items = collect_inputs(args.inputs)
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output must be a folder, not a file: {output}")
+    protected = [f for f, _, _ in items] + list(args.inputs) + [args.checkpoint]
+    if args.reference:
+        protected.append(args.reference)
+    check_output_folder(output, [p for p in protected if Path(p).exists()])
     outs = plan_outputs(items, output)
     for f, _, explicit in items:
         if explicit and not _is_image_name(f):
@@ -196,7 +201,7 @@ def run(args) -> int:
         raise UsageError("--caption needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
 
     inputs = [f for f, _, _ in items]
-    skipped = 0
+    skipped: list[str] = []
     done = 0
     bar = tqdm(list(zip(items, outs, strict=True)), desc="restore", unit="img", disable=len(items) < 2)
     for (f, _, explicit), out in bar:
@@ -204,7 +209,7 @@ def run(args) -> int:
         if got is None:
             if explicit:
                 raise UsageError(f"not an image: {f}")
-            skipped += 1
+            skipped.append(str(f))
             continue
         rgb = got.rgb
         if args.iterative:
@@ -228,9 +233,15 @@ def run(args) -> int:
             rgb, priors, tile=tile, overlap=args.tile_overlap, batch_size=args.tile_batch,
             progress=len(items) < 2,
         )
-        write_image(out, restored, bit_depth=got.bit_depth, alpha=got.alpha, protect=inputs)
+        write_image(out, restored, bit_depth=got.bit_depth, alpha=got.alpha, protect=inputs,
+                    grayscale=got.grayscale)
         tqdm.write(f"{f}: {choice.describe()} -> {out}", file=sys.stdout)
         done += 1
-    note = f", skipped {skipped} unreadable" if skipped else ""
-    print(f"restored {done} image(s) into {output}{note}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
+    if done == 0:
+        sys.stderr.write(f"lmdir: error: no image could be restored (every input was unreadable); "
+                         f"nothing written to {output}\n")
+        return 1
+    print(f"restored {done} image(s) into {output}")
     return 0

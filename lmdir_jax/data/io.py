@@ -18,16 +18,19 @@ from lmdir_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 WRITE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # BT.601 R, G, B weights of a grayscale write
 
 
 @dataclass
 class LoadedImage:
     """A decoded image: RGB float32 HxWx3 in [0, 1] (colours as stored, alpha not composited),
-    alpha float32 HxW in [0, 1] or None, and the bit depth of the file (8 or 16)."""
+    alpha float32 HxW in [0, 1] or None, the bit depth of the file (8 or 16), and whether the file
+    was grayscale (its three channels are equal; write it back with `grayscale=True`)."""
 
     rgb: np.ndarray
     alpha: np.ndarray | None
     bit_depth: int
+    grayscale: bool = False
 
     def composited(self, background: float = 1.0) -> np.ndarray:
         """The RGB image composited over a uniform background (white by default)."""
@@ -153,10 +156,11 @@ def load_image(path: str | Path) -> LoadedImage | None:
     if a.size == 0 or a.ndim not in (2, 3):
         return None
     a = apply_orientation(a, orientation)
+    grayscale = a.ndim == 2 or a.shape[2] in (1, 2)
     rgb, alpha = _split(a)
     rgb = np.ascontiguousarray(_to_float(rgb))
     alpha = None if alpha is None else np.ascontiguousarray(_to_float(alpha))
-    return LoadedImage(rgb=rgb, alpha=alpha, bit_depth=depth)
+    return LoadedImage(rgb=rgb, alpha=alpha, bit_depth=depth, grayscale=grayscale)
 
 
 def read_image(path: str | Path) -> np.ndarray | None:
@@ -187,12 +191,15 @@ def write_image(
     *,
     protect: tuple[str | Path, ...] | list[str | Path] = (),
     quality: int = 95,
+    grayscale: bool = False,
 ) -> Path:
-    """Write a float [0, 1] HxWx3 (or HxW) image as png/jpg/tif/bmp/webp; 16-bit for png/tif.
+    """Write a float [0, 1] HxWx3 (or HxW, grayscale) image as png/jpg/tif/bmp/webp; 16-bit for png/tif.
 
     `protect` lists input paths that must never be overwritten (UsageError if `path` is one);
     `alpha` (HxW in [0, 1]) is written as a 4th channel where the format allows it (not jpg/bmp).
-    Parent folders are created. Returns the path written.
+    `grayscale` writes the BT.601 luma of an RGB image, so a grayscale input comes back grayscale
+    (one channel, or equal colour channels beside an alpha). Parent folders are created. Returns
+    the path written.
     """
     import cv2
 
@@ -208,11 +215,15 @@ def write_image(
     if bit_depth == 16 and ext not in (".png", ".tif", ".tiff"):
         bit_depth = 8  # jpg/bmp/webp are 8-bit formats
     a = np.asarray(img, dtype=np.float32)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim == 2:  # an HxW image is written as a grayscale file
+        a, grayscale = np.repeat(a[..., None], 3, axis=2), True
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"write_image expects HxWx3 or HxW, got shape {a.shape}")
-    a = a[..., ::-1]  # RGB -> BGR for OpenCV
+    if grayscale:
+        a = a @ np.asarray(LUMA_WEIGHTS, np.float32)
+        a = a[..., None] if alpha is None or ext in (".jpg", ".jpeg", ".bmp") else np.repeat(a[..., None], 3, axis=2)
+    else:
+        a = a[..., ::-1]  # RGB -> BGR for OpenCV
     if alpha is not None and ext not in (".jpg", ".jpeg", ".bmp"):
         a = np.concatenate([a, np.asarray(alpha, np.float32)[..., None]], axis=2)
     scale, dtype = (65535.0, np.uint16) if bit_depth == 16 else (255.0, np.uint8)

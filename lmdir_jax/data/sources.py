@@ -1,7 +1,8 @@
 """Random-access sources of clean images (or degraded/clean pairs) that grain's MapDataset can read.
 
 `load_source(spec)` understands:
-- `skimage`: the colour sample photographs shipped inside scikit-image (no download);
+- `skimage`: the colour sample photographs shipped inside scikit-image (no download), less the
+  `skimage-heldout` ones (coffee, chelsea) kept for the quick start's sample and evaluation;
 - a folder of clean images (searched recursively);
 - a paired folder holding `degraded/` and `clean/` (or `input/` + `target/`, `rainy/` + `gt/`,
   `synthetic/` + `original/`, `blur/` + `sharp/`, `low/` + `high/`, ...), matched by `match_pairs`:
@@ -33,16 +34,18 @@ from lmdir_jax.errors import UsageError
 log = logging.getLogger("lmdir_jax.data")
 
 # Colour photographs stored inside the scikit-image package (loaded without any download).
+# `skimage` (training) and `skimage-heldout` (the quick start's sample and its fallback evaluation
+# set) never share a photo.
 SKIMAGE_NAMES: tuple[str, ...] = (
     "astronaut",
-    "chelsea",
-    "coffee",
     "rocket",
     "hubble_deep_field",
     "immunohistochemistry",
     "retina",
     "stereo_motorcycle",
 )
+SKIMAGE_HELDOUT_NAMES: tuple[str, ...] = ("coffee", "chelsea")
+NAMED_SOURCES = {"skimage": SKIMAGE_NAMES, "skimage-heldout": SKIMAGE_HELDOUT_NAMES}
 DEGRADED_DIRS = ("degraded", "input", "lq", "hazy", "rainy", "low", "synthetic", "blur")
 CLEAN_DIRS = ("clean", "target", "gt", "clear", "norain", "high", "original", "sharp")
 FULL_CHECK_LIMIT = 4000  # folders up to this many files are fully decoded once when loaded
@@ -180,9 +183,9 @@ class SkimageSource(ImageSource):
     scikit-image's files again.
     """
 
-    def __init__(self, names: tuple[str, ...] = SKIMAGE_NAMES):
+    def __init__(self, names: tuple[str, ...] = SKIMAGE_NAMES, name: str = "skimage"):
         super().__init__(cache_size=0)
-        self.name = "skimage"
+        self.name = name
         self.names = tuple(names)
         self.photos = [_skimage_photo(n) for n in self.names]
 
@@ -402,12 +405,14 @@ class TfdsSource(ImageSource):
 
 
 def is_named_source(text: str) -> bool:
-    """True for the sources that are names, not paths: 'skimage' and 'tfds:NAME:SPLIT'."""
-    return text == "skimage" or text.startswith("tfds:")
+    """True for the sources that are names, not paths: 'skimage', 'skimage-heldout' and
+    'tfds:NAME:SPLIT'."""
+    return text in NAMED_SOURCES or text.startswith("tfds:")
 
 
 def load_source(spec: str | Path | ImageSource, check: str = "auto") -> ImageSource:
-    """A random-access source from 'skimage', a folder, a paired folder or 'tfds:NAME:SPLIT'.
+    """A random-access source from 'skimage' (training photos), 'skimage-heldout' (photos kept out of
+    'skimage'), a folder, a paired folder or 'tfds:NAME:SPLIT'.
 
     `check`: 'auto' (decode every file once for folders up to FULL_CHECK_LIMIT files, otherwise
     only parse headers), 'full', 'header' or 'none'. Raises UsageError for a missing path or a
@@ -418,8 +423,8 @@ def load_source(spec: str | Path | ImageSource, check: str = "auto") -> ImageSou
     text = str(spec)
     if not text:
         raise UsageError("no data source given (set --config.data.source)")
-    if text == "skimage":
-        return SkimageSource()
+    if text in NAMED_SOURCES:
+        return SkimageSource(NAMED_SOURCES[text], name=text)
     if text.startswith("tfds:"):
         parts = text.split(":")
         if len(parts) != 3 or not all(parts[1:]):

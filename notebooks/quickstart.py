@@ -1,51 +1,45 @@
-"""Write notebooks/quickstart.ipynb from the cell sources below (outputs stripped).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-The notebook is generated so that its code stays reviewable as plain Python and the committed file
-never carries outputs: edit the cells here, then run
+# %% [markdown]
+# # LMDIR quick start: all-in-one image restoration with large-model priors (JAX / Flax NNX)
+#
+# **LMDIR** (Large-Model-Driven Image Restoration, arXiv 2407.13181) restores images with many kinds of
+# degradation (noise, blur, rain, haze, low light, JPEG, low resolution and their mixtures) with **one**
+# network. It is guided by three priors from large *frozen* models:
+#
+# 1. a **degradation description** ("heavy rain streaks and gaussian noise"), encoded by the CLIP text
+#    tower, from the user or chosen automatically by CLIP from the image itself;
+# 2. a **scene caption**, encoded by CLIP;
+# 3. a **reference image** of the scene synthesised by Stable Diffusion.
+#
+# This notebook runs the whole `lmdir-jax` pipeline on Colab, Kaggle or your own machine:
+#
+# 1. installs the repository and detects the accelerator (CPU / GPU / TPU), sizing the run to it;
+# 2. synthesises degradations on sample photos;
+# 3. makes tiny random CLIP / Stable Diffusion priors (no download; give real weights folders as
+#    parameters) and builds the prior cache;
+# 4. trains the quick-start model with a live loss curve (resumable: rerun the cell to continue);
+# 5. restores images in automatic and text-guided modes and shows before / after with PSNR;
+# 6. evaluates PSNR / SSIM on a small benchmark;
+# 7. exports the network to PyTorch and checks that both frameworks agree.
+#
+# With tiny random priors the guidance carries no real knowledge; the network still learns to
+# restore from the images alone. See `docs/priors.md` for real CLIP and Stable Diffusion weights.
 
-    .venv/bin/python scripts/build_notebook.py          # rewrite notebooks/quickstart.ipynb
-    .venv/bin/python scripts/build_notebook.py --check  # exit 1 when the committed file is stale
-
-tests/test_notebook.py executes the notebook (TINY = True) and checks it matches this script.
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
-SUMMARY_PREFIX = "NOTEBOOK_SUMMARY "  # the last code cell prints this + one JSON line (tests parse it)
-
-INTRO = """\
-# LMDIR quick start: all-in-one image restoration with large-model priors (JAX / Flax NNX)
-
-**LMDIR** (Large-Model-Driven Image Restoration, arXiv 2407.13181) restores images with many kinds of
-degradation (noise, blur, rain, haze, low light, JPEG, low resolution and their mixtures) with **one**
-network. It is guided by three priors from large *frozen* models:
-
-1. a **degradation description** ("heavy rain streaks and gaussian noise"), encoded by the CLIP text
-   tower, from the user or chosen automatically by CLIP from the image itself;
-2. a **scene caption**, encoded by CLIP;
-3. a **reference image** of the scene synthesised by Stable Diffusion.
-
-This notebook runs the whole `lmdir-jax` pipeline on Colab, Kaggle or your own machine:
-
-1. installs the repository and detects the accelerator (CPU / GPU / TPU), sizing the run to it;
-2. synthesises degradations on sample photos;
-3. makes tiny random CLIP / Stable Diffusion priors (no download; give real weights folders as
-   parameters) and builds the prior cache;
-4. trains the quick-start model with a live loss curve (resumable: rerun the cell to continue);
-5. restores images in automatic and text-guided modes and shows before / after with PSNR;
-6. evaluates PSNR / SSIM on a small benchmark;
-7. exports the network to PyTorch and checks that both frameworks agree.
-
-With tiny random priors the guidance carries no real knowledge; the network still learns to
-restore from the images alone. See `docs/priors.md` for real CLIP and Stable Diffusion weights.
-"""
-
-PARAMETERS = """\
+# %% tags=["parameters"]
 # Parameters (papermill-style: this cell is tagged "parameters"; override them there or with
 # `papermill -p NAME VALUE`).
 TINY = False  # True: tiny model, a few steps, small crops (what the test suite runs, ~1-2 min on CPU)
@@ -59,18 +53,16 @@ SD_DIR = ""  # local diffusers Stable Diffusion folder; "" = tiny random SD (non
 TRAIN_DATA = "skimage"  # clean training images: skimage, a folder, a paired folder, tfds:NAME:SPLIT
 EVAL_DIR = "../shared/data/test/CBSD68"  # optional clean test folder (skipped when absent)
 SEED = 0
-"""
 
-INSTALL_MD = """\
-## 1. Install
+# %% [markdown]
+# ## 1. Install
+#
+# On Colab / Kaggle the repository is cloned from `REPO_URL` (Kaggle: turn *Internet* on in the
+# notebook settings) and installed with `pip install -e`. Run from a checkout (`notebooks/` inside
+# the repository), it is installed from the parent folder. Nothing is installed when `lmdir_jax` is
+# already importable or when `INSTALL = False`.
 
-On Colab / Kaggle the repository is cloned from `REPO_URL` (Kaggle: turn *Internet* on in the
-notebook settings) and installed with `pip install -e`. Run from a checkout (`notebooks/` inside
-the repository), it is installed from the parent folder. Nothing is installed when `lmdir_jax` is
-already importable or when `INSTALL = False`.
-"""
-
-INSTALL_CODE = """\
+# %%
 import importlib.util
 import subprocess
 import sys
@@ -78,7 +70,7 @@ from pathlib import Path
 
 
 def find_repo() -> Path | None:
-    \"\"\"The repository root: this folder or a parent that holds pyproject.toml and lmdir_jax/.\"\"\"
+    """The repository root: this folder or a parent that holds pyproject.toml and lmdir_jax/."""
     for folder in (Path.cwd(), *Path.cwd().parents):
         if (folder / "pyproject.toml").is_file() and (folder / "lmdir_jax").is_dir():
             return folder
@@ -107,7 +99,7 @@ ROOT = REPO or Path.cwd()
 
 
 def resolve(path: str) -> Path:
-    \"\"\"A user path: absolute as given, relative to the repository root otherwise.\"\"\"
+    """A user path: absolute as given, relative to the repository root otherwise."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (ROOT / p).resolve()
 
@@ -115,17 +107,15 @@ def resolve(path: str) -> Path:
 WORK = resolve(WORKDIR)
 WORK.mkdir(parents=True, exist_ok=True)
 print(f"lmdir_jax from {Path(lmdir_jax.__file__).parent}; writing to {WORK}")
-"""
 
-ACCEL_MD = """\
-## 2. Accelerator and run size
+# %% [markdown]
+# ## 2. Accelerator and run size
+#
+# `jax.default_backend()` says what JAX runs on. The run is sized for it: on a CPU a short run of the
+# quick-start model on 64-pixel patches; on a GPU / TPU longer, with bigger patches and batches and
+# bfloat16 compute. The global batch is a multiple of the device count (it is split over all of them).
 
-`jax.default_backend()` says what JAX runs on. The run is sized for it: on a CPU a short run of the
-quick-start model on 64-pixel patches; on a GPU / TPU longer, with bigger patches and batches and
-bfloat16 compute. The global batch is a multiple of the device count (it is split over all of them).
-"""
-
-ACCEL_CODE = """\
+# %%
 import jax
 import numpy as np
 
@@ -141,7 +131,7 @@ jax.config.update("jax_compilation_cache_dir", str(WORK / "jax-cache"))
 
 
 def round_up(x: int, n: int) -> int:
-    \"\"\"The smallest multiple of n that is >= x.\"\"\"
+    """The smallest multiple of n that is >= x."""
     return max(n, -(-x // n) * n)
 
 
@@ -170,18 +160,16 @@ config.model.dtype = RUN["dtype"]
 config.train.val_every = 0  # the notebook evaluates below
 config.train.plot_every = 0  # and draws its own live curve
 print({k: v for k, v in RUN.items()})
-"""
 
-DEGRADE_MD = """\
-## 3. Degradation synthesis
+# %% [markdown]
+# ## 3. Degradation synthesis
+#
+# Training pairs are made on the fly: a clean crop, one degradation (or a mixture, applied in a
+# physically sensible order) drawn at random, and a text label that becomes the degradation prior.
+# A *spec* such as `noise:25` (σ on 0-255) or `rain+haze` fixes the degradation; `lmdir degrade`
+# does the same from the command line (see `docs/degradations.md`).
 
-Training pairs are made on the fly: a clean crop, one degradation (or a mixture, applied in a
-physically sensible order) drawn at random, and a text label that becomes the degradation prior.
-A *spec* such as `noise:25` (σ on 0-255) or `rain+haze` fixes the degradation; `lmdir degrade`
-does the same from the command line (see `docs/degradations.md`).
-"""
-
-DEGRADE_CODE = """\
+# %%
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -200,28 +188,26 @@ for r, clean in enumerate(rows):
     panels = [(clean, "clean")]
     for spec in SPECS:
         img, label = apply_spec(clean, spec, rng)
-        panels.append((img, f"{spec}\\n{label.text()}"))
+        panels.append((img, f"{spec}\n{label.text()}"))
     img, label = sample_degradation(clean, rng, config.data.tasks.to_dict(), mix_prob=0.5)
-    panels.append((img, f"random\\n{label.text()}"))
+    panels.append((img, f"random\n{label.text()}"))
     for ax, (img, title) in zip(axes[r], panels, strict=True):
         ax.imshow(np.clip(img, 0, 1))
-        ax.set_title("\\n".join(textwrap.wrap(title, 24)), fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(title, 24)), fontsize=7)
         ax.axis("off")
 fig.tight_layout()
 display(fig)
 plt.close(fig)
-"""
 
-PRIORS_MD = """\
-## 4. Priors: CLIP, Stable Diffusion and the prior cache
+# %% [markdown]
+# ## 4. Priors: CLIP, Stable Diffusion and the prior cache
+#
+# The large models are frozen. Captions, their CLIP text states and one Stable Diffusion reference
+# image per training photo are computed once and stored in a prior cache, which the data loader reads.
+# Without `CLIP_DIR` the notebook makes tiny **random** CLIP and SD models (`lmdir priors make-tiny`),
+# so everything runs offline; their captions and references are noise, not knowledge.
 
-The large models are frozen. Captions, their CLIP text states and one Stable Diffusion reference
-image per training photo are computed once and stored in a prior cache, which the data loader reads.
-Without `CLIP_DIR` the notebook makes tiny **random** CLIP and SD models (`lmdir priors make-tiny`),
-so everything runs offline; their captions and references are noise, not knowledge.
-"""
-
-PRIORS_CODE = """\
+# %%
 from lmdir_jax.priors.cache import PriorCache, build_cache
 from lmdir_jax.priors.clip import load_clip
 
@@ -254,27 +240,25 @@ fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.8))
 for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
     item = cache.get(key)
     ax.imshow(np.clip(item["reference"], 0, 1))
-    ax.set_title("\\n".join(textwrap.wrap(f"{key}: {item['caption']}", 28)), fontsize=7)
+    ax.set_title("\n".join(textwrap.wrap(f"{key}: {item['caption']}", 28)), fontsize=7)
     ax.axis("off")
 fig.suptitle("scene captions and reference images from the prior cache", fontsize=9)
 fig.tight_layout()
 display(fig)
 plt.close(fig)
-"""
 
-TRAIN_MD = """\
-## 5. Training, with a live loss curve
+# %% [markdown]
+# ## 5. Training, with a live loss curve
+#
+# `train(config, workdir)` is what `lmdir train` runs: grain data pipeline, one jitted step sharded
+# over all devices, orbax checkpoints. Here it runs in chunks: each call raises `config.train.steps`
+# and resumes exactly from the last checkpoint (model, optimizer and data position), then the curve is
+# redrawn from `metrics.jsonl`. Rerun this cell (or raise `STEPS`) to continue training. The
+# warm-up + cosine learning-rate schedule is compiled into the train step; when the config has
+# `train.schedule_steps` it is set to the whole run, so every chunk follows one schedule and reuses
+# one compiled step (otherwise the schedule spans each chunk's `train.steps` and each chunk compiles).
 
-`train(config, workdir)` is what `lmdir train` runs: grain data pipeline, one jitted step sharded
-over all devices, orbax checkpoints. Here it runs in chunks: each call raises `config.train.steps`
-and resumes exactly from the last checkpoint (model, optimizer and data position), then the curve is
-redrawn from `metrics.jsonl`. Rerun this cell (or raise `STEPS`) to continue training. The
-warm-up + cosine learning-rate schedule is compiled into the train step; when the config has
-`train.schedule_steps` it is set to the whole run, so every chunk follows one schedule and reuses
-one compiled step (otherwise the schedule spans each chunk's `train.steps` and each chunk compiles).
-"""
-
-TRAIN_CODE = """\
+# %%
 import math
 
 from IPython.display import clear_output
@@ -293,7 +277,7 @@ elif TINY:  # the same for the tiny run: warm-up only (decay starts after `total
 
 
 def show_curve(records: list[dict], total: int) -> None:
-    \"\"\"Plot the training loss logged so far (log scale when positive) and display it in place.\"\"\"
+    """Plot the training loss logged so far (log scale when positive) and display it in place."""
     steps = [r["step"] for r in records if "loss" in r]
     losses = [r["loss"] for r in records if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -326,18 +310,16 @@ records = read_metrics(TRAIN_DIR)
 final_loss = [r["loss"] for r in records if "loss" in r][-1]
 assert math.isfinite(final_loss), "training diverged"
 print(f"trained {config.name} to step {records[-1]['step']} in {TRAIN_DIR}")
-"""
 
-RESTORE_MD = """\
-## 6. Restore: automatic and text-guided
+# %% [markdown]
+# ## 6. Restore: automatic and text-guided
+#
+# `load_restorer(workdir)` loads the trained network (EMA weights when present) and its CLIP prior.
+# *Automatic* mode lets CLIP pick the degradation description from the image (zero-shot over a
+# vocabulary); *text-guided* mode uses your words (here the synthesis label, e.g. "moderate gaussian
+# noise"). `lmdir restore` does this for files and folders, tiled for any image size.
 
-`load_restorer(workdir)` loads the trained network (EMA weights when present) and its CLIP prior.
-*Automatic* mode lets CLIP pick the degradation description from the image (zero-shot over a
-vocabulary); *text-guided* mode uses your words (here the synthesis label, e.g. "moderate gaussian
-noise"). `lmdir restore` does this for files and folders, tiled for any image size.
-"""
-
-RESTORE_CODE = """\
+# %%
 from lmdir_jax.data.io import read_image
 from lmdir_jax.data.sources import list_images
 from lmdir_jax.inference import load_restorer
@@ -348,8 +330,9 @@ eval_dir = resolve(EVAL_DIR) if EVAL_DIR else None
 if eval_dir is not None and eval_dir.is_dir():  # a test photo the network has never seen
     photo_path = list_images(eval_dir)[0]
     photo, photo_name = read_image(photo_path), photo_path.name
-else:  # a training photo: a weaker demonstration
-    photo, photo_name = samples[1]["clean"], samples.keys()[1]
+else:  # a held-out skimage photo: never in the `skimage` training source
+    heldout = load_source("skimage-heldout")
+    photo, photo_name = heldout[0]["clean"], heldout.keys()[0]
 clean = center_crop(photo, RUN["crop"])
 RESTORE_SPECS = ["noise:25", "rain", "haze"]
 restore_psnr = {}
@@ -370,45 +353,42 @@ for row, spec in zip(axes, RESTORE_SPECS, strict=True):
     ]
     for ax, (img, title) in zip(row, panels, strict=True):
         ax.imshow(np.clip(img, 0, 1))
-        ax.set_title("\\n".join(textwrap.wrap(title, 34)), fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(title, 34)), fontsize=8)
         ax.axis("off")
 fig.tight_layout()
 display(fig)
 plt.close(fig)
 for spec, scores in restore_psnr.items():
     print(f"{spec:>10}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
-"""
 
-EVAL_MD = """\
-## 7. Evaluate
+# %% [markdown]
+# ## 7. Evaluate
+#
+# PSNR / SSIM (RGB and Y) of the restored images against the clean ones, with the degraded input's
+# scores for reference. Clean folders are degraded by a spec at a fixed seed; paired folders
+# (`degraded/` + `clean/`, e.g. Rain100L, SOTS) are used as they are. `lmdir evaluate` is the
+# command-line version; `docs/datasets.md` lists the standard benchmarks and published numbers.
 
-PSNR / SSIM (RGB and Y) of the restored images against the clean ones, with the degraded input's
-scores for reference. Clean folders are degraded by a spec at a fixed seed; paired folders
-(`degraded/` + `clean/`, e.g. Rain100L, SOTS) are used as they are. `lmdir evaluate` is the
-command-line version; `docs/datasets.md` lists the standard benchmarks and published numbers.
-"""
-
-EVAL_CODE = """\
+# %%
 from lmdir_jax.evaluate import EvalSet, evaluate, format_table
 
-sets = [EvalSet("skimage", spec) for spec in ("noise:25", "rain", "haze")]
+sets = [EvalSet("skimage-heldout", spec) for spec in ("noise:25", "rain", "haze")]
 if eval_dir is not None and eval_dir.is_dir():
     sets.append(EvalSet(str(eval_dir), "noise:25"))
 report = evaluate(restorer, sets, seed=SEED, max_images=RUN["eval_images"], tile=RUN["tile"],
                   overlap=RUN["overlap"], progress=False)
 print(format_table(report))
-print("(the skimage photos are the training images: a sanity check, not a benchmark)")
-"""
+print("(skimage-heldout: photos kept out of the `skimage` training source; two photos, a sanity "
+      "check rather than a benchmark)")
 
-EXPORT_MD = """\
-## 8. Export to PyTorch
+# %% [markdown]
+# ## 8. Export to PyTorch
+#
+# `export_torch` writes the network as a PyTorch `nn.Module` (defined in
+# `lmdir_jax/export/torch_model.py`, importable without JAX) plus a safetensors state dict;
+# `lmdir export torch` is the command. Both frameworks run the last restoration's input and priors.
 
-`export_torch` writes the network as a PyTorch `nn.Module` (defined in
-`lmdir_jax/export/torch_model.py`, importable without JAX) plus a safetensors state dict;
-`lmdir export torch` is the command. Both frameworks run the last restoration's input and priors.
-"""
-
-EXPORT_CODE = """\
+# %%
 torch_max_diff = None
 if importlib.util.find_spec("torch") is None:
     print("PyTorch is not installed (pip install torch): export skipped")
@@ -428,9 +408,8 @@ else:
     print(f"exported to {export_dir}: {sorted(p.name for p in export_dir.iterdir())}")
     print(f"max |JAX - PyTorch| = {torch_max_diff:.2e}; PyTorch output PSNR "
           f"{psnr(np.clip(torch_out[0], 0, 1), clean):.2f} dB")
-"""
 
-SUMMARY_CODE = """\
+# %%
 import json
 
 summary = {
@@ -447,95 +426,15 @@ summary = {
     "torch_max_diff": torch_max_diff,
     "workdir": str(WORK),
 }
-print("@PREFIX@" + json.dumps(summary, default=float))
-""".replace("@PREFIX@", SUMMARY_PREFIX)
+print("NOTEBOOK_SUMMARY " + json.dumps(summary, default=float))
 
-NEXT_MD = """\
-## Where to go next
-
-- `README.md`: the command-line tour (`lmdir degrade / train / restore / evaluate / export`).
-- `docs/notebook.md`: this notebook's parameters, Colab and Kaggle.
-- `docs/datasets.md`: the 3-task and 5-task all-in-one protocols and their public datasets.
-- `docs/priors.md`: real CLIP and Stable Diffusion weights, building the prior cache.
-- `docs/training.md`: configs, multi-device and multi-host training, checkpoints and resume.
-- `docs/degradations.md`: every degradation, the spec grammar and the text labels.
-- `configs/`: `tiny`, `quickstart`, `bsds`, `paper` model sizes; set `CONFIG` to train another one.
-"""
-
-
-def cells() -> list[tuple[str, str, list[str]]]:
-    """(cell type, source, tags) of every cell, in order."""
-    md, code = "markdown", "code"
-    return [
-        (md, INTRO, []),
-        (code, PARAMETERS, ["parameters"]),
-        (md, INSTALL_MD, []),
-        (code, INSTALL_CODE, []),
-        (md, ACCEL_MD, []),
-        (code, ACCEL_CODE, []),
-        (md, DEGRADE_MD, []),
-        (code, DEGRADE_CODE, []),
-        (md, PRIORS_MD, []),
-        (code, PRIORS_CODE, []),
-        (md, TRAIN_MD, []),
-        (code, TRAIN_CODE, []),
-        (md, RESTORE_MD, []),
-        (code, RESTORE_CODE, []),
-        (md, EVAL_MD, []),
-        (code, EVAL_CODE, []),
-        (md, EXPORT_MD, []),
-        (code, EXPORT_CODE, []),
-        (code, SUMMARY_CODE, []),
-        (md, NEXT_MD, []),
-    ]
-
-
-def build():
-    """The notebook as an nbformat v4 node, without outputs, with Colab / Kaggle metadata."""
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-        "accelerator": "GPU",
-        "colab": {"name": "lmdir-jax quick start", "provenance": []},
-    }
-    for i, (kind, source, tags) in enumerate(cells()):
-        make = nbformat.v4.new_code_cell if kind == "code" else nbformat.v4.new_markdown_cell
-        cell = make(source.rstrip("\n"), id=f"cell-{i:02d}")
-        if tags:
-            cell.metadata["tags"] = tags
-        nb.cells.append(cell)
-    nbformat.validate(nb)
-    return nb
-
-
-def render() -> str:
-    """The notebook file's text (stable: same cells, same bytes)."""
-    import nbformat
-
-    return nbformat.writes(build()) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write the notebook, or with --check report whether the committed one is up to date."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when the notebook is stale")
-    parser.add_argument("--output", type=Path, default=NOTEBOOK)
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not args.output.is_file() or args.output.read_text() != text:
-            print(f"{args.output} is stale: run scripts/build_notebook.py", file=sys.stderr)
-            return 1
-        print(f"{args.output} is up to date")
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(f"wrote {args.output} ({len(cells())} cells)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+# %% [markdown]
+# ## Where to go next
+#
+# - `README.md`: the command-line tour (`lmdir degrade / train / restore / evaluate / export`).
+# - `docs/notebook.md`: this notebook's parameters, Colab and Kaggle.
+# - `docs/datasets.md`: the 3-task and 5-task all-in-one protocols and their public datasets.
+# - `docs/priors.md`: real CLIP and Stable Diffusion weights, building the prior cache.
+# - `docs/training.md`: configs, multi-device and multi-host training, checkpoints and resume.
+# - `docs/degradations.md`: every degradation, the spec grammar and the text labels.
+# - `configs/`: `tiny`, `quickstart`, `bsds`, `paper` model sizes; set `CONFIG` to train another one.

@@ -1,0 +1,67 @@
+"""Checks on output paths, run before any work so a mistake costs nothing and loses nothing.
+
+`check_output_folder` refuses an output folder that is, or contains, an input (with or without
+`--force`); `check_output_file` refuses a file path that cannot be written (a folder, or a path under
+a file). Both raise `UsageError` with one line naming the flag. JAX-free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from lmdir_jax.errors import UsageError
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _writable_parent(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of `path` must be a writable folder."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {path}: cannot write into {parent}")
+            return
+
+
+def _is_within(child: Path, folder: Path) -> bool:
+    return child == folder or folder in child.parents
+
+
+def check_output_folder(
+    output: str | Path, inputs: Iterable[str | Path] = (), *, flag: str = "--output"
+) -> Path:
+    """Refuse `output` when it is a file, lies under a file, cannot be created, or is (or contains)
+    any of `inputs` (files or folders: the images read, a checkpoint workdir). Returns the path."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{flag} must be a folder, not a file: {output}")
+    _writable_parent(output, flag)
+    out = _resolved(output)
+    for item in inputs:
+        if _is_within(_resolved(item), out):
+            raise UsageError(
+                f"{flag} {output} is, or contains, the input {item}: choose a folder outside the inputs"
+            )
+    return output
+
+
+def check_output_file(
+    path: str | Path, inputs: Iterable[str | Path] = (), *, flag: str = "--output"
+) -> Path:
+    """Refuse a file path that is a folder, lies under a file, cannot be created, or is one of the
+    `inputs` files. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give a file name")
+    _writable_parent(path, flag)
+    target = _resolved(path)
+    for item in inputs:
+        if target == _resolved(item):
+            raise UsageError(f"{flag} {path} would overwrite the input {item}")
+    return path

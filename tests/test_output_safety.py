@@ -1,0 +1,71 @@
+"""Output paths are checked before any work; an output folder never is, or contains, an input;
+grayscale images stay grayscale. (The restore/evaluate cases with a checkpoint are in
+test_restore_cli.py and test_evaluate.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmdir_jax.cli import main
+from lmdir_jax.data.io import load_image, write_image
+from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_file, check_output_folder
+
+
+def test_output_folder_that_is_or_contains_an_input_is_refused(tmp_path):
+    photos = tmp_path / "photos"
+    write_image(photos / "a.png", np.zeros((4, 4, 3)))
+    for bad in (photos, tmp_path):  # is / contains the input
+        with pytest.raises(UsageError, match="is, or contains"):
+            check_output_folder(bad, [photos / "a.png"])
+    with pytest.raises(UsageError, match="is, or contains"):
+        check_output_folder(tmp_path, [photos])  # an input folder (a checkpoint workdir)
+    assert check_output_folder(photos / "out", [photos / "a.png"]) == photos / "out"
+    with pytest.raises(UsageError, match="not a file"):
+        check_output_folder(photos / "a.png")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_output_folder(photos / "a.png" / "sub")
+
+
+def test_output_file_checks(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_output_file(tmp_path / "f.txt" / "r.json", flag="--json")
+    with pytest.raises(UsageError, match="is a folder"):
+        check_output_file(tmp_path, flag="--csv")
+    with pytest.raises(UsageError, match="overwrite the input"):
+        check_output_file(tmp_path / "f.txt", [tmp_path / "f.txt"])
+    assert check_output_file(tmp_path / "new" / "deep" / "r.json") == tmp_path / "new" / "deep" / "r.json"
+
+
+def test_degrade_names_every_skipped_file_and_exits_1_when_none_is_read(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(7):
+        (src / f"bad{i}.png").write_bytes(b"not an image")
+    assert main(["degrade", str(src), "--spec", "noise:25", "-o", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert all(f"bad{i}.png" in captured.out for i in range(7))  # every one, not the first five
+    assert captured.err.strip().splitlines()[-1].startswith("lmdir: error: no input image")
+
+
+def test_grayscale_stays_grayscale(tmp_path, capsys):
+    """A grayscale file comes back grayscale: one channel, no colour tint (io + degrade)."""
+    rng = np.random.default_rng(0)
+    gray = rng.random((24, 20)).astype(np.float32)
+    write_image(tmp_path / "g.png", gray)
+    write_image(tmp_path / "c.png", rng.random((24, 20, 3)))
+    loaded = load_image(tmp_path / "g.png")
+    assert loaded.grayscale and not load_image(tmp_path / "c.png").grayscale
+    tinted = loaded.rgb * np.array([1.0, 0.9, 0.8], np.float32)  # what a network might return
+    write_image(tmp_path / "out.png", tinted, grayscale=True)
+    back = load_image(tmp_path / "out.png")
+    assert back.grayscale
+    np.testing.assert_allclose(back.rgb[..., 0], tinted @ np.array([0.299, 0.587, 0.114]), atol=0.6 / 255)
+    # gray + alpha: equal colour channels beside the alpha
+    write_image(tmp_path / "ga.png", tinted, alpha=np.full((24, 20), 0.5), grayscale=True)
+    ga = load_image(tmp_path / "ga.png")
+    assert ga.alpha is not None and np.array_equal(ga.rgb[..., 0], ga.rgb[..., 2])
+    assert main(["degrade", str(tmp_path / "g.png"), "--spec", "rain", "-o", str(tmp_path / "d")]) == 0
+    assert load_image(tmp_path / "d" / "g.png").grayscale
