@@ -102,12 +102,12 @@ def pop_source_losses(fetched: list[dict], names: list[str]) -> dict[str, float]
     """
     sums, counts = np.zeros(len(names)), np.zeros(len(names))
     for m in fetched:
-        losses = np.asarray(m.pop("example_loss"), np.float64)
+        losses = m.pop("example_loss", None)
         ids = m.pop("source_id", None)
-        if ids is None or not names:
+        if losses is None or ids is None or not names:
             continue
         ids = np.asarray(ids)
-        np.add.at(sums, ids, losses[: len(ids)])
+        np.add.at(sums, ids, np.asarray(losses, np.float64)[: len(ids)])
         np.add.at(counts, ids, 1.0)
     return {f"loss/{n}": float(sums[i] / counts[i]) for i, n in enumerate(names) if counts[i] > 0}
 
