@@ -370,3 +370,66 @@ def test_restormer_layout_mirror_matches_jax():
                                  ref_size=int(config.priors.ref_size))
     a, b = check.run_jax(model, inputs), check.run_torch(tm, inputs)
     assert np.max(np.abs(a - b)) <= TOL and np.max(np.abs(b - inputs["lq"])) > 1e-2
+
+
+# --- lmdir import restormer -----------------------------------------------------------------------
+
+RESTORMER_TINY = ["--config", "tiny", "--config.model.layout=restormer",
+                  "--config.model.embed_bias=False", "--config.model.output_bias=False"]
+
+
+def _restormer_pth(path: Path, kind: str, seed: int = 0, dim: int = 4):
+    """A Restormer-named checkpoint {'params': state_dict} with seeded random weights."""
+    from restormer_reference import Restormer
+
+    torch.manual_seed(seed)
+    net = Restormer(dim=dim, kind=kind).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save({"params": net.state_dict()}, str(path))
+    return net
+
+
+def test_import_restormer_equals_restormer(tmp_path, capsys):
+    from lmdir_jax.cli import main
+    from lmdir_jax.export import check
+    from lmdir_jax.train.checkpoints import load_for_inference
+
+    net = _restormer_pth(tmp_path / "r.pth", "BiasFree")
+    wd = tmp_path / "wd"
+    argv = ["import", "restormer", str(tmp_path / "r.pth"), *RESTORMER_TINY,
+            "--config.model.layernorm=bias_free", "--output", str(wd)]
+    assert main(argv) == 0, capsys.readouterr().err
+    model, config = load_for_inference(wd)
+    assert config.model.layout == "restormer"
+    inputs = check.random_inputs(32, batch=2, height=32, width=40, seed=3,
+                                 ref_size=int(config.priors.ref_size))  # priors present
+    with torch.no_grad():
+        want = net(torch.from_numpy(inputs["lq"]).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    got = check.run_jax(model, inputs)
+    assert np.max(np.abs(got - want)) <= TOL and np.max(np.abs(want - inputs["lq"])) > 1e-2
+    # An existing workdir is never overwritten.
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_import_restormer_bad_input(tmp_path, capsys):
+    from lmdir_jax.cli import main
+
+    _restormer_pth(tmp_path / "r.pth", "WithBias")
+    sd = torch.load(str(tmp_path / "r.pth"), weights_only=True)["params"]
+    torch.save({"params": {"encoder_level1.0.attn.foo.weight": torch.zeros(1), **sd}},
+               str(tmp_path / "foreign.pth"))
+    cases = [
+        ("foreign.pth", [], "'encoder_level1.0.attn.foo.weight' does not fit"),
+        ("r.pth", ["--config.model.width=8"], "width mismatch"),
+        ("r.pth", ["--config.model.blocks=(2,1,1,1)"], "not in the checkpoint"),
+        ("r.pth", ["--config.model.layernorm=bias_free"], "has no place in the config"),
+    ]
+    for i, (name, extra, message) in enumerate(cases):
+        out = tmp_path / f"wd{i}"
+        code = main(["import", "restormer", str(tmp_path / name), *RESTORMER_TINY, *extra,
+                     "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.exists()
