@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "restore",
     "evaluate",
     "export",
+    "importer",
     "bench",
     "report",
 )

@@ -221,3 +221,217 @@ def test_torch_model_imports_without_jax(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# --- graph exports: torch.export, torch.compile, ONNX (dynamic batch, height, width) -------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """(config, perturbed tiny Flax model, its PyTorch mirror)."""
+    from lmdir_jax.config import load_config
+    from lmdir_jax.export.convert import torch_mirror
+    from lmdir_jax.models import build_model
+
+    config = load_config("tiny", [])
+    model = perturbed(build_model(config.model, 0), seed=11)
+    return config, model, torch_mirror(model, config.model)
+
+
+def test_reflect_index_equals_numpy_pad():
+    from lmdir_jax.export.torch_model import _reflect_index
+
+    for n in range(1, 12):
+        for pad in range(0, 9):
+            np.testing.assert_array_equal(_reflect_index(n, n + pad, "cpu").numpy(),
+                                          np.pad(np.arange(n), (0, pad), mode="reflect"))
+
+
+def test_onnx_runtime_matches_jax_at_any_size(tiny_pair, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    from lmdir_jax.export import check, graph
+
+    config, model, tm = tiny_pair
+    path = graph.export_onnx(tm, tmp_path / "m.onnx", "all", int(config.priors.ref_size))
+    names = [i.name for i in ort.InferenceSession(str(path)).get_inputs()]
+    assert names == list(graph.PRIOR_SETS["all"])
+    for batch, h, w in ((1, 32, 32), (2, 37, 45), (1, 123, 157)):
+        inputs = check.random_inputs(32, batch=batch, height=h, width=w, text_len=3 + batch,
+                                     ref_size=int(config.priors.ref_size), seed=h)
+        got = graph.run_onnx(path, inputs)
+        assert got.shape == (batch, h, w, 3)
+        assert np.max(np.abs(got - check.run_jax(model, inputs))) <= TOL, (h, w)
+
+
+def test_torch_export_program_is_dynamic(tiny_pair):
+    from lmdir_jax.export import check, graph
+
+    config, _, tm = tiny_pair
+    program = graph.export_program(tm, "text", int(config.priors.ref_size))
+    # check_guards=False: the CPU conv's memory-format choice guards on batch > 1 (values are
+    # the same for any batch, as compared here).
+    run = program.module(check_guards=False)
+    for batch, h, w in ((1, 16, 24), (3, 41, 19)):
+        inputs = check.random_inputs(32, batch=batch, height=h, width=w, seed=w, ref=False)
+        args = [torch.from_numpy(inputs[n]) for n in graph.PRIOR_SETS["text"]]
+        with torch.no_grad():
+            got = run(*args).numpy()
+        want = check.run_torch(tm, {n: inputs[n] for n in graph.PRIOR_SETS["text"]})
+        assert got.shape == (batch, h, w, 3)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_torch_compile_dynamic_sizes(tiny_pair):
+    from lmdir_jax.export import check
+
+    config, _, tm = tiny_pair
+    # fullgraph: no graph break, i.e. no Python branch on tensor values. aot_eager traces what
+    # inductor would compile without its (minutes-long on CPU) C++ code generation.
+    compiled = torch.compile(tm, dynamic=True, fullgraph=True, backend="aot_eager")
+    for h, w in ((16, 24), (21, 13)):
+        inputs = check.random_inputs(32, batch=2, height=h, width=w, seed=h,
+                                     ref_size=int(config.priors.ref_size))
+        np.testing.assert_allclose(check.run_torch(compiled, inputs),
+                                   check.run_torch(tm, inputs), atol=1e-5)
+
+
+def test_export_onnx_cli(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from lmdir_jax.cli import main
+
+    wd, _, _ = _write_workdir(tmp_path / "wd")
+    out = tmp_path / "m.onnx"
+    argv = ["export", "onnx", "--checkpoint", str(wd), "--output", str(out), "--priors", "none"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "inputs: lq;" in printed and "self-check: max |jax - onnxruntime|" in printed
+    assert "(ok," in printed and out.is_file()
+    # Existing file, output inside the run, onnx missing: one line, exit 2, nothing written.
+    assert main(argv) == 2
+    assert "--force" in capsys.readouterr().err
+    inside = wd / "m.onnx"
+    assert main(argv[:5] + [str(inside)]) == 2 and not inside.exists()
+    assert "overlaps the checkpoint folder" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(argv + ["--force"]) == 2
+    err = capsys.readouterr().err
+    assert "needs onnx" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_torch_refuses_output_overlapping_the_run(tmp_path, capsys):
+    from lmdir_jax.cli import main
+
+    wd, _, _ = _write_workdir(tmp_path / "wd")
+    before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
+    for out in (wd, wd / "export", tmp_path):
+        code = main(["export", "torch", "--checkpoint", str(wd), "--output", str(out), "--force"])
+        err = capsys.readouterr().err
+        assert code == 2 and "overlaps the checkpoint folder" in err, out
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before
+
+
+def test_export_tolerance_decides_the_exit_status(tmp_path, capsys):
+    from lmdir_jax.cli import main
+
+    wd, _, _ = _write_workdir(tmp_path / "wd")
+    argv = ["export", "torch", "--checkpoint", str(wd), "--output", str(tmp_path / "e")]
+    assert main(argv + ["--tolerance", "0"]) == 1
+    assert "MISMATCH, tolerance 0)" in capsys.readouterr().out
+    assert main(argv + ["--force", "--tolerance", "1"]) == 0
+    assert "(ok, tolerance 1)" in capsys.readouterr().out
+
+
+def test_restormer_layout_mirror_matches_jax():
+    from flax import nnx
+
+    from lmdir_jax.config import load_config
+    from lmdir_jax.export import check
+    from lmdir_jax.export.convert import torch_mirror
+    from lmdir_jax.models import build_model
+
+    config = load_config("tiny", ["config.model.layout=restormer",
+                                  "config.model.layernorm=bias_free",
+                                  "config.model.embed_bias=False", "config.model.output_bias=False"])
+    model = perturbed(build_model(config.model, 0), seed=12)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    width = int(config.model.width)
+    assert len(params["reduces"]) == 2 and "bias" not in params["output"]
+    assert params["output"]["kernel"].shape == (3, 3, 2 * width, 3)
+    assert "bias" not in params["embed"] and "bias" not in params["decoders"][2]["blocks"][0]["norm1"]
+    tm = torch_mirror(model, config.model)
+    inputs = check.random_inputs(32, batch=2, height=37, width=45, seed=13,
+                                 ref_size=int(config.priors.ref_size))
+    a, b = check.run_jax(model, inputs), check.run_torch(tm, inputs)
+    assert np.max(np.abs(a - b)) <= TOL and np.max(np.abs(b - inputs["lq"])) > 1e-2
+
+
+# --- lmdir import restormer -----------------------------------------------------------------------
+
+RESTORMER_TINY = ["--config", "tiny", "--config.model.layout=restormer",
+                  "--config.model.embed_bias=False", "--config.model.output_bias=False"]
+
+
+def _restormer_pth(path: Path, kind: str, seed: int = 0, dim: int = 4):
+    """A Restormer-named checkpoint {'params': state_dict} with seeded random weights."""
+    from restormer_reference import Restormer
+
+    torch.manual_seed(seed)
+    net = Restormer(dim=dim, kind=kind).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save({"params": net.state_dict()}, str(path))
+    return net
+
+
+def test_import_restormer_equals_restormer(tmp_path, capsys):
+    from lmdir_jax.cli import main
+    from lmdir_jax.export import check
+    from lmdir_jax.train.checkpoints import load_for_inference
+
+    net = _restormer_pth(tmp_path / "r.pth", "BiasFree")
+    wd = tmp_path / "wd"
+    argv = ["import", "restormer", str(tmp_path / "r.pth"), *RESTORMER_TINY,
+            "--config.model.layernorm=bias_free", "--output", str(wd)]
+    assert main(argv) == 0, capsys.readouterr().err
+    model, config = load_for_inference(wd)
+    assert config.model.layout == "restormer"
+    inputs = check.random_inputs(32, batch=2, height=32, width=40, seed=3,
+                                 ref_size=int(config.priors.ref_size))  # priors present
+    with torch.no_grad():
+        want = net(torch.from_numpy(inputs["lq"]).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    got = check.run_jax(model, inputs)
+    assert np.max(np.abs(got - want)) <= TOL and np.max(np.abs(want - inputs["lq"])) > 1e-2
+    # An existing workdir is never overwritten.
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_import_restormer_bad_input(tmp_path, capsys):
+    from lmdir_jax.cli import main
+
+    _restormer_pth(tmp_path / "r.pth", "WithBias")
+    sd = torch.load(str(tmp_path / "r.pth"), weights_only=True)["params"]
+    torch.save({"params": {"encoder_level1.0.attn.foo.weight": torch.zeros(1), **sd}},
+               str(tmp_path / "foreign.pth"))
+    cases = [
+        ("foreign.pth", [], "'encoder_level1.0.attn.foo.weight' does not fit"),
+        ("r.pth", ["--config.model.width=8"], "width mismatch"),
+        ("r.pth", ["--config.model.blocks=(2,1,1,1)"], "not in the checkpoint"),
+        ("r.pth", ["--config.model.layernorm=bias_free"], "has no place in the config"),
+    ]
+    for i, (name, extra, message) in enumerate(cases):
+        out = tmp_path / f"wd{i}"
+        code = main(["import", "restormer", str(tmp_path / name), *RESTORMER_TINY, *extra,
+                     "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.exists()

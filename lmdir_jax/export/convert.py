@@ -111,6 +111,28 @@ def export_metadata(config, source: str) -> dict:
     }
 
 
+def refuse_overlap(workdir: str | Path, output: str | Path) -> None:
+    """UsageError when `output` is, contains or is inside the checkpoint `workdir` (an export
+    with --force must never delete or overwrite the training run)."""
+    wd, out = Path(workdir).resolve(), Path(output).resolve()
+    if out == wd or wd in out.parents or out in wd.parents:
+        raise UsageError(f"output {output} overlaps the checkpoint folder {workdir}; "
+                         "choose an output outside the training run")
+
+
+def torch_mirror(model, config_model):
+    """The PyTorch mirror (`LMDIRTorch`, eval mode) holding an nnx model's parameters."""
+    import torch
+    from flax import nnx
+
+    from lmdir_jax.export.torch_model import LMDIRTorch
+
+    state = flax_to_torch_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tm = LMDIRTorch(model_config_dict(config_model))
+    tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=True)
+    return tm.eval()
+
+
 def _prepare_output(output_dir: Path, force: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"output {output_dir} exists and is not a folder")
@@ -146,6 +168,7 @@ def export_torch(
         workdir = Path(workdir_or_model)
         if not workdir.is_dir():
             raise UsageError(f"checkpoint folder not found: {workdir}")
+        refuse_overlap(workdir, output_dir)
         model, config = load_for_inference(workdir, use_ema=use_ema)
         source = f"training workdir {workdir.resolve()}" + (" (EMA parameters)" if use_ema else "")
     else:
@@ -176,3 +199,16 @@ def self_check(model, config, output_dir: str | Path, *, seed: int = 0) -> float
     inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
                                  ref_size=int(config.priors.ref_size), seed=seed)
     return check.max_abs_diff(check.float32_twin(model, config.model), torch_model, inputs)
+
+
+def onnx_self_check(model, config, path: str | Path, priors: str, *, seed: int = 0) -> float:
+    """max |JAX - ONNX Runtime| on a random 2x37x45 input with the priors the file takes."""
+    from lmdir_jax.export import check, graph
+
+    on = {"none": {"deg": False, "scene": False, "ref": False}, "text": {"ref": False},
+          "all": {}}[priors]
+    inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
+                                 ref_size=int(config.priors.ref_size), seed=seed, **on)
+    a = check.run_jax(check.float32_twin(model, config.model), inputs)
+    b = graph.run_onnx(path, inputs)
+    return float(np.max(np.abs(a - b)))

@@ -12,6 +12,11 @@ tensors; a prior that is not given is *masked* (the network then ignores it, exa
     restored = model(lq)                             # lq (B, H, W, 3), any H, W
     restored = model(lq, deg_states=s, deg_mask=m)   # CLIP text states (B, T, text_dim), mask (B, T)
     restored = model(lq, reference=ref)              # (B, Hr, Wr, 3) in [0, 1]
+
+The forward has no Python branch on tensor values or sizes (padding, pooling and the reference
+switch are tensor arithmetic), so the module runs unchanged under `torch.export.export`,
+`torch.compile` and `torch.onnx.export(..., dynamo=True)` with dynamic batch, height and width.
+Which priors are given (None or a tensor) is the only structural choice: it picks the graph.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +47,29 @@ def _conv(cin: int, cout: int, k: int, *, stride: int = 1, groups: int = 1,
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
 
 
-def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+class BiasFreeLayerNorm(nn.Module):
+    """Restormer's bias-free LayerNorm: x / sqrt(var(x) + eps) * weight (x is not centred)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last axis."""
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return x / torch.sqrt(var + LN_EPS) * self.weight
+
+
+def block_norm(dim: int, kind: str) -> nn.Module:
+    """The backbone blocks' LayerNorm: `with_bias` (nn.LayerNorm) or `bias_free` (Restormer)."""
+    if kind == "with_bias":
+        return nn.LayerNorm(dim, eps=LN_EPS)
+    if kind == "bias_free":
+        return BiasFreeLayerNorm(dim)
+    raise ValueError(f"model.layernorm must be 'with_bias' or 'bias_free', got {kind!r}")
+
+
+def _channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the channel axis of an NCHW tensor."""
     return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
@@ -166,11 +192,11 @@ class TransformerBlock(nn.Module):
     """DATB block with optional CATB (content) and RTB (reference) cross-attention."""
 
     def __init__(self, dim: int, heads: int, expansion: float, prompt_dim: int, ref_dim: int,
-                 *, catb: bool, rtb: bool):
+                 *, catb: bool, rtb: bool, layernorm: str = "with_bias"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = block_norm(dim, layernorm)
         self.attn = ChannelAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = block_norm(dim, layernorm)
         self.ffn = GatedFeedForward(dim, expansion)
         self.modulation = Modulation(prompt_dim, dim)
         self.content_attn = SpatialCrossAttention(dim, prompt_dim, heads) if catb else None
@@ -182,7 +208,7 @@ class TransformerBlock(nn.Module):
         x = x + (1 + g1) * self.attn(_channel_norm(self.norm1, x) * (1 + a1) + s1)
         if self.content_attn is not None:
             x = x + self.content_attn(x, cond["content"])
-        if self.ref_attn is not None and cond["any_reference"]:
+        if self.ref_attn is not None and cond["ref_tokens"] is not None:
             updated = x + self.ref_attn(x, cond["ref_tokens"])
             x = torch.where(cond["has_reference"][:, None, None, None], updated, x)
         x = x + (1 + g2) * self.ffn(_channel_norm(self.norm2, x) * (1 + a2) + s2)
@@ -263,13 +289,33 @@ class ReferenceEncoder(nn.Module):
         r = _gelu(self.conv1(r))
         r = _gelu(self.conv2(r))
         r = self.conv3(r)
-        t = F.adaptive_avg_pool2d(r, self.side)
+        wh = _pool_weights(r.shape[2], self.side, r.device)
+        ww = _pool_weights(r.shape[3], self.side, r.device)
+        t = wh @ r @ ww.transpose(0, 1)  # adaptive average pooling to (side, side)
         return self.norm(_tokens(t) + self.pos)
 
 
-def _reflect_index(n: int, pad: int) -> torch.Tensor:
-    """Indices of numpy/jnp `reflect` padding of `pad` at the end of an axis of length n."""
-    return torch.from_numpy(np.pad(np.arange(n), (0, pad), mode="reflect"))
+def _pool_weights(n, side: int, device) -> torch.Tensor:
+    """(side, n) averaging matrix of torch.nn.AdaptiveAvgPool bins: bin i covers
+    [floor(i*n/side), ceil((i+1)*n/side)). n may be a symbolic size."""
+    k = torch.arange(n, device=device)
+    i = torch.arange(side, device=device)
+    lo = torch.div(i * n, side, rounding_mode="floor")
+    hi = -torch.div(-(i + 1) * n, side, rounding_mode="floor")
+    inside = (k[None, :] >= lo[:, None]) & (k[None, :] < hi[:, None])
+    return inside.float() / (hi - lo).float()[:, None]
+
+
+def _reflect_index(n, size, device) -> torch.Tensor:
+    """Indices of numpy/jnp `reflect` padding of an axis of length n at its end to length `size`.
+
+    Index arithmetic (period 2n - 2) rather than np.pad or F.pad, so n and size may be symbolic
+    sizes and the padding may exceed n - 1 (numpy reflects repeatedly; F.pad refuses).
+    """
+    last = torch.arange(n, device=device)[-1:]  # n - 1 as a tensor (ONNX-friendly)
+    period = (2 * last).clamp(min=1)
+    j = torch.remainder(torch.arange(size, device=device), period)
+    return torch.where(j <= last, j, period - j)
 
 
 class LMDIRTorch(nn.Module):
@@ -290,33 +336,42 @@ class LMDIRTorch(nn.Module):
         if len(blocks) != 4 or len(heads) != 4:
             raise ValueError("model blocks and heads need 4 entries (one per U-Net level)")
         self.config = c
+        layout = str(c.get("layout", "lmdir"))
+        if layout not in ("lmdir", "restormer"):
+            raise ValueError(f"model.layout must be 'lmdir' or 'restormer', got {layout!r}")
+        self.layout = layout
         self.text_dim = int(c["text_dim"])
         self.ref_tokens = int(c["ref_tokens"])
         self.ref_dim = int(c["ref_dim"])
         width = int(c["width"])
         widths = [width * 2**i for i in range(4)]
         catb, rtb = set(c["catb_levels"]), set(c["rtb_levels"])
+        layernorm = str(c.get("layernorm", "with_bias"))
+        # Restormer layout: the level-1 decoder, refinement and output run at 2C (no reduce conv).
+        top = 2 * width if layout == "restormer" else width
 
-        def stack(n: int, level: int) -> BlockStack:
+        def stack(n: int, level: int, dim: int | None = None) -> BlockStack:
             return BlockStack(
-                int(n), dim=widths[level - 1], heads=int(heads[level - 1]),
+                int(n), dim=dim or widths[level - 1], heads=int(heads[level - 1]),
                 expansion=float(c["ffn_expansion"]), prompt_dim=int(c["prompt_dim"]),
-                ref_dim=self.ref_dim, catb=level in catb, rtb=level in rtb,
+                ref_dim=self.ref_dim, catb=level in catb, rtb=level in rtb, layernorm=layernorm,
             )
 
         self.prompt = PromptEncoder(self.text_dim, int(c["prompt_dim"]), int(c["prompt_heads"]),
                                     int(c["num_deg_queries"]), int(c["num_content_queries"]))
         self.reference = ReferenceEncoder(self.ref_dim, self.ref_tokens)
-        self.embed = _conv(3, width, 3)
+        self.embed = _conv(3, width, 3, bias=bool(c.get("embed_bias", True)))
         self.encoders = nn.ModuleList([stack(blocks[i], i + 1) for i in range(3)])
         self.downs = nn.ModuleList([Downsample(widths[i]) for i in range(3)])
         self.latent = stack(blocks[3], 4)
         self.ups = nn.ModuleList([Upsample(widths[i]) for i in (3, 2, 1)])
+        reduce_levels = (2, 1) if layout == "restormer" else (2, 1, 0)
         self.reduces = nn.ModuleList([_conv(2 * widths[i], widths[i], 1, bias=False)
-                                      for i in (2, 1, 0)])
-        self.decoders = nn.ModuleList([stack(blocks[i], i + 1) for i in (2, 1, 0)])
-        self.refinement = stack(int(c["refinement_blocks"]), 1)
-        self.output = _conv(width, 3, 3)
+                                      for i in reduce_levels])
+        self.decoders = nn.ModuleList([stack(blocks[2], 3), stack(blocks[1], 2),
+                                       stack(blocks[0], 1, top)])
+        self.refinement = stack(int(c["refinement_blocks"]), 1, top)
+        self.output = _conv(top, 3, 3, bias=bool(c.get("output_bias", True)))
 
     def _conditions(self, lq: torch.Tensor, deg_states, deg_mask, scene_states, scene_mask, reference,
                     has_reference) -> dict:
@@ -334,17 +389,16 @@ class LMDIRTorch(nn.Module):
         deg_states, deg_mask = text(deg_states, deg_mask)
         scene_states, scene_mask = text(scene_states, scene_mask)
         deg, content = self.prompt(deg_states, deg_mask, scene_states, scene_mask)
-        if reference is None:
-            has_reference = torch.zeros(b, dtype=torch.bool, device=dev)
-        elif has_reference is None:
-            has_reference = torch.ones(b, dtype=torch.bool, device=dev)
-        has_reference = has_reference.bool()
-        any_reference = bool(has_reference.any())
-        # A batch without any reference skips the encoder: the RTB would discard its tokens anyway.
-        ref_tokens = (self.reference(reference.float().permute(0, 3, 1, 2), has_reference)
-                      if any_reference else None)
+        # No reference given: the encoder and the RTB are left out of the graph (the RTB would
+        # discard their result). A given reference always runs them; `has_reference` then selects
+        # per example with tensor arithmetic, never a Python branch on its values.
+        ref_tokens = None
+        if reference is not None:
+            has_reference = (torch.ones(b, dtype=torch.bool, device=dev) if has_reference is None
+                             else has_reference.bool())
+            ref_tokens = self.reference(reference.float().permute(0, 3, 1, 2), has_reference)
         return {"deg_pooled": deg.mean(dim=1), "content": content, "ref_tokens": ref_tokens,
-                "has_reference": has_reference, "any_reference": any_reference}
+                "has_reference": has_reference}
 
     def forward(
         self,
@@ -361,11 +415,10 @@ class LMDIRTorch(nn.Module):
             raise ValueError(f"lq must be NHWC (B, H, W, 3), got {tuple(lq.shape)}")
         b, h, w, _ = lq.shape
         x_in = lq.float().permute(0, 3, 1, 2)
-        ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
-        if ph:
-            x_in = x_in.index_select(2, _reflect_index(h, ph).to(x_in.device))
-        if pw:
-            x_in = x_in.index_select(3, _reflect_index(w, pw).to(x_in.device))
+        # Padded sizes as multiples of 8 (not h + (-h) % 8), so symbolic shapes stay divisible.
+        hp, wp = (h + MULTIPLE - 1) // MULTIPLE * MULTIPLE, (w + MULTIPLE - 1) // MULTIPLE * MULTIPLE
+        x_in = x_in.index_select(2, _reflect_index(h, hp, x_in.device))
+        x_in = x_in.index_select(3, _reflect_index(w, wp, x_in.device))
         cond = self._conditions(lq, deg_states, deg_mask, scene_states, scene_mask, reference,
                                 has_reference)
         x = self.embed(x_in)
@@ -375,12 +428,33 @@ class LMDIRTorch(nn.Module):
             skips.append(x)
             x = down(x)
         x = self.latent(x, cond)
-        for up, reduce, dec, skip in zip(self.ups, self.reduces, self.decoders, skips[::-1],
-                                         strict=True):
-            x = dec(reduce(torch.cat([up(x), skip], dim=1)), cond)
+        for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, skips[::-1],
+                                                strict=True)):
+            x = torch.cat([up(x), skip], dim=1)
+            if i < len(self.reduces):
+                x = self.reduces[i](x)
+            x = dec(x, cond)
         x = self.refinement(x, cond)
         restored = x_in + self.output(x)
-        return restored[:, :, :h, :w].permute(0, 2, 3, 1)
+        # Crop by gathering (a slice [:h] would make torch.export guard on h == hp).
+        restored = restored.index_select(2, torch.arange(h, device=x_in.device))
+        restored = restored.index_select(3, torch.arange(w, device=x_in.device))
+        return restored.permute(0, 2, 3, 1)
+
+
+def _pixel_unshuffle(x: torch.Tensor) -> torch.Tensor:
+    """F.pixel_unshuffle(x, 2) as reshape/permute (its decomposition guards on sizes under
+    torch.export): channel c*4 + i*2 + j holds x[c, 2y+i, 2x+j]."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+def _pixel_shuffle(x: torch.Tensor) -> torch.Tensor:
+    """F.pixel_shuffle(x, 2) as reshape/permute, the inverse of `_pixel_unshuffle`."""
+    b, c4, h, w = x.shape
+    x = x.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c4 // 4, h * 2, w * 2)
 
 
 class Downsample(nn.Module):
@@ -392,7 +466,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Halve the resolution, double the width."""
-        return F.pixel_unshuffle(self.conv(x), 2)
+        return _pixel_unshuffle(self.conv(x))
 
 
 class Upsample(nn.Module):
@@ -404,7 +478,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Double the resolution, halve the width."""
-        return F.pixel_shuffle(self.conv(x), 2)
+        return _pixel_shuffle(self.conv(x))
 
 
 def load(directory: str | Path, map_location: str = "cpu") -> LMDIRTorch:

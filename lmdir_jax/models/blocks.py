@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.models.conditioning import Conditions, Modulation, SpatialCrossAttention
-from lmdir_jax.models.layers import conv, conv_parts, gelu, layer_norm
+from lmdir_jax.models.layers import conv, conv_parts, gelu
+from lmdir_jax.models.norms import block_norm
 
 L2_EPS = 1e-12
 
@@ -103,10 +104,11 @@ class TransformerBlock(nnx.Module):
         rtb: bool,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
+        layernorm: str = "with_bias",
     ):
-        self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.norm1 = block_norm(dim, layernorm, rngs=rngs, dtype=dtype)
         self.attn = ChannelAttention(dim, heads, rngs=rngs, dtype=dtype)
-        self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.norm2 = block_norm(dim, layernorm, rngs=rngs, dtype=dtype)
         self.ffn = GatedFeedForward(dim, expansion, rngs=rngs, dtype=dtype)
         self.modulation = Modulation(prompt_dim, dim, rngs=rngs, dtype=dtype)
         self.content_attn = (

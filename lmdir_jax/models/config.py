@@ -22,4 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.ref_dim = 32  # width of the reference encoder and its tokens
     c.zero_init_output = True  # residual output conv starts at zero: the untrained model is identity
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
+    # "lmdir": level-1 decoder, refinement and output at width C after a 1x1 reduce conv;
+    # "restormer": they run at 2C without the reduce conv (Restormer's layout, for its checkpoints).
+    c.layout = "lmdir"
+    c.layernorm = "with_bias"  # backbone block LayerNorm: "with_bias" or "bias_free" (Restormer)
+    c.embed_bias = True  # bias of the 3x3 patch-embedding conv (Restormer: False)
+    c.output_bias = True  # bias of the 3x3 output conv (Restormer: False)
     return c

@@ -17,6 +17,10 @@ Level l (1..4) has width C * 2**(l-1) and heads[l-1]; level 4 is the latent (bot
 
 Blocks on levels in `catb_levels` get CATB content cross-attention, on `rtb_levels` RTB reference
 cross-attention (refinement blocks count as level 1).
+
+`model.layout = "restormer"` is Restormer's layout: there is no reduces[2], and decoders[2],
+refinement and output run at 2C on concat(ups[2](d2), e1). With `layernorm = "bias_free"`,
+`embed_bias = output_bias = False` and the conditioning at zero it is exactly Restormer.
 """
 
 from __future__ import annotations
@@ -80,11 +84,15 @@ class LMDIR(nnx.Module):
         self.text_dim = int(c.text_dim)
         width = int(c.width)
         widths = [width * 2**i for i in range(4)]
+        layout = str(c.get("layout", "lmdir"))
+        if layout not in ("lmdir", "restormer"):
+            raise ValueError(f"model.layout must be 'lmdir' or 'restormer', got {layout!r}")
+        top = 2 * width if layout == "restormer" else width  # level-1 decoder/refinement/output
 
-        def stack(n: int, level: int) -> BlockStack:
+        def stack(n: int, level: int, dim: int | None = None) -> BlockStack:
             return BlockStack(
                 int(n),
-                dim=widths[level - 1],
+                dim=dim or widths[level - 1],
                 heads=int(c.heads[level - 1]),
                 expansion=float(c.ffn_expansion),
                 prompt_dim=int(c.prompt_dim),
@@ -93,6 +101,7 @@ class LMDIR(nnx.Module):
                 rtb=level in tuple(c.rtb_levels),
                 rngs=rngs,
                 dtype=dtype,
+                layernorm=str(c.get("layernorm", "with_bias")),
             )
 
         # eager_sharding off: parameters are created unsharded and only carry the 'fsdp' metadata;
@@ -104,20 +113,23 @@ class LMDIR(nnx.Module):
             )
             self.reference = ReferenceEncoder(int(c.ref_dim), int(c.ref_tokens), rngs=rngs,
                                               dtype=dtype)
-            self.embed = conv(3, width, 3, rngs=rngs, dtype=dtype)
+            self.embed = conv(3, width, 3, use_bias=bool(c.get("embed_bias", True)), rngs=rngs,
+                              dtype=dtype)
             self.encoders = nnx.List([stack(c.blocks[i], i + 1) for i in range(3)])
             self.downs = nnx.List([Downsample(widths[i], rngs=rngs, dtype=dtype) for i in range(3)])
             self.latent = stack(c.blocks[3], 4)
             self.ups = nnx.List([Upsample(widths[i], rngs=rngs, dtype=dtype) for i in (3, 2, 1)])
             self.reduces = nnx.List(
                 [conv(2 * widths[i], widths[i], 1, use_bias=False, rngs=rngs, dtype=dtype)
-                 for i in (2, 1, 0)]
+                 for i in ((2, 1) if layout == "restormer" else (2, 1, 0))]
             )
-            self.decoders = nnx.List([stack(c.blocks[i], i + 1) for i in (2, 1, 0)])
-            self.refinement = stack(c.refinement_blocks, 1)
+            self.decoders = nnx.List([stack(c.blocks[2], 3), stack(c.blocks[1], 2),
+                                      stack(c.blocks[0], 1, top)])
+            self.refinement = stack(c.refinement_blocks, 1, top)
             out_init = (nnx.initializers.zeros_init() if c.zero_init_output
                         else lecun_normal)
-            self.output = conv(width, 3, 3, rngs=rngs, dtype=dtype, kernel_init=out_init)
+            self.output = conv(top, 3, 3, use_bias=bool(c.get("output_bias", True)), rngs=rngs,
+                               dtype=dtype, kernel_init=out_init)
 
     def conditions(self, priors: Priors) -> Conditions:
         """Run the prompt and reference encoders once per batch."""
@@ -147,9 +159,11 @@ class LMDIR(nnx.Module):
             skips.append(x)
             x = down(x)
         x = self.latent(x, cond)
-        for up, reduce, dec, skip in zip(self.ups, self.reduces, self.decoders, skips[::-1],
-                                         strict=True):
-            x = reduce(jnp.concatenate([up(x), skip], axis=-1))
+        for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, skips[::-1],
+                                                strict=True)):
+            x = jnp.concatenate([up(x), skip], axis=-1)
+            if i < len(self.reduces):  # the restormer layout has no level-1 reduce
+                x = self.reduces[i](x)
             x = dec(x, cond)
         x = self.refinement(x, cond)
         restored = x_in + self.output(x).astype(jnp.float32)
