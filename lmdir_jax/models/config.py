@@ -22,4 +22,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.ref_dim = 32  # width of the reference encoder and its tokens
     c.zero_init_output = True  # residual output conv starts at zero: the untrained model is identity
     c.dtype = "float32"  # compute dtype: float32 or bfloat16
+    # Kernels: "xla" (lax convolutions and products), "cpu" (the XLA:CPU forms of
+    # models/backend_cpu.py), "auto" ("cpu" on CPUs, else "xla").
+    c.conv_impl = "auto"
+    # Each level's blocks as one nnx.scan over stacked parameters (compile time independent of
+    # depth); False: a Python loop over blocks/0, blocks/1, ... (models/stacking.py converts).
+    c.scan_blocks = True
+    c.remat = "none"  # "block": recompute each block's activations in the backward pass
     return c

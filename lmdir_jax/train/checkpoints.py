@@ -99,7 +99,11 @@ def restore_latest(
     """
     import grain
 
+    from lmdir_jax.models.stacking import check_layout
+
     for step in sorted(manager.all_steps(), reverse=True):
+        if "model" in abstract:  # scanned blocks into an unscanned model or back: one clear line
+            check_layout(Path(manager.directory) / str(step), abstract["model"])
         args: dict[str, Any] = {}
         for name in items:
             if name == "data":
