@@ -80,6 +80,7 @@ def _config(tmp_path, steps, extra=()):
     ])
 
 
+@pytest.mark.slow
 def test_resume_is_exact(clip_dir, tmp_path):
     from lmdir_jax.priors.controller_train import train_controller
 

@@ -246,6 +246,7 @@ def trained(promptir, tmp_path_factory) -> Path:
     return wd
 
 
+@pytest.mark.slow
 def test_metrics_log_the_loss_per_source(trained):
     records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "loss" in r]
@@ -259,6 +260,7 @@ def test_metrics_log_the_loss_per_source(trained):
         )
 
 
+@pytest.mark.slow
 def test_evaluate_protocol_table(trained, promptir, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     code = main(["evaluate", "--protocol", "three-task", "--root", str(promptir), "--checkpoint",

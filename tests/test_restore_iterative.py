@@ -103,6 +103,7 @@ def test_missing_or_foreign_controller_exits_2(tiny_workdir, tmp_path, capsys):
     assert "another CLIP" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_evaluate_iterative_reports_the_chain(tiny_workdir, controller_wd, tmp_path, capsys):
     rng = np.random.default_rng(4)
     (tmp_path / "set").mkdir()

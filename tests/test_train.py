@@ -257,6 +257,7 @@ def _steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_save_and_resume_bit_identical(full_run, tmp_path, cache_dir):
     """Real signals to a real `lmdir train`: each saves the step it finished and exits 130; the
     resumed run goes on from there and ends with the uninterrupted run's parameters."""
@@ -274,6 +275,7 @@ def test_sigint_and_sigterm_save_and_resume_bit_identical(full_run, tmp_path, ca
     assert all(np.array_equal(x, y) for x, y in zip(_params(full_run), _params(wd), strict=True))
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_count(full_run, tmp_path, cache_dir):
     """Steps 1-2 on 8 devices, steps 3-4 resumed on 1 device: the uninterrupted 8-device run's
     parameters within 1e-4 absolute (measured 6.1e-5: one device runs other CPU kernels, and Adam's
@@ -328,6 +330,7 @@ def _launch(n: int, workdir: Path, cache: Path, **env: str) -> subprocess.Comple
                           timeout=1500)
 
 
+@pytest.mark.slow
 def test_two_processes_kill_resume_equal_one_process(full_run, tmp_path, cache_dir):
     """2 processes x 4 CPU devices (jax.distributed, gloo), each reading its own data shard; both
     killed after step 3 (checkpoint 2), resumed to step 4: the 1-process 8-device run's parameters
