@@ -278,8 +278,10 @@ def test_sigint_and_sigterm_save_and_resume_bit_identical(full_run, tmp_path, ca
 @pytest.mark.slow
 def test_resume_on_another_device_count(full_run, tmp_path, cache_dir):
     """Steps 1-2 on 8 devices, steps 3-4 resumed on 1 device: the uninterrupted 8-device run's
-    parameters within 1e-4 absolute (measured 6.1e-5: one device runs other CPU kernels, and Adam's
-    normalised update turns tiny gradient differences into up to one lr-sized step, lr = 2e-4)."""
+    parameters within 4e-4 absolute, and within 1e-5 on average. One device runs other CPU kernels,
+    and Adam's normalised update can turn a tiny gradient difference into up to one lr-sized step
+    (lr = 2e-4) per resumed step, so 2 x lr bounds any single parameter (measured: 6.1e-5 and
+    1.6e-4 in two runs, on 1 of 288 elements); the mean bound catches a wrong resume."""
     wd = tmp_path / "devices"
     shutil.copytree(full_run, wd)
     shutil.rmtree(wd / "checkpoints" / "4")
@@ -289,7 +291,9 @@ def test_resume_on_another_device_count(full_run, tmp_path, cache_dir):
     a, b = _params(full_run), _params(wd)
     assert len(a) == len(b) > 10
     for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y, x, rtol=0, atol=4e-4)
+    diffs = np.concatenate([np.abs(np.asarray(y) - np.asarray(x)).ravel() for x, y in zip(a, b, strict=True)])
+    assert diffs.mean() < 1e-5, diffs.mean()
 
 
 def test_resume_with_another_model_is_refused_before_writing(full_run, tmp_path, capsys):
@@ -341,7 +345,7 @@ def test_two_processes_kill_resume_equal_one_process(full_run, tmp_path, cache_d
     assert r.returncode != 0 and _steps(wd) == [2], r.stderr[-3000:] + log1[-3000:]
     meta = json.loads((wd / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["devices"] == 8
-    data = sorted(p.name for p in (wd / "checkpoints" / "2" / "data").iterdir())
+    data = sorted(p.name for p in (wd / "checkpoints" / "2" / "data").glob("process_*.json"))
     assert len(data) == 2 and data[0] != data[1]  # one iterator state per process
     r = _launch(2, wd, cache_dir)
     log1 = (wd / "logs" / "process_1.log").read_text()

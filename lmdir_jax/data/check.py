@@ -62,7 +62,7 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
     from lmdir_jax.data.sources import (
         CLEAN_DIRS,
         DEGRADED_DIRS,
-        SKIMAGE_NAMES,
+        NAMED_SOURCES,
         find_subdir,
         is_paired_folder,
         list_images,
@@ -70,8 +70,8 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
     )
 
     rep = FolderReport(role=role, folder=str(path))
-    if path == "skimage":
-        rep.images = len(SKIMAGE_NAMES)
+    if str(path) in NAMED_SOURCES:  # skimage, skimage-heldout: photos inside scikit-image
+        rep.images = len(NAMED_SOURCES[str(path)])
         return rep
     if str(path).startswith("tfds:"):
         return rep  # read through tfds at training time; nothing to walk here

@@ -175,7 +175,9 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     spec_file = workdir / SPEC_FILE
     if spec_file.is_file():
         check_spec(workdir, json.loads(spec_file.read_text(encoding="utf-8")), clip)
-    mesh_lib.maybe_initialize_distributed()
+    from lmdir_jax.train import distributed
+
+    distributed.initialize(float(config.train.get("init_timeout_s", 300)))
     mesh = mesh_lib.mesh_from_config(config)
     if int(config.data.batch_size) % mesh.size:
         raise UsageError(f"data.batch_size={config.data.batch_size} must be a multiple of the "
