@@ -77,8 +77,8 @@ def test_gradients_reach_every_component(cfg, model_nz):
     for name in TOP_LEVEL:
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(getattr(g, name))))
         assert float(norm) > 0, name
-    # conditioning sub-modules of a CATB+RTB level get gradient too
-    blk = g.latent.blocks[0]
+    # conditioning sub-modules of a CATB+RTB level get gradient too (scanned: stacked blocks)
+    blk = g.latent.blocks
     for sub in (blk.modulation, blk.content_attn, blk.ref_attn):
         assert float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(sub))) > 0
 
@@ -118,7 +118,7 @@ def test_jit_and_eager_agree(cfg, model_nz):
     # (DATB + CATB + RTB, the latent level) rather than on the whole network.
     priors = full_priors(cfg).replace(has_reference=jnp.array([True, True]))
     cond = jax.jit(lambda m, p: m.conditions(p))(model_nz, priors)
-    block = model_nz.latent.blocks[0]
+    block = model_nz.latent.block(0)
     x = jax.random.normal(jax.random.key(9), (2, 3, 5, block.norm1.num_features))
     jitted = np.asarray(jax.jit(lambda b, x, c: b(x, c))(block, x, cond))
     eager = np.asarray(block(x, cond))
@@ -156,13 +156,21 @@ def test_tiny_parameter_count(cfg):
     assert all(v > 0 for v in counts.values())
 
 
-def test_partition_specs_mention_fsdp(cfg):
-    specs = partition_specs(build_model(cfg, seed=0))
-    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    assert leaves and all(isinstance(s, jax.sharding.PartitionSpec) for s in leaves)
-    assert any("fsdp" in tuple(s) for s in leaves)
-    flat = dict(nnx.to_flat_state(specs))
-    assert tuple(flat[("embed", "kernel")].get_value()) == (None, None, None, "fsdp")
+def test_partition_specs_name_logical_axes_mapped_by_rules(cfg):
+    from lmdir_jax.train.config import DEFAULT_AXIS_RULES
+
+    model = build_model(cfg, seed=0)
+    flat = dict(nnx.to_flat_state(partition_specs(model)))
+    assert tuple(flat[("embed", "kernel")].get_value()) == (None, None, "embed", "mlp")
+    assert tuple(flat[("latent", "blocks", "attn", "temperature")].get_value()) == ("layers", "heads")
+    assert tuple(flat[("latent", "blocks", "ffn", "dw", "kernel")].get_value()) == (
+        "layers", None, None, "embed", "mlp")
+    mapped = dict(nnx.to_flat_state(partition_specs(model, DEFAULT_AXIS_RULES)))
+    assert tuple(mapped[("embed", "kernel")].get_value()) == (None, None, None, "fsdp")
+    assert tuple(mapped[("prompt", "mlp_in", "kernel")].get_value()) == (None, "fsdp")
+    assert tuple(mapped[("latent", "blocks", "attn", "temperature")].get_value()) == (None, None)
+    leaves = jax.tree.leaves(mapped, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert all(set(s) <= {None, "fsdp"} for s in leaves)
 
 
 def test_model_rejects_bad_config(cfg):
@@ -198,11 +206,11 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkey
     """The shifted-sum depth-wise conv and the matmul 1x1 conv (fast on XLA:CPU) are the lax
     convolutions, gradients too; the depth-wise kernel gradient both as a loop over taps and as
     the loop over blocks of rows that large activations take."""
-    from lmdir_jax.models import layers
-    from lmdir_jax.models.layers import _conv_general_dilated
+    from lmdir_jax.models import backend_cpu
+    from lmdir_jax.models.backend_cpu import conv_general_dilated as _conv_general_dilated
 
     if row_blocks:
-        monkeypatch.setattr(layers, "ROW_BLOCK_MIN_SIZE", 0)
+        monkeypatch.setattr(backend_cpu, "ROW_BLOCK_MIN_SIZE", 0)
     c = 12
     x = jax.random.normal(jax.random.key(0), (2, 12 if row_blocks else 9, 11, c))
     k = jax.random.normal(jax.random.key(1), (3, 3, 1, c))
@@ -236,29 +244,11 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkey
             np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
-def test_depthwise_outputs_are_computed_once_on_cpu():
-    """The depth-wise conv's output and its input gradient each run inside a conditional
-    (`layers._computed_once`), which XLA:CPU cannot fuse into their consumers: the speed of the CPU
-    training step rests on it, and an XLA that folded such conditionals away would fail here."""
-    from lmdir_jax.models.layers import _conv_general_dilated
-
-    x, k = jnp.ones((1, 16, 16, 8)), jnp.ones((3, 3, 1, 8))
-    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-
-    def loss(x, k):
-        y = _conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
-                                  feature_group_count=8)
-        return jnp.sum(jnp.sin(y) * jnp.cos(y))
-
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    assert step.lower(x, k).compile().as_text().count(" conditional(") == 2
-
-
 def test_dense_matmul_matches_dot_general_and_its_gradients():
-    """Linear layers' product with hand-written gradients (`_matmul`, fast on XLA:CPU) is
-    lax.dot_general, gradients too, for (N, C) and (B, N, C) inputs; anything else (batch dims,
+    """Linear layers' product with hand-written gradients (`backend_cpu.matmul`, fast on XLA:CPU)
+    is lax.dot_general, gradients too, for (N, C) and (B, N, C) inputs; anything else (batch dims,
     another precision) is passed to lax.dot_general unchanged."""
-    from lmdir_jax.models.layers import _dense_dot_general
+    from lmdir_jax.models.backend_cpu import dot_general as _dense_dot_general
 
     w = jax.random.normal(jax.random.key(1), (6, 5))
     for shape in [(7, 6), (2, 7, 6)]:

@@ -1,4 +1,5 @@
-"""`lmdir bench train --config CFG [--steps N] [--peak-tflops X]`: train-step time, images/s, MFU.
+"""`lmdir bench train --config CFG [--steps N] [--peak-tflops X] [--compile-only]`: compile time,
+XLA memory analysis (temp/argument/output bytes of the compiled step), train-step time, images/s, MFU.
 
 Runs the real jitted, sharded train step on synthetic batches (no data pipeline, no CLIP: masked
 priors) for the config's model, batch and patch size. FLOPs come from the lowered step's
@@ -33,6 +34,8 @@ def register(bsub) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device")
+    p.add_argument("--compile-only", action="store_true",
+                   help="stop after compilation (compile time and XLA memory analysis only)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +46,20 @@ def known_peak(device_kind: str) -> float | None:
         if key in kind:
             return value
     return None
+
+
+def memory_line(compiled) -> str:
+    """XLA's memory analysis of a compiled program, per device: temp, argument, output bytes."""
+    stats = compiled.memory_analysis()
+    if isinstance(stats, list | tuple):
+        stats = stats[0] if stats else None
+    if stats is None:
+        return "XLA memory analysis: n/a on this backend"
+    mib = 2.0**20
+    return (f"XLA memory analysis (per device): temp {stats.temp_size_in_bytes / mib:.1f} MiB, "
+            f"argument {stats.argument_size_in_bytes / mib:.1f} MiB, "
+            f"output {stats.output_size_in_bytes / mib:.1f} MiB "
+            f"(aliased {stats.alias_size_in_bytes / mib:.1f} MiB)")
 
 
 def run(args) -> int:
@@ -76,10 +93,10 @@ def run(args) -> int:
     state = state_lib.init_state(config, setup)
     t_init = time.perf_counter() - t0
     step_fn = step_lib.make_train_step(config, setup)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lowered = step_fn.lower(state, batch, None)
     compiled = lowered.compile()
-    t_compile = time.perf_counter() - t0
+    t_compile, c_compile = time.perf_counter() - t0, time.process_time() - c0
     # FLOPs of the program as written: the compiled program's count misses convolutions that
     # become library calls (cuDNN on GPUs), which made GPU MFU look 3.7x too small.
     cost = lowered.cost_analysis()
@@ -87,6 +104,14 @@ def run(args) -> int:
         cost = cost[0] if cost else {}
     flops = float((cost or {}).get("flops", float("nan")))
 
+    m = config.model
+    print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {m.dtype}  "
+          f"params {state_lib.param_count(state):,}  scan_blocks {m.get('scan_blocks', False)}  "
+          f"remat {m.get('remat', 'none')}  conv_impl {m.get('conv_impl', 'auto')}")
+    print(f"init {t_init:.1f} s, compile {t_compile:.1f} s ({c_compile:.1f} s of CPU time)")
+    print(memory_line(compiled))
+    if args.compile_only:
+        return 0
     for _ in range(max(0, args.warmup)):
         state, m = compiled(state, batch, None)
     jax.block_until_ready(state)
@@ -103,11 +128,8 @@ def run(args) -> int:
     peak = args.peak_tflops if args.peak_tflops is not None else known_peak(dev.device_kind)
     # cost_analysis of an SPMD program reports per-device FLOPs.
     total_flops = flops * mesh.size
-    print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {config.model.dtype}  "
-          f"params {state_lib.param_count(state):,}")
     print(f"devices: {mesh.size} x {dev.device_kind}  mesh data={mesh.shape['data']} "
           f"fsdp={mesh.shape['fsdp']}  host memory: {malloc_note()}")
-    print(f"init {t_init:.1f} s, compile {t_compile:.1f} s")
     print(f"step time: {step_s * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
           f"max {max(times) * 1e3:.1f})"
           + (f"; cpu stolen by the hypervisor meanwhile: {stolen}" if stolen else ""))

@@ -1,4 +1,5 @@
-"""`lmdir model summary`: parameter counts per component and GFLOPs of the LMDIR network."""
+"""`lmdir model summary`: parameter counts per component and GFLOPs of the LMDIR network;
+`lmdir model convert`: a training run's checkpoint in the scanned or unscanned block layout."""
 
 from __future__ import annotations
 
@@ -13,6 +14,23 @@ def register(sub) -> None:
     s.add_argument("--size", type=int, default=256, help="square input side for the FLOP count")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=summary)
+    c = msub.add_parser("convert", help="a run's latest checkpoint in the other block layout "
+                        "(model.scan_blocks), written as a new workdir")
+    c.add_argument("--checkpoint", required=True, help="training workdir to read")
+    c.add_argument("--output", required=True, help="new workdir to write (absent or empty)")
+    c.add_argument("--scan-blocks", required=True, choices=("true", "false"),
+                   help="layout of the output: true = stacked blocks (nnx.scan), false = one by one")
+    c.set_defaults(func=convert)
+
+
+def convert(args) -> int:
+    """Write the converted workdir and say what was written."""
+    from lmdir_jax.train.relayout import convert_workdir
+
+    step = convert_workdir(args.checkpoint, args.output, args.scan_blocks == "true")
+    print(f"wrote step {step} of {args.checkpoint} with model.scan_blocks={args.scan_blocks} "
+          f"to {args.output}")
+    return 0
 
 
 def summary(args) -> int:

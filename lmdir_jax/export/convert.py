@@ -6,7 +6,8 @@ An export folder holds:
                      max_text_len, ref_size}, "input": layout notes, "source": where it came from}
   README.md          how to load and run it
 
-Name mapping: the Flax path joined with '.' is the PyTorch name, with the leaf renamed
+Name mapping: the Flax path of the unscanned layout (`models.stacking.unstack_blocks`) joined with
+'.' is the PyTorch name, with the leaf renamed
 (conv/linear `kernel` -> `weight`, LayerNorm `scale` -> `weight`). Conv kernels HWIO -> OIHW
 (depth-wise kernels (kh, kw, 1, C) -> (C, 1, kh, kw) by the same transpose), linear kernels
 (in, out) -> (out, in); everything else is copied.
@@ -177,7 +178,10 @@ def export_torch(
         model, source = workdir_or_model, source or "an in-memory model"
     output_dir = Path(output_dir)
     _prepare_output(output_dir, force)
-    state = flax_to_torch_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    from lmdir_jax.models.stacking import unstack_blocks
+
+    # Scanned block stacks are written block by block: the same state dict either way.
+    state = flax_to_torch_state(unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     save_file(state, str(output_dir / WEIGHTS_FILE), metadata={"format": FORMAT})
     meta = export_metadata(config, source)
     (output_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")

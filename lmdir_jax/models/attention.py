@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmdir_jax.architecture import MASKED_LOGIT
 from lmdir_jax.models.layers import linear
-
-MASKED_LOGIT = -1e9
 
 
 def attend(

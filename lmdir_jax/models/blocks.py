@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmdir_jax.architecture import L2_EPS, ffn_hidden
 from lmdir_jax.models.conditioning import Conditions, Modulation, SpatialCrossAttention
-from lmdir_jax.models.layers import conv, conv_parts, gelu
+from lmdir_jax.models.layers import HEADS, LAYERS, conv, conv_parts, gelu
 from lmdir_jax.models.norms import block_norm
-
-L2_EPS = 1e-12
 
 
 def _pixel_norms(t: jax.Array) -> jax.Array:
@@ -48,7 +47,7 @@ class ChannelAttention(nnx.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.temperature = nnx.Param(jnp.ones((heads,), jnp.float32))
+        self.temperature = nnx.Param(jnp.ones((heads,), jnp.float32), out_sharding=(HEADS,))
         self.qkv = conv(dim, 3 * dim, 1, use_bias=False, rngs=rngs, dtype=dtype)
         self.qkv_dw = conv(3 * dim, 3 * dim, 3, groups=3 * dim, use_bias=False, rngs=rngs, dtype=dtype)
         self.out = conv(dim, dim, 1, use_bias=False, rngs=rngs, dtype=dtype)
@@ -73,7 +72,7 @@ class GatedFeedForward(nnx.Module):
     """
 
     def __init__(self, dim: int, expansion: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        hidden = int(dim * expansion)
+        hidden = ffn_hidden(dim, expansion)
         self.inp = conv(dim, 2 * hidden, 1, use_bias=False, rngs=rngs, dtype=dtype)
         self.dw = conv(2 * hidden, 2 * hidden, 3, groups=2 * hidden, use_bias=False, rngs=rngs,
                        dtype=dtype)
@@ -131,14 +130,69 @@ class TransformerBlock(nnx.Module):
         return x
 
 
-class BlockStack(nnx.Module):
-    """A sequence of TransformerBlocks (nnx.List `blocks`) of one U-Net level."""
+REMAT_POLICIES = {"none": None, "block": "nothing_saveable"}
+"""`model.remat` -> the `jax.checkpoint_policies` policy each block is rematerialised with ('block':
+nothing inside a block is kept for the backward pass but its input; it is recomputed)."""
 
-    def __init__(self, n: int, **block_kwargs):
-        self.blocks = nnx.List([TransformerBlock(**block_kwargs) for _ in range(n)])
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a `model.remat` value (None for 'none')."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {name!r}")
+    policy = REMAT_POLICIES[name]
+    return None if policy is None else getattr(jax.checkpoint_policies, policy)
+
+
+class BlockStack(nnx.Module):
+    """The n TransformerBlocks of one U-Net level, run in order.
+
+    Unscanned (`scan=False`): `blocks` is an nnx.List of n blocks, parameters blocks/0/...,
+    blocks/1/... Scanned: `blocks` is one TransformerBlock whose parameters carry a leading axis
+    of n (created by nnx.vmap, logical axis 'layers'), run by nnx.scan: one block is traced and
+    compiled whatever n is. `models.stacking` converts between the two parameter layouts.
+    `remat='block'` wraps each block in nnx.remat (jax.checkpoint, `REMAT_POLICIES`).
+    """
+
+    def __init__(self, n: int, *, rngs: nnx.Rngs, scan: bool = False, remat: str = "none",
+                 **block_kwargs):
+        remat_policy(remat)  # validate
+        self.remat = remat
+        self.scanned = bool(scan) and n > 0
+        if self.scanned:
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n,
+                      transform_metadata={nnx.PARTITION_NAME: LAYERS})
+            def make(rngs: nnx.Rngs) -> TransformerBlock:
+                return TransformerBlock(**block_kwargs, rngs=rngs)
+
+            self.blocks = make(rngs)
+            self.length = n
+        else:
+            self.blocks = nnx.List([TransformerBlock(**block_kwargs, rngs=rngs) for _ in range(n)])
+
+    def block(self, i: int) -> TransformerBlock:
+        """Block i as a TransformerBlock of its own (scanned: a slice of the stacked parameters)."""
+        if not self.scanned:
+            return self.blocks[i]
+        graphdef, state = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
     def __call__(self, x: jax.Array, cond: Conditions) -> jax.Array:
         """Run the blocks in order."""
-        for blk in self.blocks:
-            x = blk(x, cond)
-        return x
+
+        def apply(block: TransformerBlock, x: jax.Array) -> jax.Array:
+            return block(x, cond)
+
+        if self.remat != "none":
+            apply = nnx.remat(apply, policy=remat_policy(self.remat), prevent_cse=not self.scanned)
+        if not self.scanned:
+            for block in self.blocks:
+                x = apply(block, x)
+            return x
+
+        # A single block is unrolled: no loop around it at all.
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.length == 1)
+        def body(x: jax.Array, block: TransformerBlock) -> jax.Array:
+            return apply(block, x)
+
+        return body(x, self.blocks)

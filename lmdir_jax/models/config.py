@@ -28,4 +28,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.layernorm = "with_bias"  # backbone block LayerNorm: "with_bias" or "bias_free" (Restormer)
     c.embed_bias = True  # bias of the 3x3 patch-embedding conv (Restormer: False)
     c.output_bias = True  # bias of the 3x3 output conv (Restormer: False)
+    # Kernels: "xla" (lax convolutions and products), "cpu" (the XLA:CPU forms of
+    # models/backend_cpu.py), "auto" ("cpu" on CPUs, else "xla").
+    c.conv_impl = "auto"
+    # Each level's blocks as one nnx.scan over stacked parameters (compile time independent of
+    # depth); False: a Python loop over blocks/0, blocks/1, ... (models/stacking.py converts).
+    c.scan_blocks = True
+    c.remat = "none"  # "block": recompute each block's activations in the backward pass
     return c

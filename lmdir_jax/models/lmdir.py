@@ -30,11 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lmdir_jax.models.blocks import BlockStack
+from lmdir_jax import architecture
+from lmdir_jax.architecture import MULTIPLE
+from lmdir_jax.models.blocks import BlockStack, remat_policy
 from lmdir_jax.models.conditioning import Conditions
 from lmdir_jax.models.layers import (
     compute_dtype,
     conv,
+    conv_impl,
     lecun_normal,
     pixel_shuffle,
     pixel_unshuffle,
@@ -43,7 +46,7 @@ from lmdir_jax.models.priors import Priors
 from lmdir_jax.models.prompt import PromptEncoder
 from lmdir_jax.models.reference import ReferenceEncoder
 
-MULTIPLE = 8  # three 2x down-samplings
+__all__ = ["LMDIR", "MULTIPLE", "build_model"]
 
 
 class Downsample(nnx.Module):
@@ -77,36 +80,38 @@ class LMDIR(nnx.Module):
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         c = config
-        if len(c.blocks) != 4 or len(c.heads) != 4:
-            raise ValueError("model.blocks and model.heads need 4 entries (one per U-Net level)")
+        stages = {st.name: st for st in architecture.stages(c)}
         dtype = compute_dtype(c.dtype)
         self.dtype = dtype
         self.text_dim = int(c.text_dim)
         width = int(c.width)
-        widths = [width * 2**i for i in range(4)]
-        layout = str(c.get("layout", "lmdir"))
-        if layout not in ("lmdir", "restormer"):
-            raise ValueError(f"model.layout must be 'lmdir' or 'restormer', got {layout!r}")
-        top = 2 * width if layout == "restormer" else width  # level-1 decoder/refinement/output
+        widths = architecture.level_widths(c)
+        layout, top = architecture.layout(c), architecture.top_width(c)
+        # Keys missing from an old run's config.json: that run's layout (unscanned, no remat).
+        scan, remat = bool(c.get("scan_blocks", False)), str(c.get("remat", "none"))
+        remat_policy(remat)
 
-        def stack(n: int, level: int, dim: int | None = None) -> BlockStack:
+        def stack(name: str) -> BlockStack:
+            st = stages[name]
             return BlockStack(
-                int(n),
-                dim=dim or widths[level - 1],
-                heads=int(c.heads[level - 1]),
+                st.blocks,
+                scan=scan,
+                remat=remat,
+                dim=st.width,
+                heads=st.heads,
                 expansion=float(c.ffn_expansion),
                 prompt_dim=int(c.prompt_dim),
                 ref_dim=int(c.ref_dim),
-                catb=level in tuple(c.catb_levels),
-                rtb=level in tuple(c.rtb_levels),
+                catb=st.catb,
+                rtb=st.rtb,
                 rngs=rngs,
                 dtype=dtype,
                 layernorm=str(c.get("layernorm", "with_bias")),
             )
 
-        # eager_sharding off: parameters are created unsharded and only carry the 'fsdp' metadata;
-        # the training code places them on its mesh (see `partition_specs`).
-        with nnx.use_eager_sharding(False):
+        # eager_sharding off: parameters are created unsharded and only carry logical axis names;
+        # the training code creates them in place on its mesh (train/state.py, `train.axis_rules`).
+        with nnx.use_eager_sharding(False), conv_impl(str(c.get("conv_impl", "auto"))):
             self.prompt = PromptEncoder(
                 int(c.text_dim), int(c.prompt_dim), int(c.prompt_heads),
                 int(c.num_deg_queries), int(c.num_content_queries), rngs=rngs, dtype=dtype,
@@ -115,17 +120,16 @@ class LMDIR(nnx.Module):
                                               dtype=dtype)
             self.embed = conv(3, width, 3, use_bias=bool(c.get("embed_bias", True)), rngs=rngs,
                               dtype=dtype)
-            self.encoders = nnx.List([stack(c.blocks[i], i + 1) for i in range(3)])
+            self.encoders = nnx.List([stack(f"encoders.{i}") for i in range(3)])
             self.downs = nnx.List([Downsample(widths[i], rngs=rngs, dtype=dtype) for i in range(3)])
-            self.latent = stack(c.blocks[3], 4)
+            self.latent = stack("latent")
             self.ups = nnx.List([Upsample(widths[i], rngs=rngs, dtype=dtype) for i in (3, 2, 1)])
             self.reduces = nnx.List(
                 [conv(2 * widths[i], widths[i], 1, use_bias=False, rngs=rngs, dtype=dtype)
                  for i in ((2, 1) if layout == "restormer" else (2, 1, 0))]
             )
-            self.decoders = nnx.List([stack(c.blocks[2], 3), stack(c.blocks[1], 2),
-                                      stack(c.blocks[0], 1, top)])
-            self.refinement = stack(c.refinement_blocks, 1, top)
+            self.decoders = nnx.List([stack(f"decoders.{k}") for k in range(3)])
+            self.refinement = stack("refinement")
             out_init = (nnx.initializers.zeros_init() if c.zero_init_output
                         else lecun_normal)
             self.output = conv(top, 3, 3, use_bias=bool(c.get("output_bias", True)), rngs=rngs,
@@ -147,7 +151,7 @@ class LMDIR(nnx.Module):
         if lq.ndim != 4 or lq.shape[-1] != 3:
             raise ValueError(f"lq must be (B, H, W, 3), got {lq.shape}")
         b, h, w, _ = lq.shape
-        ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
+        ph, pw = architecture.padding(h, w)
         lq32 = lq.astype(jnp.float32)
         x_in = jnp.pad(lq32, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
         cond = self.conditions(priors)

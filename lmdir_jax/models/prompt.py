@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmdir_jax.architecture import MLP_EXPANSION
 from lmdir_jax.models.attention import MultiHeadAttention
 from lmdir_jax.models.layers import gelu, layer_norm, linear, normal
 from lmdir_jax.models.priors import Priors
-
-MLP_EXPANSION = 2
 
 
 class PromptEncoder(nnx.Module):

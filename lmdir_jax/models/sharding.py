@@ -1,14 +1,20 @@
-"""FSDP partition specs of the model's parameters (from the nnx.with_partitioning metadata)."""
+"""Partition specs of the model's parameters (from their nnx.with_partitioning metadata)."""
 
 from __future__ import annotations
 
 from flax import nnx
 
 
-def partition_specs(model: nnx.Module, filter=nnx.Param):
+def partition_specs(model: nnx.Module, rules=None, filter=nnx.Param):
     """A state-shaped pytree of jax.sharding.PartitionSpec for the model's parameters.
 
-    Large kernels name the mesh axis 'fsdp' on their output dimension; everything else is
-    PartitionSpec() (replicated). The caller replicates any dim not divisible by the fsdp size.
+    Without `rules` the specs hold the model's logical axis names (kernels ('embed', 'mlp') on
+    their input and output dimensions, 'layers' on stacked blocks, 'heads'); with `rules`
+    (pairs logical name -> mesh axis or None, as `train.axis_rules`) they name mesh axes.
+    Unannotated parameters are PartitionSpec() (replicated).
     """
-    return nnx.get_partition_spec(nnx.state(model, filter))
+    state = nnx.state(model, filter)
+    if rules is None:
+        return nnx.get_partition_spec(state)
+    with nnx.logical_axis_rules(tuple(rules)):
+        return nnx.get_partition_spec(state)

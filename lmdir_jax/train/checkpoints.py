@@ -200,8 +200,12 @@ def restore_latest(
     """
     import grain
 
+    from lmdir_jax.models.stacking import check_layout
+
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
+        if "model" in abstract:  # scanned blocks into an unscanned model or back: one clear line
+            check_layout(Path(manager.directory) / str(step), abstract["model"])
         args: dict[str, Any] = {}
         for name in items:
             if name == "data":

@@ -2,6 +2,10 @@
 
 import ml_collections
 
+# Logical axis names of the model's parameters -> mesh axes (None = replicated): FSDP shards the
+# kernels' output dimension ('mlp'); stacked blocks, kernel inputs and heads are replicated.
+DEFAULT_AXIS_RULES = (("layers", None), ("embed", None), ("mlp", "fsdp"), ("heads", None))
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Optimisation, mesh, checkpoints, logging."""
@@ -16,6 +20,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # 0 = no EMA parameters
     c.mesh_data = -1  # -1 = all devices (divided by mesh_fsdp)
     c.mesh_fsdp = 1
+    # Logical axis names of the model's parameters -> mesh axes ('data', 'fsdp' or None =
+    # replicated); a dimension its mesh axes do not divide is replicated.
+    c.axis_rules = DEFAULT_AXIS_RULES
     c.log_every = 10
     c.ckpt_every = 100
     c.keep_checkpoints = 3

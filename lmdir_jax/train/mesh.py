@@ -1,6 +1,9 @@
-"""The device mesh ('data', 'fsdp'), parameter and batch shardings (multi-process start-up: distributed.py)."""
+"""The device mesh ('data', 'fsdp'), logical-axis parameter shardings and batch shardings
+(multi-process start-up: distributed.py)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import numpy as np
@@ -8,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.train.config import DEFAULT_AXIS_RULES
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(("data", "fsdp"))
@@ -55,17 +59,41 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
     return P(*out)
 
 
-def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
-    """NamedShardings for an (abstract) nnx.State from its partition annotations, fitted to mesh."""
+def logical_specs(abstract_state, rules) -> Any:
+    """PartitionSpecs of an (abstract) nnx.State: each variable's logical axis names (its
+    `out_sharding` metadata, e.g. ('layers', None, None, 'embed', 'mlp')) mapped to mesh axes by
+    `rules`, pairs (logical name, mesh axis or None) as in `train.axis_rules`. Unannotated
+    variables are replicated."""
     from flax import nnx
 
-    specs = nnx.get_partition_spec(abstract_state)
+    rules = tuple((str(name), None if axis is None else axis) for name, axis in rules)
+    known = {name for name, _ in rules}
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(abstract_state)
+    for var in jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = (var.get_metadata().get("out_sharding") or ()) if isinstance(var, nnx.Variable) else ()
+        missing = [n for n in names if n is not None and n not in known]
+        if missing:
+            raise UsageError(f"train.axis_rules has no rule for the logical axis {missing[0]!r} "
+                             f"(rules: {', '.join(sorted(known))})")
+    return specs
+
+
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=DEFAULT_AXIS_RULES):
+    """NamedShardings for an (abstract) nnx.State: logical axes mapped by `rules`
+    (`logical_specs`), then fitted to `mesh` (`fit_spec`: a dimension its mesh axes do not divide
+    is replicated)."""
+    for name, axis in rules:
+        for a in (axis if isinstance(axis, tuple | list) else (axis,)):
+            if a is not None and a not in mesh.axis_names:
+                raise UsageError(f"train.axis_rules maps {name!r} to {a!r}, which is not a mesh "
+                                 f"axis ({', '.join(mesh.axis_names)})")
+    specs = logical_specs(abstract_state, rules)
 
     def one(x, spec):
         if not isinstance(spec, P):
             spec = P()
-        shape = getattr(x, "shape", ())
-        return NamedSharding(mesh, fit_spec(spec, tuple(shape), mesh))
+        return NamedSharding(mesh, fit_spec(spec, tuple(getattr(x, "shape", ())), mesh))
 
     return jax.tree.map(one, abstract_state, specs)
 

@@ -15,15 +15,31 @@ import jax
 import optax
 from flax import nnx
 
+from lmdir_jax.errors import UsageError
 from lmdir_jax.train import mesh as mesh_lib
 
 
 def build_model(config) -> nnx.Module:
     """The LMDIR network of `config.model`, seeded by `config.seed` (no eager sharding)."""
-    from lmdir_jax import models
+    from lmdir_jax.models import build_model as build
 
     with nnx.use_eager_sharding(False):
-        return models.build_model(config.model, int(config.seed))
+        return build(config.model, int(config.seed))
+
+
+def axis_rules(config) -> tuple:
+    """`train.axis_rules` (logical axis -> mesh axis pairs); the default when the config (an old
+    run's config.json) has none."""
+    rules = config.train.get("axis_rules", None)
+    if rules is None:
+        return mesh_lib.DEFAULT_AXIS_RULES
+    try:
+        return tuple((str(name), None if axis is None else
+                      (tuple(axis) if isinstance(axis, list | tuple) else str(axis)))
+                     for name, axis in rules)
+    except (TypeError, ValueError):
+        raise UsageError(f"train.axis_rules must be (logical name, mesh axis or None) pairs, "
+                         f"got {rules!r}") from None
 
 
 def learning_rate_schedule(tc) -> optax.Schedule:
@@ -75,7 +91,7 @@ def make_setup(config, mesh, model_fn: Callable[[], nnx.Module] | None = None) -
     model_fn = model_fn or (lambda: build_model(config))
     with nnx.use_eager_sharding(False):
         model, opt, state = nnx.eval_shape(lambda: _create(config, model_fn))
-    shardings = mesh_lib.state_shardings(state, mesh)
+    shardings = mesh_lib.state_shardings(state, mesh, axis_rules(config))
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
@@ -90,14 +106,20 @@ def make_setup(config, mesh, model_fn: Callable[[], nnx.Module] | None = None) -
 
 
 def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | None = None) -> dict:
-    """A freshly initialised train state, placed in its sharded layout.
+    """A freshly initialised train state, created in its sharded layout.
 
-    Initialisation runs eagerly (op by op: compiling one big init program costs minutes on a CPU)
-    and is then laid out with `jax.device_put`; the network is small enough for one host.
+    The whole creation (parameters, optimizer state, EMA) is one jitted program whose outputs have
+    the setup's shardings: every device computes only its own shards, no parameter is ever whole
+    on one host. The values do not depend on the mesh (jax.random draws; an eagerly built model,
+    `build_model`, draws other numbers from the same distributions with the CPU kernels).
     """
     model_fn = model_fn or (lambda: build_model(config))
-    state = _create(config, model_fn)[2]
-    return jax.device_put(state, setup.shardings)
+
+    def create() -> dict:
+        return _create(config, model_fn)[2]
+
+    with jax.set_mesh(setup.mesh):
+        return jax.jit(create, out_shardings=setup.shardings)()
 
 
 def model_from_state(setup: TrainSetup, state: dict, use_ema: bool = False) -> nnx.Module:
