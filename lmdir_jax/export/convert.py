@@ -69,7 +69,14 @@ def _torch_name_and_value(path: tuple[str, ...], value: np.ndarray) -> tuple[str
 
 
 def flax_to_torch_state(params: dict) -> dict[str, np.ndarray]:
-    """A PyTorch state dict (numpy float32 values) from `nnx.to_pure_dict(nnx.state(model, Param))`."""
+    """A PyTorch state dict (numpy float32 values) from `nnx.to_pure_dict(nnx.state(model, Param))`.
+
+    Scanned block stacks are unstacked first (`models.stacking.unstack_blocks`): the same state
+    dict whether the model was scanned or not.
+    """
+    from lmdir_jax.models.stacking import unstack_blocks
+
+    params = unstack_blocks(params)
     out: dict[str, np.ndarray] = {}
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
@@ -178,10 +185,7 @@ def export_torch(
         model, source = workdir_or_model, source or "an in-memory model"
     output_dir = Path(output_dir)
     _prepare_output(output_dir, force)
-    from lmdir_jax.models.stacking import unstack_blocks
-
-    # Scanned block stacks are written block by block: the same state dict either way.
-    state = flax_to_torch_state(unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    state = flax_to_torch_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     save_file(state, str(output_dir / WEIGHTS_FILE), metadata={"format": FORMAT})
     meta = export_metadata(config, source)
     (output_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
