@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LN_EPS = 1e-5
-L2_EPS = 1e-12
-MASKED_LOGIT = -1e9
-MULTIPLE = 8
-MLP_EXPANSION = 2
+from lmdir_jax import architecture
+from lmdir_jax.architecture import L2_EPS, LN_EPS, MASKED_LOGIT, MLP_EXPANSION, MULTIPLE
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -150,7 +148,7 @@ class GatedFeedForward(nn.Module):
 
     def __init__(self, dim: int, expansion: float):
         super().__init__()
-        hidden = int(dim * expansion)
+        hidden = architecture.ffn_hidden(dim, expansion)
         self.inp = _conv(dim, 2 * hidden, 1, bias=False)
         self.dw = _conv(2 * hidden, 2 * hidden, 3, groups=2 * hidden, bias=False)
         self.out = _conv(hidden, dim, 1, bias=False)
@@ -332,45 +330,39 @@ class LMDIRTorch(nn.Module):
     def __init__(self, model_config: dict):
         super().__init__()
         c = dict(model_config)
-        blocks, heads = list(c["blocks"]), list(c["heads"])
-        if len(blocks) != 4 or len(heads) != 4:
-            raise ValueError("model blocks and heads need 4 entries (one per U-Net level)")
+        stages = {st.name: st for st in architecture.stages(c)}  # ValueError for a bad table
         self.config = c
-        layout = str(c.get("layout", "lmdir"))
-        if layout not in ("lmdir", "restormer"):
-            raise ValueError(f"model.layout must be 'lmdir' or 'restormer', got {layout!r}")
-        self.layout = layout
+        self.layout = architecture.layout(c)
         self.text_dim = int(c["text_dim"])
         self.ref_tokens = int(c["ref_tokens"])
         self.ref_dim = int(c["ref_dim"])
         width = int(c["width"])
-        widths = [width * 2**i for i in range(4)]
-        catb, rtb = set(c["catb_levels"]), set(c["rtb_levels"])
+        widths = architecture.level_widths(c)
         layernorm = str(c.get("layernorm", "with_bias"))
         # Restormer layout: the level-1 decoder, refinement and output run at 2C (no reduce conv).
-        top = 2 * width if layout == "restormer" else width
+        top = architecture.top_width(c)
 
-        def stack(n: int, level: int, dim: int | None = None) -> BlockStack:
+        def stack(name: str) -> BlockStack:
+            st = stages[name]
             return BlockStack(
-                int(n), dim=dim or widths[level - 1], heads=int(heads[level - 1]),
+                st.blocks, dim=st.width, heads=st.heads,
                 expansion=float(c["ffn_expansion"]), prompt_dim=int(c["prompt_dim"]),
-                ref_dim=self.ref_dim, catb=level in catb, rtb=level in rtb, layernorm=layernorm,
+                ref_dim=self.ref_dim, catb=st.catb, rtb=st.rtb, layernorm=layernorm,
             )
 
         self.prompt = PromptEncoder(self.text_dim, int(c["prompt_dim"]), int(c["prompt_heads"]),
                                     int(c["num_deg_queries"]), int(c["num_content_queries"]))
         self.reference = ReferenceEncoder(self.ref_dim, self.ref_tokens)
         self.embed = _conv(3, width, 3, bias=bool(c.get("embed_bias", True)))
-        self.encoders = nn.ModuleList([stack(blocks[i], i + 1) for i in range(3)])
+        self.encoders = nn.ModuleList([stack(f"encoders.{i}") for i in range(3)])
         self.downs = nn.ModuleList([Downsample(widths[i]) for i in range(3)])
-        self.latent = stack(blocks[3], 4)
+        self.latent = stack("latent")
         self.ups = nn.ModuleList([Upsample(widths[i]) for i in (3, 2, 1)])
-        reduce_levels = (2, 1) if layout == "restormer" else (2, 1, 0)
+        reduce_levels = (2, 1) if self.layout == "restormer" else (2, 1, 0)
         self.reduces = nn.ModuleList([_conv(2 * widths[i], widths[i], 1, bias=False)
                                       for i in reduce_levels])
-        self.decoders = nn.ModuleList([stack(blocks[2], 3), stack(blocks[1], 2),
-                                       stack(blocks[0], 1, top)])
-        self.refinement = stack(int(c["refinement_blocks"]), 1, top)
+        self.decoders = nn.ModuleList([stack(f"decoders.{k}") for k in range(3)])
+        self.refinement = stack("refinement")
         self.output = _conv(top, 3, 3, bias=bool(c.get("output_bias", True)))
 
     def _conditions(self, lq: torch.Tensor, deg_states, deg_mask, scene_states, scene_mask, reference,
