@@ -156,7 +156,7 @@ def one_device_state():
 
     config = load_config("tiny")
     mesh1 = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
-    return state_lib.init_state(config, state_lib.make_setup(config, mesh1))
+    return state_lib.init_state(config, state_lib.make_setup(config, mesh1), in_jit=True)
 
 
 def test_sharded_init_in_jit_follows_axis_rules_whatever_the_mesh(one_device_state):
@@ -168,7 +168,7 @@ def test_sharded_init_in_jit_follows_axis_rules_whatever_the_mesh(one_device_sta
     config = load_config("tiny")
     mesh = mesh_lib.make_mesh(4, 2)
     setup = state_lib.make_setup(config, mesh)
-    state = state_lib.init_state(config, setup)
+    state = state_lib.init_state(config, setup, in_jit=True)
     kernel = state["model"]["latent"]["blocks"]["ffn"]["inp"]["kernel"][...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, None, "fsdp")
     assert len(kernel.addressable_shards) == 8
@@ -176,6 +176,15 @@ def test_sharded_init_in_jit_follows_axis_rules_whatever_the_mesh(one_device_sta
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(one_device_state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(jnp.std(kernel)) > 0.01  # drawn, not zeros
+    # On CPUs the default builds eagerly (numpy draws) and places: the same sharding, and values
+    # that do not depend on the mesh either.
+    eager = state_lib.init_state(config, setup)
+    mesh1 = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
+    eager1 = state_lib.init_state(config, state_lib.make_setup(config, mesh1))
+    ek = eager["model"]["latent"]["blocks"]["ffn"]["inp"]["kernel"][...]
+    assert ek.sharding.spec == kernel.sharding.spec
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(eager1), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Another rule table: 'mlp' replicated, 'embed' (kernel inputs) split over fsdp instead.
     config.train.axis_rules = (("layers", None), ("embed", "fsdp"), ("mlp", None), ("heads", None))
     spec = state_lib.make_setup(config, mesh).shardings["model"]["prompt"]["mlp_in"]["kernel"]

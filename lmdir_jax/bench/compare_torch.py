@@ -1,8 +1,10 @@
 """`lmdir bench compare-torch`: forward+backward step time of LMDIR in JAX (jit) and in PyTorch.
 
 Both run the same network (the PyTorch side is the exported mirror with the same parameters) on the
-same random batch with all priors present, in one process on this machine, float32 (PyTorch on its
-CUDA device when it has one, like JAX; `--torch-device cpu` to force the CPU). The loss is the
+same random batch with all priors present, in one process on this machine (PyTorch on its CUDA device
+when it has one, like JAX; `--torch-device cpu` to force the CPU). `--dtype float32` (default) or
+`bfloat16`: JAX computes in bf16 with float32 parameters (`model.dtype`), PyTorch runs its forward
+under `torch.autocast(dtype=torch.bfloat16)`, what a PyTorch user would run. The loss is the
 L1 distance to a random target; a step is loss + gradients with respect to all parameters. Times are
 medians over --steps timed steps after --warmup untimed ones, JAX's first and then PyTorch's (JAX
 compile time is reported apart). With --rounds R the two blocks of --steps steps take turns R
@@ -13,6 +15,7 @@ time the hypervisor stole while each framework was timed is printed too (`lmdir_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -34,6 +37,8 @@ def register(bsub) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="blocks of --steps steps per framework, taken in turn (default 1)")
     p.add_argument("--compile", action="store_true", help="wrap the PyTorch model in torch.compile")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype: JAX model.dtype, PyTorch autocast (default float32)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (default 0: torch's own default)")
     p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -110,7 +115,7 @@ def run(args) -> int:
 
     config = load_config(args.config, list(args.config_overrides))
     with config.unlocked():
-        config.model.dtype = "float32"  # the PyTorch mirror computes in float32
+        config.model.dtype = args.dtype  # float32 parameters either way
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cuda = args.torch_device == "cuda" or (
@@ -164,8 +169,13 @@ def run(args) -> int:
     t_in = {k: torch.from_numpy(np.ascontiguousarray(v)).to(tdev) for k, v in inputs.items()}
     gt_t = torch.from_numpy(gt).to(tdev)
 
+    autocast = (torch.autocast(device_type=tdev.type, dtype=torch.bfloat16)
+                if args.dtype == "bfloat16" else contextlib.nullcontext())
+
     def torch_step():
-        loss = (fwd(**t_in) - gt_t).abs().mean()
+        with autocast:
+            out = fwd(**t_in)
+        loss = (out.float() - gt_t).abs().mean()
         loss.backward()
         tm.zero_grad(set_to_none=True)
         if use_cuda:
@@ -187,11 +197,12 @@ def run(args) -> int:
     jax_s, torch_s = jax_timer.median(), torch_timer.median()
 
     print(f"compare-torch  config={config.get('name', args.config)}  params={n_params:,}  "
-          f"batch={args.batch}  size={args.size}x{args.size}  float32  all priors on")
+          f"batch={args.batch}  size={args.size}x{args.size}  {args.dtype}  all priors on")
     where = (f"cuda ({torch.cuda.get_device_name()}, TF32 allowed)" if use_cuda
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"  devices: jax {jax.devices()[0].platform} ({jax.devices()[0].device_kind}) | "
-          f"torch {where}{', torch.compile' if args.compile else ''} | host memory: {malloc_note()}")
+          f"torch {where}{', torch.compile' if args.compile else ''}"
+          f"{', bf16 autocast' if args.dtype == 'bfloat16' else ''} | host memory: {malloc_note()}")
     stolen = (jax_timer.steal(), torch_timer.steal())
     steal = all(stolen)
     print(f"  {'framework':<10} {'first step s':>13} {'step s (median)':>16} {'images/s':>9}"

@@ -134,6 +134,9 @@ def run(args) -> int:
           f"max {max(times) * 1e3:.1f})"
           + (f"; cpu stolen by the hypervisor meanwhile: {stolen}" if stolen else ""))
     print(f"images/s: {b / step_s:.1f}")
+    peak_mem = (dev.memory_stats() or {}).get("peak_bytes_in_use") if hasattr(dev, "memory_stats") else None
+    if peak_mem:
+        print(f"device memory peak (allocator): {peak_mem / 2**30:.2f} GiB")
     print(f"FLOPs/step: {total_flops / 1e9:.2f} GFLOP ({total_flops / step_s / 1e12:.3f} TFLOP/s achieved)")
     if peak:
         mfu = total_flops / step_s / (peak * 1e12 * mesh.size)

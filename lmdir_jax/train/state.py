@@ -105,15 +105,23 @@ def make_setup(config, mesh, model_fn: Callable[[], nnx.Module] | None = None) -
     )
 
 
-def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | None = None) -> dict:
+def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | None = None,
+               in_jit: bool | None = None) -> dict:
     """A freshly initialised train state, created in its sharded layout.
 
-    The whole creation (parameters, optimizer state, EMA) is one jitted program whose outputs have
-    the setup's shardings: every device computes only its own shards, no parameter is ever whole
-    on one host. The values do not depend on the mesh (jax.random draws; an eagerly built model,
-    `build_model`, draws other numbers from the same distributions with the CPU kernels).
+    in_jit=True: the whole creation (parameters, optimizer state, EMA) is one jitted program whose
+    outputs have the setup's shardings, so every device computes only its own shards and no
+    parameter is ever whole on one host. in_jit=False: built eagerly (numpy initialisers, seconds)
+    and then placed with `jax.device_put`. The default (None) jits on accelerators and builds
+    eagerly when every device is a CPU: there the parameters live in host memory anyway, and XLA:CPU
+    takes about 50 s to compile the jax.random draws of even the tiny config. The two draw other
+    numbers from the same distributions; each is the same for any mesh and process count.
     """
     model_fn = model_fn or (lambda: build_model(config))
+    if in_jit is None:
+        in_jit = any(d.platform != "cpu" for d in setup.mesh.devices.flat)
+    if not in_jit:
+        return jax.device_put(_create(config, model_fn)[2], setup.shardings)
 
     def create() -> dict:
         return _create(config, model_fn)[2]
