@@ -27,9 +27,11 @@ def test_bench_train_rejects_zero_steps(capsys):
 def test_compare_torch_times_both_and_prints_the_ratio(capsys):
     pytest.importorskip("torch")
     code = main(["bench", "compare-torch", "--config", "tiny", "--size", "16", "--steps", "2",
-                 "--warmup", "0", "--rounds", "2", "--torch-device", "cpu"])
+                 "--warmup", "0", "--rounds", "2", "--torch-device", "cpu", "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert code == 0
+    assert "bfloat16" in out and "bf16 autocast" in out
+    assert len(re.findall(r"^  (jax|torch) block \d: median [\d.]+ s/step$", out, re.M)) == 4
     rows = dict(re.findall(r"^\s+(jax \(jit\)|pytorch)\s+[\d.]+\s+([\d.]+)", out, re.M))
     assert set(rows) == {"jax (jit)", "pytorch"} and all(float(v) > 0 for v in rows.values())
     assert "torch cpu" in out

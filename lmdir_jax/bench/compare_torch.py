@@ -72,6 +72,8 @@ class _Timer:
             times.append(time.perf_counter() - t0)
         after = cpu_times()
         self.blocks.append(times)
+        # One line per block as it ends: a run stopped by a time limit still leaves its numbers.
+        print(f"  {self.label} block {len(self.blocks)}: median {self.median(-1):.4f} s/step", flush=True)
         if before is not None and after is not None:
             self.ticks = [self.ticks[0] + after[0] - before[0], self.ticks[1] + after[1] - before[1]]
 
@@ -153,6 +155,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     jax.block_until_ready(jax_step(params, lq_j, gt_j, priors))
     jax_compile = time.perf_counter() - t0
+    print(f"  jax first step (compile): {jax_compile:.1f} s", flush=True)
     jax_timer = _Timer(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)), "jax")
     for _ in range(args.warmup):
         jax_timer.fn()
@@ -186,6 +189,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     torch_step()
     torch_first = time.perf_counter() - t0
+    print(f"  pytorch first step{' (torch.compile)' if args.compile else ''}: {torch_first:.1f} s",
+          flush=True)
     torch_timer = _Timer(torch_step, "torch")
     for _ in range(args.warmup):
         torch_step()

@@ -88,10 +88,16 @@ def run(args) -> int:
     local = {"gt": gt, "lq": np.clip(gt + 0.1 * rng.standard_normal(gt.shape), 0, 1).astype(np.float32)}
     batch = mesh_lib.global_batch(local, mesh)
 
+    m = config.model
+    print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {m.dtype}  "
+          f"scan_blocks {m.get('scan_blocks', False)}  remat {m.get('remat', 'none')}  "
+          f"conv_impl {m.get('conv_impl', 'auto')}", flush=True)
     t0 = time.perf_counter()
     setup = state_lib.make_setup(config, mesh)
     state = state_lib.init_state(config, setup)
-    t_init = time.perf_counter() - t0
+    jax.block_until_ready(state)
+    # Each line as soon as it is known: a run stopped by a time limit still leaves its numbers.
+    print(f"init {time.perf_counter() - t0:.1f} s  params {state_lib.param_count(state):,}", flush=True)
     step_fn = step_lib.make_train_step(config, setup)
     t0, c0 = time.perf_counter(), time.process_time()
     lowered = step_fn.lower(state, batch, None)
@@ -103,13 +109,8 @@ def run(args) -> int:
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     flops = float((cost or {}).get("flops", float("nan")))
-
-    m = config.model
-    print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {m.dtype}  "
-          f"params {state_lib.param_count(state):,}  scan_blocks {m.get('scan_blocks', False)}  "
-          f"remat {m.get('remat', 'none')}  conv_impl {m.get('conv_impl', 'auto')}")
-    print(f"init {t_init:.1f} s, compile {t_compile:.1f} s ({c_compile:.1f} s of CPU time)")
-    print(memory_line(compiled))
+    print(f"compile {t_compile:.1f} s ({c_compile:.1f} s of CPU time)")
+    print(memory_line(compiled), flush=True)
     if args.compile_only:
         return 0
     for _ in range(max(0, args.warmup)):
