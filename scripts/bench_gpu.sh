@@ -33,8 +33,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
 
 for s in "${steps[@]}"; do
     case $s in
-    train) step train 240 $LMDIR bench train --config paper --steps 20 --warmup 3 ;;
-    torch) step torch 330 $LMDIR bench compare-torch --config paper --dtype bfloat16 --compile \
+    train) step train 600 $LMDIR bench train --config paper --steps 20 --warmup 3 ;;
+    torch) step torch 600 $LMDIR bench compare-torch --config paper --dtype bfloat16 --compile \
                --size 128 --batch 8 --steps 10 --warmup 3 --rounds 3 ;;
     remat) for r in none block; do
                step remat 150 $LMDIR bench train --config paper --compile-only --config.data.batch_size=8 \
