@@ -361,8 +361,10 @@ def test_restormer_layout_mirror_matches_jax():
     config = load_config("tiny", ["config.model.layout=restormer",
                                   "config.model.layernorm=bias_free",
                                   "config.model.embed_bias=False", "config.model.output_bias=False"])
+    from lmdir_jax.models.stacking import unstack_blocks
+
     model = perturbed(build_model(config.model, 0), seed=12)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # blocks/0/... either way
     width = int(config.model.width)
     assert len(params["reduces"]) == 2 and "bias" not in params["output"]
     assert params["output"]["kernel"].shape == (3, 3, 2 * width, 3)

@@ -92,8 +92,11 @@ def restormer_params(state: dict[str, np.ndarray], model, source: str) -> dict:
     from flax import nnx
 
     from lmdir_jax.export.convert import _torch_name_and_value
+    from lmdir_jax.models.stacking import blocks_layout, relayout
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    scanned = blocks_layout(params) == "scanned"
+    params = relayout(params, scanned=False)  # one tensor per block, as in the .pth
     leaves: dict[str, tuple[dict, str, np.ndarray]] = {}
 
     def walk(node, path):
@@ -136,7 +139,7 @@ def restormer_params(state: dict[str, np.ndarray], model, source: str) -> dict:
     for name, (node, leaf, _) in leaves.items():
         if _ZEROED.search(name):
             node[leaf] = np.zeros_like(np.asarray(node[leaf]))
-    return params
+    return relayout(params, scanned=scanned)
 
 
 def mirror_name_of_backbone(name: str) -> bool:
