@@ -102,6 +102,22 @@ def test_scanned_and_unscanned_layouts_convert_and_agree(reference):
         np.testing.assert_array_equal(a, b)
 
 
+def test_same_seed_same_network_in_either_layout():
+    """Built eagerly, the scanned layout draws its blocks one after another like the unscanned one:
+    the same seed gives the same parameters (stacked), and the logical axis 'layers' on them."""
+    scanned = build_model(model_config(), seed=7)
+    unscanned = build_model(model_config(scan_blocks=False), seed=7)
+    a = nnx.to_pure_dict(nnx.state(scanned))
+    b = stack_blocks(nnx.to_pure_dict(nnx.state(unscanned)))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    kernel = scanned.encoders[0].blocks.attn.qkv.kernel
+    assert kernel.shape[0] == 2 and kernel.get_metadata()["out_sharding"][0] == "layers"
+    assert not np.array_equal(a["encoders"][0]["blocks"]["attn"]["qkv"]["kernel"][0],
+                              a["encoders"][0]["blocks"]["attn"]["qkv"]["kernel"][1])
+
+
 def test_remat_block_same_values_and_gradients_less_temp_memory(reference):
     """remat='block': the same loss and gradients, and XLA's memory analysis of the compiled
     gradient needs less temporary memory."""

@@ -19,6 +19,7 @@ from lmdir_jax.architecture import L2_EPS, ffn_hidden
 from lmdir_jax.models.conditioning import Conditions, Modulation, SpatialCrossAttention
 from lmdir_jax.models.layers import HEADS, LAYERS, conv, conv_parts, gelu
 from lmdir_jax.models.norms import block_norm
+from lmdir_jax.models.stacking import draw_stacked, is_traced
 
 
 def _pixel_norms(t: jax.Array) -> jax.Array:
@@ -148,7 +149,8 @@ class BlockStack(nnx.Module):
 
     Unscanned (`scan=False`): `blocks` is an nnx.List of n blocks, parameters blocks/0/...,
     blocks/1/... Scanned: `blocks` is one TransformerBlock whose parameters carry a leading axis
-    of n (created by nnx.vmap, logical axis 'layers'), run by nnx.scan: one block is traced and
+    of n (logical axis 'layers'; drawn like the unscanned blocks and stacked when built eagerly,
+    by nnx.vmap under jit), run by nnx.scan: one block is traced and
     compiled whatever n is. `models.stacking` converts between the two parameter layouts.
     `remat='block'` wraps each block in nnx.remat (jax.checkpoint, `REMAT_POLICIES`).
     """
@@ -165,7 +167,11 @@ class BlockStack(nnx.Module):
             def make(rngs: nnx.Rngs) -> TransformerBlock:
                 return TransformerBlock(**block_kwargs, rngs=rngs)
 
-            self.blocks = make(rngs)
+            if is_traced(rngs):
+                self.blocks = make(rngs)
+            else:  # one block after another, as unscanned: the same seed, the same network
+                self.blocks = draw_stacked(lambda: TransformerBlock(**block_kwargs, rngs=rngs), n,
+                                           nnx.eval_shape(lambda: make(nnx.Rngs(0))))
             self.length = n
         else:
             self.blocks = nnx.List([TransformerBlock(**block_kwargs, rngs=rngs) for _ in range(n)])
