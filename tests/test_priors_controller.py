@@ -102,6 +102,30 @@ def test_resume_is_exact(clip_dir, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (tmp_path / "a" / "plots" / "confusion.png").is_file()
+    # Loaded beside a CLIP of another text length (the restoration network's), the controller
+    # still compares with the vocabulary features it was trained with (16 tokens).
+    other = load_clip(clip_dir)
+    assert other.max_text_len != 16
+    np.testing.assert_array_equal(np.asarray(load_controller(tmp_path / "a", other).bank),
+                                  np.asarray(clip.degradation_bank()[0]))
+
+
+@pytest.mark.slow
+def test_a_short_run_lands_well_above_chance_on_held_out_photos(clip_dir, tmp_path):
+    """150 steps on the skimage training photos; the held-out photos (coffee, chelsea), hazy or
+    dark, are named right far more often than the 1 in 9 of chance."""
+    from lmdir_jax.commands.priors import classify
+    from lmdir_jax.priors.controller_train import train_controller
+
+    config = load_config("controller", ["config.train.steps=150", "config.train.log_every=50",
+                                        "config.train.ckpt_every=0", "config.train.lr=1e-2"])
+    train_controller(config, str(clip_dir), tmp_path / "c", progress=False)
+    clip = load_clip(clip_dir, max_text_len=16)
+    result = classify(clip, "skimage-heldout", ["haze", "lowlight"],
+                      assessor=load_controller(tmp_path / "c", clip))
+    crops = result["views"]["controller crops"]
+    assert crops["single_accuracy"] >= 0.5, crops
+    assert result["views"]["zero-shot downscaled"]["single_accuracy"] < crops["single_accuracy"]
 
 
 def test_controller_for_another_clip_is_refused(clip_dir, tmp_path):

@@ -115,15 +115,16 @@ class ClipPrior:
 
     # ---- pure functions (jittable, params explicit) ---------------------------------------------
 
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids (B, T) int32 and mask (B, T) bool, padded/truncated to `max_text_len`."""
+    def tokenize(self, texts: list[str], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (B, T) int32 and mask (B, T) bool, padded/truncated to `max_len` (default
+        `max_text_len`)."""
         if isinstance(texts, str):
             texts = [texts]
         enc = self.tokenizer(
             list(texts),
             padding="max_length",
             truncation=True,
-            max_length=self.max_text_len,
+            max_length=int(max_len or self.max_text_len),
             return_tensors="np",
         )
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
@@ -180,6 +181,19 @@ class ClipPrior:
                     jnp.asarray(mask),
                 )
         return self._banks["deg"]
+
+    def degradation_features(self, max_len: int | None = None) -> jax.Array:
+        """Text features (K, P) of the degradation vocabulary tokenised to `max_len` tokens (default
+        `max_text_len`: `degradation_bank()[0]`). A controller classifies against the features it
+        was trained with, whatever length the restoration network's text states use."""
+        if max_len is None or int(max_len) == self.max_text_len:
+            return self.degradation_bank()[0]
+        key = f"deg_features_{int(max_len)}"
+        if key not in self._banks:
+            ids, mask = self.tokenize([text for _, text in self.degradation_vocab], int(max_len))
+            with jax.ensure_compile_time_eval():
+                self._banks[key] = (self._jit_text_feats(self.params, ids, mask),)
+        return self._banks[key][0]
 
     def scene_bank(self) -> jax.Array:
         """Text features (S, P) of the scene vocabulary (for zero-shot captions), eager like

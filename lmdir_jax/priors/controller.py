@@ -236,6 +236,7 @@ def controller_spec(clip) -> dict:
         "vision_layers": shape.layers,
         "image_size": shape.image_size,
         "vocabulary": [list(v) for v in clip.degradation_vocab],
+        "max_text_len": clip.max_text_len,  # tokens per vocabulary text in its training
     }
 
 
@@ -258,9 +259,11 @@ class DegradationAssessor:
     `content_features(images)` is the controlled frozen tower's embedding (CLIP-sized views).
     """
 
-    def __init__(self, controller: Controller, clip, grid: int = 3):
+    def __init__(self, controller: Controller, clip, grid: int = 3, max_text_len: int | None = None):
         self.controller, self.clip, self.grid = controller, clip, int(grid)
         self.names = [n for n, _ in clip.degradation_vocab]
+        # The vocabulary's text features as in training (tokenised to the controller's length).
+        self.bank = clip.degradation_features(max_text_len)
         self.frozen = frozen_params(clip)
         graphdef, state = nnx.split(controller)
 
@@ -280,14 +283,15 @@ class DegradationAssessor:
 
     def crop_probabilities(self, crops: np.ndarray) -> np.ndarray:
         """(N, K) vocabulary probabilities of N CLIP-sized crops."""
-        bank = self.clip.degradation_bank()[0]
         pixels = normalize_pixels(crops, self.clip.mean, self.clip.std)
-        return np.asarray(self._probs(self._state, self.frozen, bank, pixels))
+        return np.asarray(self._probs(self._state, self.frozen, self.bank, pixels))
 
-    def weights_fn(self, images: jax.Array, bank: jax.Array) -> jax.Array:
+    def weights_fn(self, images: jax.Array, bank: jax.Array | None = None) -> jax.Array:
         """Pure (jittable) (B, K) probabilities of NHWC images in [0, 1]: the mean over their
         non-overlapping CLIP-sized tiles at native resolution (images smaller than CLIP's input are
-        resized up). Used inside the training step (`priors.auto_ratio`)."""
+        resized up). Used inside the training step (`priors.auto_ratio`). `bank` is ignored: the
+        controller compares with the text features it was trained with (`self.bank`)."""
+        bank = self.bank
         s = self.clip.image_size
         b, h, w, _ = images.shape
         if h < s or w < s:
@@ -355,4 +359,4 @@ def load_controller(workdir: str | Path, clip, grid: int = 3) -> DegradationAsse
     if restored is None:
         raise UsageError(f"no readable checkpoint in controller folder {wd}")
     nnx.update(controller, restored[1]["model"])
-    return DegradationAssessor(controller, clip, grid=grid)
+    return DegradationAssessor(controller, clip, grid=grid, max_text_len=spec.get("max_text_len"))
