@@ -16,8 +16,7 @@ _WORDS = (
     "rainy streaks snow snowy haze hazy fog foggy dark low light lowlight blur blurry blurred "
     "motion resolution downsampled jpeg compression artifacts heavy light slight strong city "
     "street cat dog person people tree trees sky sea beach mountain building house car road "
-    "flower flowers bird water field forest night remove restore no degradation falling contrast "
-    "taken"
+    "flower flowers bird water field forest night remove restore"
 ).split()
 
 
@@ -105,28 +104,6 @@ def tiny_clip_config(text_dim: int = 32, vision_dim: int = 32, image_size: int =
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=text_dim)
 
 
-def at_trained_scale(params: dict, seed: int = 0) -> dict:
-    """Redraw every dense kernel of a random CLIP with variance 1/fan_in (LeCun) from `seed`.
-
-    Hugging Face draws CLIP's attention and MLP kernels with std 0.01 (a pretrained checkpoint
-    overwrites them). At that scale a 2-layer tower barely mixes tokens: each text embedding
-    depends on little but the text's length ("a blurry photo" and "a noisy photo": cosine 0.998)
-    and each image embedding on little but the class token. A stand-in for pretrained weights
-    needs towers that respond to their input.
-    """
-    import jax
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def redraw(path, x):
-        if getattr(path[-1], "key", None) == "kernel" and x.ndim == 2:
-            return (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(x.dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(redraw, params)
-
-
 def save_tiny_clip(
     path: str | Path, text_dim: int = 32, seed: int = 0, *, pytorch: bool = False
 ) -> Path:
@@ -141,7 +118,6 @@ def save_tiny_clip(
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_clip_config(text_dim=text_dim)
     model = FlaxCLIPModel(config, seed=seed)
-    model.params = at_trained_scale(model.params, seed)
     if pytorch:
         _save_as_pytorch(model, config, path)
     else:

@@ -107,14 +107,21 @@ def use_array_handler_for_this_run() -> None:
     an 8-device CPU mesh the tiny config's two saves took 42 s of which most was compiling 392
     slices). Several processes still share the writing of arrays of at least 1 MiB per slice.
     """
-    ocp.type_handlers.register_type_handler(
-        jax.Array,
-        ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=jax.process_count() > 1,
-            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
-        ),
-        override=True,
-    )
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # not "overriding jax.Array" on every command
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array,
+            ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=jax.process_count() > 1,
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+            ),
+            override=True,
+        )
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
