@@ -203,10 +203,9 @@ def evaluate(
     `iterative` > 0 restores with AutoDIR's loop of at most that many steps
     (`Restorer.restore_iterative`) instead of one automatic pass; the chain's kinds are recorded.
     """
-    from tqdm.auto import tqdm
-
     from lmdir_jax.data.evaluation import iter_eval_pairs
     from lmdir_jax.errors import UsageError
+    from lmdir_jax.progress import progress_bar
 
     report = EvalReport(
         settings={
@@ -225,7 +224,7 @@ def evaluate(
         pairs = iter_eval_pairs(
             es.path, es.spec, seed=seed, crop_multiple=crop_multiple, max_images=max_images
         )
-        bar = tqdm(pairs, desc=f"{es.dataset} {es.task}", unit="img", disable=not progress)
+        bar = progress_bar(pairs, desc=f"{es.dataset} {es.task}", unit="img", disable=not progress)
         for key, degraded, clean, label in bar:
             gt = crop_to_multiple(clean, crop_multiple)
             lq = crop_to_multiple(_match_size(degraded, clean), crop_multiple)

@@ -121,9 +121,9 @@ def restore_image(
 
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     if progress:
-        from tqdm.auto import tqdm
+        from lmdir_jax.progress import progress_bar
 
-        batches = tqdm(batches, desc="tiles", unit="batch", leave=False)
+        batches = progress_bar(batches, desc="tiles", unit="batch", leave=False)
     for group in batches:
         x = np.stack([padded[y : y + tile, x0 : x0 + tile] for y, x0 in group])
         if len(group) < batch_size:  # keep one compiled shape: pad the last batch with copies

@@ -19,7 +19,7 @@ from lmdir_jax.degradations import (
     vocabulary,
 )
 from lmdir_jax.degradations.blur import apply_gaussian_blur, motion_blur
-from lmdir_jax.degradations.haze import apply_haze
+from lmdir_jax.degradations.haze import DEPTH_RANGE, apply_haze, haze, pseudo_depth
 from lmdir_jax.degradations.jpeg import apply_jpeg
 from lmdir_jax.degradations.noise import gaussian_noise, poisson_gaussian_noise
 from lmdir_jax.degradations.timing import time_kinds
@@ -142,6 +142,30 @@ def test_haze_lowers_contrast_and_follows_the_model():
     out = apply_haze(j, depth, 1.0, (0.9, 0.9, 0.9))
     t = np.exp(-1.0)
     np.testing.assert_allclose(out, 0.2 * t + 0.9 * (1 - t), atol=1e-6)
+
+
+def test_haze_depth_has_the_spatial_scale_of_a_photo_in_patches_too():
+    """A training patch gets a window of a photo-sized depth field: its depth varies gently, as a
+    crop of a hazy photo does, while a photo-sized image spans most of the depth range."""
+    lo, hi = DEPTH_RANGE
+    for seed in range(8):
+        whole = pseudo_depth((321, 481), np.random.default_rng(seed))
+        patch = pseudo_depth((64, 64), np.random.default_rng(seed))
+        assert whole.shape == (321, 481) and patch.shape == (64, 64)
+        assert lo <= patch.min() and patch.max() <= hi
+        assert whole.max() - whole.min() > 0.4 * (hi - lo)
+        assert patch.max() - patch.min() < 0.5 * (whole.max() - whole.min())
+
+
+def test_haze_transmission_stays_in_the_range_of_real_hazy_photos():
+    """Severity 0..1 keeps t = exp(-beta d) in about [0.37, 0.94] (SOTS-outdoor pairs: 0.45-0.82):
+    a hazy copy of a flat grey image is never washed out to the airlight."""
+    j = np.full((64, 64, 3), 0.2, np.float32)
+    for severity in (0.0, 0.5, 1.0):
+        out, label = haze(j, np.random.default_rng(1), severity)
+        a = np.asarray(label.items[0].params["airlight"], np.float32)
+        t = (out - a) / (j - a)
+        assert 0.36 <= float(t.min()) and float(t.max()) <= 0.95
 
 
 def test_lowlight_lowers_the_mean_monotonically():

@@ -286,6 +286,20 @@ def test_validate_action_logs_evaluate_metrics_and_writes_a_grid(tmp_path):
     assert scalars["val_psnr"] == pytest.approx(want)
 
 
+def test_a_mixture_run_gets_a_loss_curve_per_source():
+    from lmdir_jax.train.monitor import loss_curves
+
+    records = [{"step": s, "loss": -20.0 - s, "loss/denoise": -25.0 - s} for s in range(1, 11)]
+    records += [{"step": 11, "loss": -31.0, "loss/derain": -30.0}]  # a batch without denoise
+    curves = loss_curves(records, smooth=2)
+    assert set(curves) == {"loss", "loss/denoise", "loss/derain"}
+    assert curves["loss"] == [(s, -20.0 - s) for s in range(1, 11)] + [(11, -31.0)]
+    # each source's curve is a running mean over `smooth` of its own records, at the later step
+    assert curves["loss/denoise"][0] == (2, pytest.approx(-26.5)) and len(curves["loss/denoise"]) == 9
+    assert curves["loss/derain"] == [(11, -30.0)]  # fewer records than the window: as is
+    assert set(loss_curves([{"step": 1, "loss": 0.5}])) == {"loss"}
+
+
 def test_plot_action_writes_loss_curve_and_training_grid(tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()

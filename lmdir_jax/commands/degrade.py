@@ -41,12 +41,12 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
 def run(args) -> int:
     """Degrade every input image with the spec at seed (seed, index); write PNGs + labels.jsonl."""
     import numpy as np
-    from tqdm import tqdm
 
     from lmdir_jax.data.io import load_image, write_image
     from lmdir_jax.degradations import apply_spec, format_spec, parse_spec
     from lmdir_jax.errors import UsageError
     from lmdir_jax.outputs import check_output_folder
+    from lmdir_jax.progress import progress_bar
 
     items = parse_spec(args.spec)
     files = collect_inputs(args.inputs)
@@ -61,7 +61,7 @@ def run(args) -> int:
     canonical = format_spec(items)
     skipped = []
     with open(out_dir / "labels.jsonl", "w") as labels:
-        for i, ((src, _), target) in enumerate(tqdm(list(zip(files, targets, strict=True)),
+        for i, ((src, _), target) in enumerate(progress_bar(list(zip(files, targets, strict=True)),
                                                     desc="degrade", unit="img")):
             loaded = load_image(src)
             if loaded is None:

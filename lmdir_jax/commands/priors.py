@@ -203,9 +203,9 @@ def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=
     controller, else 'zero-shot downscaled'.
     """
     import numpy as np
-    from tqdm import tqdm
 
     from lmdir_jax.data.sources import load_source
+    from lmdir_jax.progress import progress_bar
 
     names = [n for n, _ in clip.degradation_vocab]
     kinds = {s: _spec_kinds(s) for s in specs}  # UsageError for a bad spec, before any work
@@ -220,7 +220,7 @@ def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=
     conf = {v: np.zeros((len(specs), len(names)), np.int64) for v in views}
     pr = {v: {s: [0.0, 0.0, 0] for s in specs} for v in views}
     n_imgs = len(source) if max_images is None else min(len(source), int(max_images))
-    bar = tqdm(total=n_imgs * len(specs), desc="classify", unit="img", mininterval=2.0)
+    bar = progress_bar(total=n_imgs * len(specs), desc="classify", unit="img", mininterval=2.0)
     for r, spec in enumerate(specs):
         truth = {names.index(k) for k in kinds[spec]}
         for img in _iter_images(source, spec, n_imgs, seed):

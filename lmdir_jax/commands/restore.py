@@ -181,10 +181,9 @@ def run(args) -> int:
             raise UsageError(f"--reference is not a readable image: {args.reference}")
         reference = got.composited()
 
-    from tqdm.auto import tqdm
-
     from lmdir_jax.data.io import write_image
     from lmdir_jax.inference import load_restorer
+    from lmdir_jax.progress import progress_bar, write_line
 
     if args.max_steps < 1:
         raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
@@ -203,7 +202,7 @@ def run(args) -> int:
     inputs = [f for f, _, _ in items]
     skipped: list[str] = []
     done = 0
-    bar = tqdm(list(zip(items, outs, strict=True)), desc="restore", unit="img", disable=len(items) < 2)
+    bar = progress_bar(list(zip(items, outs, strict=True)), desc="restore", unit="img", disable=len(items) < 2)
     for (f, _, explicit), out in bar:
         got = _read(f)
         if got is None:
@@ -222,7 +221,7 @@ def run(args) -> int:
             sidecar = out.with_suffix(".json")
             sidecar.write_text(json.dumps({"input": str(f), "output": str(out), **chain}, indent=2) + "\n")
             kinds = " -> ".join(st["degradation"] for st in chain["steps"]) or "nothing"
-            tqdm.write(f"{f}: restored {kinds} (stop: {chain['stop']}) -> {out}", file=sys.stdout)
+            write_line(f"{f}: restored {kinds} (stop: {chain['stop']}) -> {out}")
             done += 1
             continue
         priors, choice = restorer.priors_for(
@@ -235,7 +234,7 @@ def run(args) -> int:
         )
         write_image(out, restored, bit_depth=got.bit_depth, alpha=got.alpha, protect=inputs,
                     grayscale=got.grayscale)
-        tqdm.write(f"{f}: {choice.describe()} -> {out}", file=sys.stdout)
+        write_line(f"{f}: {choice.describe()} -> {out}")
         done += 1
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")

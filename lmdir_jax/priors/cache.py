@@ -278,9 +278,8 @@ def build_cache(
     built items are skipped. `clip`/`sd` may be passed pre-loaded; `on_batch(n_done)` is called
     after each written batch (progress hooks, tests).
     """
-    from tqdm import tqdm
-
     from lmdir_jax.data.sources import load_source
+    from lmdir_jax.progress import progress_bar
 
     t0 = time.perf_counter()
     if int(batch_size) < 1:
@@ -359,7 +358,7 @@ def build_cache(
         ]
         todo = [b for b in batches if any(keys[i] not in index for i in b)]
         resumed = len(keys) - sum(keys[i] not in index for b in todo for i in b)
-        bar = tqdm(
+        bar = progress_bar(
             total=len(keys), initial=resumed, desc="prior cache", unit="img", disable=not progress
         )
         for b in todo:

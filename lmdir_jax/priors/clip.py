@@ -213,7 +213,7 @@ class ClipPrior:
         """
         feats, states, mask = self.degradation_bank() if bank is None else bank
         if self.controller is not None:  # the trained controller (native-resolution tiles)
-            return (w := self.controller.weights_fn(images, feats), *mix_states(w, states, mask))
+            return (w := self.controller.weights_fn(images), *mix_states(w, states, mask))
         img = self.image_features(params, images)
         scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
         weights = jax.nn.softmax(scale * img @ feats.T, axis=-1)

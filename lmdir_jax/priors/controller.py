@@ -286,11 +286,11 @@ class DegradationAssessor:
         pixels = normalize_pixels(crops, self.clip.mean, self.clip.std)
         return np.asarray(self._probs(self._state, self.frozen, self.bank, pixels))
 
-    def weights_fn(self, images: jax.Array, bank: jax.Array | None = None) -> jax.Array:
+    def weights_fn(self, images: jax.Array) -> jax.Array:
         """Pure (jittable) (B, K) probabilities of NHWC images in [0, 1]: the mean over their
         non-overlapping CLIP-sized tiles at native resolution (images smaller than CLIP's input are
-        resized up). Used inside the training step (`priors.auto_ratio`). `bank` is ignored: the
-        controller compares with the text features it was trained with (`self.bank`)."""
+        resized up). Used inside the training step (`priors.auto_ratio`). The controller compares
+        with the text features it was trained with (`self.bank`)."""
         bank = self.bank
         s = self.clip.image_size
         b, h, w, _ = images.shape

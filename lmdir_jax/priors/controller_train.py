@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -137,7 +136,6 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     """
     import jax
     import jax.numpy as jnp
-    from tqdm import tqdm
 
     from lmdir_jax.config import config_to_json
     from lmdir_jax.data.pipeline import make_train_iterator
@@ -153,6 +151,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
         label_targets,
         normalize_pixels,
     )
+    from lmdir_jax.progress import progress_bar
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
@@ -209,8 +208,8 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     pending: list = []
     last: dict = {}
     step, t0, c0 = start, time.perf_counter(), time.process_time()
-    bar = tqdm(total=total, initial=start, desc="controller", unit="step", dynamic_ncols=True,
-               disable=not (progress and jax.process_index() == 0), mininterval=1.0 if sys.stdout.isatty() else 10.0)
+    bar = progress_bar(total=total, initial=start, desc="controller", unit="step", dynamic_ncols=True,
+                       disable=not (progress and jax.process_index() == 0), mininterval=1.0)
 
     def flush() -> None:
         nonlocal pending, last

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from lmdir_jax.progress import is_terminal
 from lmdir_jax.train import monitor
 
 DEBUG_SIGKILL_ENV = "LMDIR_DEBUG_SIGKILL_AT_STEP"  # fault injection: SIGKILL self right after step N
@@ -172,7 +173,7 @@ class Progress(Action):
         self.stream = self.stream or sys.stderr
         self.enabled = self.enabled and monitor.is_main()
         self._first, self._last_line = None, time.perf_counter()
-        if self.enabled and _isatty(self.stream):
+        if self.enabled and is_terminal(self.stream):
             from tqdm import tqdm
 
             self.bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
@@ -216,13 +217,6 @@ class Progress(Action):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 class Checkpoint(Action):

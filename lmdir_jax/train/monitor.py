@@ -54,8 +54,25 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_curves(records: list[dict], smooth: int = 1) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) curves of metrics.jsonl records: 'loss' and, for a mixture, each source's
+    'loss/<source>'. Each source's curve is averaged over `smooth` consecutive records (its batches
+    hold only part of the examples, so it is noisier than the total)."""
+    names = ["loss"] + sorted({k for r in records for k in r if k.startswith("loss/")})
+    curves = {}
+    for name in names:
+        points = [(int(r["step"]), float(r[name])) for r in records if name in r]
+        if name != "loss" and smooth > 1 and len(points) >= smooth:
+            vals = np.convolve([v for _, v in points], np.ones(smooth) / smooth, mode="valid")
+            points = [(points[i + smooth - 1][0], float(v)) for i, v in enumerate(vals)]
+        if points:
+            curves[name] = points
+    return curves
+
+
 def plot_loss(workdir: Path) -> Path | None:
-    """WORKDIR/plots/loss.png: training loss (and validation PSNR when present) against step."""
+    """WORKDIR/plots/loss.png: training loss (and validation PSNR when present) against step; a
+    mixture's run adds one curve per source (`loss_curves`), the loss curve per task."""
     if not is_main():
         return None
     import matplotlib
@@ -64,7 +81,8 @@ def plot_loss(workdir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(workdir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    curves = loss_curves(records, smooth=max(1, len(records) // 50))
+    train = curves.pop("loss", [])
     val = [(r["step"], r["val_psnr"]) for r in records if "val_psnr" in r]
     if not train:
         return None
@@ -76,7 +94,12 @@ def plot_loss(workdir: Path) -> Path | None:
     except (OSError, ValueError, KeyError):
         loss_name = "l1"
     label = {"l1": "L1 loss", "psnr": "PSNR loss (-dB)"}.get(loss_name, f"{loss_name} loss")
-    ax.plot(*zip(*train, strict=True), color="tab:blue", label=f"train {label}")
+    ax.plot(*zip(*train, strict=True), color="tab:gray" if curves else "tab:blue", alpha=0.6 if curves else 1.0,
+            label=f"train {label}" + (" (all)" if curves else ""))
+    for name, points in curves.items():
+        ax.plot(*zip(*points, strict=True), linewidth=1.5, label=name.split("/", 1)[1])
+    if curves:
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     if all(v > 0 for _, v in train):
