@@ -254,9 +254,10 @@ plt.close(fig)
 # over all devices, orbax checkpoints. Here it runs in chunks: each call raises `config.train.steps`
 # and resumes exactly from the last checkpoint (model, optimizer and data position), then the curve is
 # redrawn from `metrics.jsonl`. Rerun this cell (or raise `STEPS`) to continue training. The
-# warm-up + cosine learning-rate schedule is compiled into the train step; when the config has
-# `train.schedule_steps` it is set to the whole run, so every chunk follows one schedule and reuses
-# one compiled step (otherwise the schedule spans each chunk's `train.steps` and each chunk compiles).
+# warm-up + cosine learning-rate schedule is compiled into the train step; `train.schedule_steps`
+# is set to the whole run, so every chunk follows one schedule and reuses the step the first chunk
+# traced and compiled (without it the schedule would span each chunk's `train.steps`, and each
+# chunk would compile its own step).
 
 # %%
 import math
@@ -270,10 +271,7 @@ config.train.steps = RUN["steps"]
 config.train.log_every = max(1, min(int(config.train.log_every), RUN["chunk"]))
 config.train.ckpt_every = RUN["chunk"]
 total = RUN["steps"]
-if "schedule_steps" in config.train:  # one learning-rate schedule for all chunks
-    config.train.schedule_steps = total
-elif TINY:  # the same for the tiny run: warm-up only (decay starts after `total`)
-    config.train.warmup_steps = total
+config.train.schedule_steps = total  # one learning-rate schedule (and one compiled step) for all chunks
 
 
 def show_curve(records: list[dict], total: int) -> None:

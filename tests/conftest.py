@@ -28,3 +28,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not present")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests marked slow (minutes each) first, so that xdist's workers start on them and
+    finish together instead of one running a long test alone at the end (a stable sort: the rest
+    keep their order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -284,18 +284,25 @@ def test_torch_export_program_is_dynamic(tiny_pair):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_torch_compile_dynamic_sizes(tiny_pair):
+def test_torch_compile_goes_dynamic_after_one_recompile(tiny_pair):
+    """`torch.compile(model)` as users write it: the first size compiles a static graph, the
+    second recompiles once with dynamic height and width, and further sizes run on that graph."""
+    from torch._dynamo.utils import counters
+
     from lmdir_jax.export import check
 
     config, _, tm = tiny_pair
     # fullgraph: no graph break, i.e. no Python branch on tensor values. aot_eager traces what
     # inductor would compile without its (minutes-long on CPU) C++ code generation.
-    compiled = torch.compile(tm, dynamic=True, fullgraph=True, backend="aot_eager")
-    for h, w in ((16, 24), (21, 13)):
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(tm, fullgraph=True, backend="aot_eager")
+    for h, w in ((16, 24), (21, 13), (40, 36)):
         inputs = check.random_inputs(32, batch=2, height=h, width=w, seed=h,
                                      ref_size=int(config.priors.ref_size))
         np.testing.assert_allclose(check.run_torch(compiled, inputs),
                                    check.run_torch(tm, inputs), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # the static graph, then the dynamic one
 
 
 def test_export_onnx_cli(tmp_path, capsys, monkeypatch):

@@ -85,22 +85,6 @@ def test_workdir_contents(full_run):
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 
-def test_sigkill_resume_is_bit_identical(full_run, tmp_path, cache_dir):
-    """Killed right after step 3 (last checkpoint: step 2), resumed: same params as uninterrupted."""
-    wd = tmp_path / "killed"
-    r = _cli(wd, cache_dir, LMDIR_DEBUG_SIGKILL_AT_STEP="3")
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [2]
-    r = _cli(wd, cache_dir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _params(full_run), _params(wd)
-    assert len(a) == len(b) > 10
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    # and training did move the parameters away from the initialisation
-    assert not all(np.array_equal(x, y) for x, y in zip(a, _params_at_init(), strict=True))
-
-
 def _params_at_init() -> list[np.ndarray]:
     from flax import nnx
 
@@ -258,9 +242,10 @@ def _steps(workdir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_save_and_resume_bit_identical(full_run, tmp_path, cache_dir):
-    """Real signals to a real `lmdir train`: each saves the step it finished and exits 130; the
-    resumed run goes on from there and ends with the uninterrupted run's parameters."""
+def test_interrupted_and_killed_runs_resume_bit_identical(full_run, tmp_path, cache_dir):
+    """Real signals to a real `lmdir train`: SIGINT and then SIGTERM each save the step they
+    finished and exit 130; then a SIGKILL right after step 3 loses that step (last checkpoint: 2).
+    The run resumed after all three ends with the uninterrupted run's parameters, bit for bit."""
     wd = tmp_path / "signals"
     for sig, want_step in ((signal.SIGINT, 1), (signal.SIGTERM, 2)):
         proc = _start(wd, cache_dir)
@@ -270,9 +255,16 @@ def test_sigint_and_sigterm_save_and_resume_bit_identical(full_run, tmp_path, ca
         assert _steps(wd)[-1] == want_step
     records = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # the second run began at step 2
+    r = _cli(wd, cache_dir, LMDIR_DEBUG_SIGKILL_AT_STEP="3")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert _steps(wd)[-1] == 2
     r = _cli(wd, cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert all(np.array_equal(x, y) for x, y in zip(_params(full_run), _params(wd), strict=True))
+    a, b = _params(full_run), _params(wd)
+    assert len(a) == len(b) > 10
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    # and training did move the parameters away from the initialisation
+    assert not all(np.array_equal(x, y) for x, y in zip(a, _params_at_init(), strict=True))
 
 
 @pytest.mark.slow

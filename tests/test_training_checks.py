@@ -74,3 +74,48 @@ def test_validation_scores_are_the_ones_evaluate_reports(tmp_path):
     assert scores["val_ssim"] == pytest.approx(np.mean([w["ssim_rgb"] for w in want]), abs=1e-9)
     assert scores["val_psnr"] == pytest.approx(np.mean([w["psnr_rgb"] for w in want]), abs=1e-9)
     assert scores["val_psnr"] > scores["val_input_psnr"]  # blurring removes some of the noise
+
+
+def test_schedule_steps_fixes_the_schedule_whatever_train_steps():
+    """Chunked training: with `train.schedule_steps` the learning rate at a step no longer depends
+    on `train.steps` (each chunk raises it); without it the schedule ends at `train.steps`."""
+    from lmdir_jax.train.state import learning_rate_schedule
+
+    whole = load_config("tiny", ["config.train.steps=100"]).train
+    chunk = load_config("tiny", ["config.train.steps=10", "config.train.schedule_steps=100"]).train
+    plain = load_config("tiny", ["config.train.steps=10"]).train
+    for step in (0, 1, 5, 9):
+        want = float(learning_rate_schedule(whole)(step))
+        assert float(learning_rate_schedule(chunk)(step)) == pytest.approx(want, rel=1e-6)
+    assert float(learning_rate_schedule(plain)(9)) < 0.5 * float(learning_rate_schedule(whole)(9))
+
+
+def test_a_next_chunk_reuses_the_jitted_step_and_a_changed_config_does_not(monkeypatch):
+    """`reusable_train_step` (what `train()` calls): the same config but a larger `train.steps`
+    under a fixed `train.schedule_steps` gets the step already made (no new trace or compile); a
+    changed schedule, a changed loss or another mesh gets a new one."""
+    import types
+
+    from lmdir_jax.train import mesh as mesh_lib
+    from lmdir_jax.train import step as step_lib
+
+    made = []
+    monkeypatch.setattr(step_lib, "make_train_step",
+                        lambda config, setup, clip=None: made.append(object()) or made[-1])
+    monkeypatch.setattr(step_lib, "_REUSABLE", {})
+    one = types.SimpleNamespace(mesh=mesh_lib.make_mesh(1, 1, jax.devices()[:1]))
+    two = types.SimpleNamespace(mesh=mesh_lib.make_mesh(2, 1, jax.devices()[:2]))
+
+    def step(setup, *overrides):
+        return step_lib.reusable_train_step(load_config("tiny", list(overrides)), setup)
+
+    first = step(one, "config.train.steps=3", "config.train.schedule_steps=6")
+    assert step(one, "config.train.steps=6", "config.train.schedule_steps=6") is first
+    assert len(made) == 1
+    assert step(one, "config.train.steps=6", "config.train.schedule_steps=8") is not first
+    assert step(one, "config.train.steps=3") is not step(one, "config.train.steps=6")
+    again = step(one, "config.train.steps=6", "config.train.schedule_steps=6")
+    assert step(one, "config.train.steps=6", "config.train.schedule_steps=6",
+                "config.train.loss=psnr") is not again
+    assert step(two, "config.train.steps=6", "config.train.schedule_steps=6") is not again
+    assert len(made) == 7

@@ -11,6 +11,10 @@ def default_config() -> ml_collections.ConfigDict:
     """Optimisation, mesh, checkpoints, logging."""
     c = ml_collections.ConfigDict()
     c.steps = 1000
+    # Steps of the warm-up + cosine schedule; 0 = `steps`. Training in chunks (a notebook raising
+    # `steps` call by call) sets it to the whole run: every chunk then follows one schedule and,
+    # in one process, reuses one compiled step.
+    c.schedule_steps = 0
     c.lr = 2e-4
     c.warmup_steps = 50
     c.min_lr_ratio = 0.01

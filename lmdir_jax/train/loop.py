@@ -187,7 +187,7 @@ def train(
     )
     run.actions = [*default_actions(config, progress), *actions]
     run.summary = {"start_step": start, "interrupted": False, "params": state_lib.param_count(state)}
-    step_fn = step_lib.make_train_step(config, setup, clip)
+    step_fn = step_lib.reusable_train_step(config, setup, clip)
     t0 = time.perf_counter()
     try:
         run_loop(run, step_fn, clip_params)

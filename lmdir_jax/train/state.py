@@ -42,11 +42,17 @@ def axis_rules(config) -> tuple:
                          f"got {rules!r}") from None
 
 
+def schedule_length(tc) -> int:
+    """The steps the learning-rate schedule spans: `train.schedule_steps`, or `train.steps` when
+    that is 0 (or absent, in an older run's config)."""
+    return int(tc.get("schedule_steps", 0) or 0) or int(tc.steps)
+
+
 def learning_rate_schedule(tc) -> optax.Schedule:
-    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `schedule_length`."""
     lr = float(tc.lr)
     warmup = int(tc.warmup_steps)
-    steps = max(int(tc.steps), warmup + 1)
+    steps = max(schedule_length(tc), warmup + 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=lr,

@@ -165,6 +165,33 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(setup.shardings, replicated))
 
 
+_REUSABLE: dict = {}  # the last (key, jitted step) of this process; see reusable_train_step
+
+
+def reusable_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
+    """`make_train_step`, kept for the next `train()` of this process.
+
+    A notebook trains in chunks: each `train()` raises `train.steps` and resumes. With the same
+    config (apart from `train.steps`, when `train.schedule_steps` fixes the schedule) on the same
+    devices, the chunk reuses the jitted step, so it is neither traced nor compiled again. The key
+    is the whole config, so any other change (model, priors, loss, CLIP folder) gets a new step.
+    """
+    import json
+
+    from lmdir_jax.train.state import schedule_length
+
+    cfg = config.to_dict()
+    if int(config.train.get("schedule_steps", 0) or 0) > 0:
+        cfg["train"].pop("steps", None)
+    cfg["train"]["schedule_length"] = schedule_length(config.train)
+    key = (json.dumps(cfg, sort_keys=True, default=str),
+           tuple(d.id for d in setup.mesh.devices.flat), tuple(setup.mesh.shape.items()))
+    if key not in _REUSABLE:
+        _REUSABLE.clear()  # one entry: a step holds its CLIP and graph definitions alive
+        _REUSABLE[key] = make_train_step(config, setup, clip)
+    return _REUSABLE[key]
+
+
 def host_tokens(clip: Any, deg_text: np.ndarray) -> dict:
     """Tokenize the batch's degradation texts on the host: {'deg_ids', 'deg_tmask'}."""
     ids, mask = clip.tokenize([str(t) for t in deg_text])
