@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,13 @@ def write_report(
     workdir: str | Path,
     compare: tuple[str, str, str | None] | None = None,
     eval_text: str | Path | None = None,
+    evaluations: Sequence[tuple[str, str | Path]] = (),
 ) -> Path:
-    """Write the Markdown report of a training workdir (plus optional sample and evaluation)."""
+    """Write the Markdown report of a training workdir (plus optional sample and evaluation).
+
+    `evaluations`: (name, `lmdir evaluate --json` file) pairs drawn side by side by
+    `compare_evaluations` (e.g. blind / automatic / told the degradation).
+    """
     from lmdir_jax.data.io import read_image
     from lmdir_jax.train.loop import read_metrics
 
@@ -147,8 +153,40 @@ def write_report(
                 "",
             ]
 
+    if evaluations:
+        lines += ["## PSNR side by side (RGB, dB)", "", compare_evaluations(evaluations), ""]
     if eval_text is not None and Path(eval_text).is_file():
         lines += ["## Evaluation", "", "```", Path(eval_text).read_text().rstrip(), "```", ""]
 
     output.write_text("\n".join(lines))
     return output
+
+
+def compare_evaluations(named: Sequence[tuple[str, str | Path]]) -> str:
+    """A Markdown table of RGB PSNR per test set, one column per named `lmdir evaluate --json`
+    report (e.g. blind / automatic / told the degradation), after the input's PSNR.
+
+    Rows are the (dataset, task) pairs in the order the reports first list them; a set that a
+    report did not evaluate is left blank; reports given under one name fill one column. A missing
+    or unreadable report is a UsageError naming it.
+    """
+    merged: dict[str, dict] = {}  # reports of one name share a column
+    for name, path in named:
+        try:
+            summary = json.loads(Path(path).read_text())["summary"]
+            rows = {(r["dataset"], r["task"]): r for r in summary}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"not an `lmdir evaluate --json` report: {path}") from None
+        merged.setdefault(name, {}).update(rows)
+    columns = list(merged.items())
+    keys: list[tuple[str, str]] = []
+    for _, rows in columns:
+        keys += [k for k in rows if k not in keys]
+    lines = ["| test set | images | input | " + " | ".join(n for n, _ in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for key in keys:
+        first = next(rows[key] for _, rows in columns if key in rows)
+        cells = [f"{rows[key]['psnr_rgb']:.2f}" if key in rows else "" for _, rows in columns]
+        lines.append(f"| {key[0]} {key[1]} | {first['images']} | {first['input_psnr_rgb']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)

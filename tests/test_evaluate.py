@@ -163,3 +163,35 @@ def test_evaluate_accepts_the_skimage_source(tiny_workdir, tmp_path):
                  "--tile", "32", "--tile-overlap", "8", "--json", str(js)]) == 0
     summary = json.loads(js.read_text())["summary"]
     assert summary[0]["dataset"] == "skimage" and summary[0]["images"] == 1
+
+
+def test_evaluations_side_by_side(tmp_path):
+    """`compare_evaluations` (what `lmdir report --eval NAME=FILE` draws): one PSNR column per
+    named `--json` report, reports of one name merged, a set a report lacks left blank, and a file
+    that is not such a report named in a UsageError."""
+    from lmdir_jax.errors import UsageError
+    from lmdir_jax.report import compare_evaluations
+
+    def report(path, rows):
+        summary = [dict(dataset=d, task=t, images=n, psnr_rgb=p, input_psnr_rgb=i)
+                   for d, t, n, p, i in rows]
+        path.write_text(json.dumps({"settings": {}, "summary": summary}))
+        return path
+
+    blind = report(tmp_path / "b.json", [("CBSD68", "noise:25", 20, 26.7, 20.53),
+                                         ("Rain100L", "paired", 20, 26.74, 24.79)])
+    auto = report(tmp_path / "a.json", [("CBSD68", "noise:25", 20, 27.1, 20.53),
+                                        ("Rain100L", "paired", 20, 26.9, 24.79)])
+    told1 = report(tmp_path / "t1.json", [("CBSD68", "noise:25", 20, 27.5, 20.53)])
+    told2 = report(tmp_path / "t2.json", [("SOTS", "paired", 2, 19.0, 18.25)])
+    table = compare_evaluations([("blind", blind), ("automatic", auto), ("told", told1),
+                                 ("told", told2)])
+    lines = table.splitlines()
+    assert lines[0] == "| test set | images | input | blind | automatic | told |"
+    assert lines[2] == "| CBSD68 noise:25 | 20 | 20.53 | 26.70 | 27.10 | 27.50 |"
+    assert lines[3] == "| Rain100L paired | 20 | 24.79 | 26.74 | 26.90 |  |"
+    assert lines[4] == "| SOTS paired | 2 | 18.25 |  |  | 19.00 |"
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(UsageError, match=str(bad.name)):
+            compare_evaluations([("blind", bad)])

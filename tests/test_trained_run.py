@@ -63,6 +63,7 @@ def test_report_of_the_run(trained_workdir, tmp_path, capsys):
                  str(tmp_path / "restored" / "coffee.png"), str(tmp_path / "coffee.png"),
                  "--eval-text", str(tmp_path / "eval.txt")]) == 0
     text = out.read_text()
+    assert "## PSNR side by side" not in text  # no --eval reports given
     assert "training data: `skimage`" in text and "held out, never trained on: coffee, chelsea" in text
     assert "(`coffee.png`) is held out" in text
     assert "## Training curve" in text and "## Validation" in text and "val_000150.png" in text
@@ -74,3 +75,20 @@ def test_report_of_the_run(trained_workdir, tmp_path, capsys):
     assert main(["report", "--workdir", str(trained_workdir), "--output", str(out),
                  "--compare", str(tmp_path / "coffee.png")]) == 2
     assert "--compare takes" in capsys.readouterr().err
+    # --eval NAME=FILE: `lmdir evaluate --json` reports side by side, printed and in the report
+    runs = {}
+    for name, args in (("blind", ["--blind"]), ("told", ["--oracle"])):
+        runs[name] = tmp_path / f"eval-{name}.json"
+        assert main(["evaluate", "--checkpoint", str(trained_workdir), "--data", "skimage-heldout",
+                     "--spec", "noise:25", "--max-images", "1", *args,
+                     "--json", str(runs[name])]) == 0
+    capsys.readouterr()
+    assert main(["report", "--workdir", str(trained_workdir), "--output", str(out),
+                 *[a for n, p in runs.items() for a in ("--eval", f"{n}={p}")]]) == 0
+    printed = capsys.readouterr().out
+    assert "| test set | images | input | blind | told |" in printed
+    assert "## PSNR side by side" in out.read_text()
+    assert "| skimage-heldout noise:25 | 1 |" in out.read_text()
+    assert main(["report", "--workdir", str(trained_workdir), "--output", str(out),
+                 "--eval", str(runs["blind"])]) == 2
+    assert "--eval takes NAME=FILE" in capsys.readouterr().err

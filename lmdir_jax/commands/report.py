@@ -15,18 +15,30 @@ def register(sub) -> None:
         help="DEGRADED RESTORED [CLEAN]: a sample shown side by side with PSNR",
     )
     p.add_argument("--eval-text", metavar="FILE", help="the printed output of `lmdir evaluate`")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
+                   help="an `lmdir evaluate --json` report, in a PSNR column NAME (repeatable; "
+                   "reports of one NAME share the column), e.g. blind=b.json automatic=a.json")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lmdir_jax.errors import UsageError
-    from lmdir_jax.report import write_report
+    from lmdir_jax.report import compare_evaluations, write_report
 
     compare = None
     if args.compare:
         if len(args.compare) not in (2, 3):
             raise UsageError("--compare takes DEGRADED RESTORED [CLEAN]")
         compare = (args.compare[0], args.compare[1], args.compare[2] if len(args.compare) == 3 else None)
-    path = write_report(args.output, args.workdir, compare=compare, eval_text=args.eval_text)
+    evaluations = []
+    for item in args.eval:
+        name, sep, file = item.partition("=")
+        if not (sep and name and file):
+            raise UsageError(f"--eval takes NAME=FILE (e.g. blind=eval-blind.json), got {item!r}")
+        evaluations.append((name, file))
+    if evaluations:
+        print(compare_evaluations(evaluations))
+    path = write_report(args.output, args.workdir, compare=compare, eval_text=args.eval_text,
+                        evaluations=evaluations)
     print(f"report: {path}")
     return 0
