@@ -243,7 +243,7 @@ def build_priors(
         best = int(np.argmax(weights))
         deg_states, deg_mask = _fit_text(np.asarray(s), np.asarray(m), text_len)
         choice.mode = "auto"
-        choice.degradation = vocab[best][1]
+        choice.degradation = clip.conditioning_texts()[best]  # what the network is told
         choice.probability = float(weights[best])
         choice.extra["kind"] = vocab[best][0]
 
@@ -313,12 +313,13 @@ class Restorer:
         Stops when 'clean' wins the assessment, after `max_steps` restorations, or when the only
         degradations left were already treated (never the same one twice). Returns the image and
         the chain `{'steps': [...], 'stop': reason, 'final': assessment}`; each step records the
-        kind, its description, its probability and, given the `clean` reference, PSNR before/after.
+        kind, the text the network was told (its training label), its probability and, given the
+        `clean` reference, PSNR before/after.
         """
         from lmdir_jax.metrics import psnr
 
         names = [n for n, _ in self.clip.degradation_vocab]
-        texts = dict(self.clip.degradation_vocab)
+        texts = dict(zip(names, self.clip.conditioning_texts(), strict=True))
         treated: list[str] = []
         steps: list[dict] = []
         current = np.asarray(image, np.float32)

@@ -99,10 +99,13 @@ def test_build_priors_modes(tiny_clip):
     c = load_config("tiny")
     clip = load_clip(tiny_clip, max_text_len=c.priors.max_text_len)
     img = _photo(50, 70)
-    names = [t for _, t in clip.degradation_vocab]
+    # the automatic mode tells the network the chosen kind's training label, not CLIP's description
+    told = dict(zip((k for k, _ in clip.degradation_vocab), clip.conditioning_texts(), strict=True))
+    assert told["rain"] == "moderate rain streaks" and told["clean"] == "no degradation"
 
     pri, choice = build_priors(img, c, clip)  # automatic
-    assert choice.mode == "auto" and choice.degradation in names and 0 < choice.probability <= 1
+    assert choice.mode == "auto" and choice.degradation == told[choice.extra["kind"]]
+    assert 0 < choice.probability <= 1
     assert choice.caption  # zero-shot caption
     assert pri.deg_mask.shape == (1, c.priors.max_text_len) and bool(pri.deg_mask.any())
     assert bool(pri.scene_mask.any()) and not bool(pri.has_reference.any())

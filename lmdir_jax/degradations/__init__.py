@@ -7,7 +7,7 @@ Every kind is a function `fn(image, rng, severity) -> (image, Label)` on float32
 from lmdir_jax.degradations.blur import blur, gaussian_blur, motion_blur
 from lmdir_jax.degradations.haze import haze
 from lmdir_jax.degradations.jpeg import jpeg
-from lmdir_jax.degradations.label import KINDS, Degradation, Label, vocabulary
+from lmdir_jax.degradations.label import KINDS, Degradation, Label, conditioning_text, vocabulary
 from lmdir_jax.degradations.lowlight import lowlight
 from lmdir_jax.degradations.mixture import (
     KIND_FUNCTIONS,
@@ -48,4 +48,5 @@ __all__ = [
     "sample_kinds",
     "snow",
     "vocabulary",
+    "conditioning_text",
 ]

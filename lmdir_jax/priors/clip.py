@@ -165,20 +165,30 @@ class ClipPrior:
         out = self.module.apply({"params": params}, self.preprocess(images), method=_image_features)
         return _normalize(out.astype(jnp.float32))
 
+    def conditioning_texts(self) -> list[str]:
+        """Per vocabulary entry, the text the restoration network is told when the automatic mode
+        picks it: the entry's canonical training label (`degradations.conditioning_text`, e.g.
+        'moderate rain streaks'), or the entry's own description for a kind it does not know."""
+        from lmdir_jax.degradations import conditioning_text
+
+        return [conditioning_text(name) or text for name, text in self.degradation_vocab]
+
     def degradation_bank(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Text features (K, P), states (K, T, D) and mask (K, T) of the degradation vocabulary.
+        """Text features (K, P) of the vocabulary's descriptions (what images are classified
+        against), and the states (K, T, D) and mask (K, T) of its conditioning texts (what the
+        network is told: `conditioning_texts`, the phrasings it trained on).
 
         Always computed eagerly (concrete arrays, even when first asked for inside a jit trace),
         so the cached bank never holds a tracer of one trace that a later trace would reuse.
         """
         if "deg" not in self._banks:
-            texts = [text for _, text in self.degradation_vocab]
-            ids, mask = self.tokenize(texts)
+            ids, mask = self.tokenize([text for _, text in self.degradation_vocab])
+            cond_ids, cond_mask = self.tokenize(self.conditioning_texts())
             with jax.ensure_compile_time_eval():
                 self._banks["deg"] = (
                     self._jit_text_feats(self.params, ids, mask),
-                    self._jit_states(self.params, ids, mask),
-                    jnp.asarray(mask),
+                    self._jit_states(self.params, cond_ids, cond_mask),
+                    jnp.asarray(cond_mask),
                 )
         return self._banks["deg"]
 
