@@ -175,6 +175,8 @@ def compare_evaluations(named: Sequence[tuple[str, str | Path]]) -> str:
         try:
             summary = json.loads(Path(path).read_text())["summary"]
             rows = {(r["dataset"], r["task"]): r for r in summary}
+            for r in rows.values():  # the fields the table shows, as numbers
+                _ = (float(r["psnr_rgb"]), float(r["input_psnr_rgb"]), int(r["images"]))
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"not an `lmdir evaluate --json` report: {path}") from None
         merged.setdefault(name, {}).update(rows)

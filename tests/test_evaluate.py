@@ -192,6 +192,7 @@ def test_evaluations_side_by_side(tmp_path):
     assert lines[3] == "| Rain100L paired | 20 | 24.79 | 26.74 | 26.90 |  |"
     assert lines[4] == "| SOTS paired | 2 | 18.25 |  |  | 19.00 |"
     (tmp_path / "bad.json").write_text("{}")
-    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+    (tmp_path / "rows.json").write_text(json.dumps({"summary": [{"dataset": "x", "task": "y"}]}))
+    for bad in (tmp_path / "bad.json", tmp_path / "rows.json", tmp_path / "missing.json"):
         with pytest.raises(UsageError, match=str(bad.name)):
             compare_evaluations([("blind", bad)])
