@@ -64,8 +64,10 @@ def test_batch_layout(source):
 
 
 def test_same_seed_same_batches_other_seed_differs(source):
+    """Same seed, same batches, whatever grain's read-ahead (threads, batches kept ready)."""
     a = _take(make_train_iterator(_config(), source=source, process_index=0, process_count=1), 3)
-    b = _take(make_train_iterator(_config(), source=source, process_index=0, process_count=1), 3)
+    b = _take(make_train_iterator(_config(read_threads=1, prefetch=0), source=source,
+                                  process_index=0, process_count=1), 3)
     for x, y in zip(a, b, strict=True):
         _same(x, y)
     c = load_config("tiny")
@@ -210,6 +212,9 @@ def test_bad_task_weights(source):
     c.data.tasks.noise = -1.0
     with pytest.raises(UsageError):
         make_train_iterator(c, source=source, process_index=0, process_count=1)
+    for bad in (dict(read_threads=0), dict(prefetch=-1)):
+        with pytest.raises(UsageError, match="read_threads"):
+            make_train_iterator(_config(**bad), source=source, process_index=0, process_count=1)
 
 
 def test_eval_pairs_clean_folder_is_deterministic(folder):

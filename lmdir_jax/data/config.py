@@ -19,6 +19,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.patch_size = 64
     c.batch_size = 8  # global batch size
     c.num_workers = 0  # grain mp_prefetch worker processes (0 = in-process)
+    # grain's read-ahead in each process (or worker): threads, and batches kept ready. grain's own
+    # default (16 threads, 500 elements) makes 500 batches at start-up, beside the step's tracing.
+    c.read_threads = 4
+    c.prefetch = 8
     c.augment = True  # random flips / 90-degree rotations
     # Relative weights of each degradation kind when sampling a training example.
     c.tasks = ml_collections.ConfigDict(

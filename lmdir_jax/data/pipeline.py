@@ -266,6 +266,10 @@ def _validate(config, process_count: int) -> int:
         raise UsageError(
             f"data.batch_size {d.batch_size} must be a positive multiple of the {process_count} processes"
         )
+    if d.read_threads < 1 or d.prefetch < 0:
+        raise UsageError(
+            f"data.read_threads must be >= 1 and data.prefetch >= 0, got {d.read_threads} and {d.prefetch}"
+        )
     _check_tasks({k: float(v) for k, v in dict(d.tasks).items()}, "data.tasks")
     for spec in source_specs(d):
         if spec.tasks:
@@ -322,6 +326,13 @@ def make_dataset(
     return ds
 
 
+def _read_options(data) -> Any:
+    """grain.ReadOptions from data.read_threads / data.prefetch (batches read ahead)."""
+    import grain
+
+    return grain.ReadOptions(num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch))
+
+
 def make_train_iterator(
     config,
     *,
@@ -349,7 +360,7 @@ def make_train_iterator(
         process_index=process_index, process_count=process_count,
     )
     missing = ds.missing_priors
-    it_ds = ds.to_iter_dataset()
+    it_ds = ds.to_iter_dataset(_read_options(config.data))
     workers = int(config.data.num_workers)
     if workers > 0:
         from absl import flags
