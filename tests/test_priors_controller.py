@@ -84,10 +84,16 @@ def _config(tmp_path, steps, extra=()):
 def test_resume_is_exact(clip_dir, tmp_path):
     from lmdir_jax.priors.controller_train import train_controller
 
-    a = train_controller(_config(tmp_path, 4), str(clip_dir), tmp_path / "a", progress=False)
-    train_controller(_config(tmp_path, 2), str(clip_dir), tmp_path / "b", progress=False)
-    b = train_controller(_config(tmp_path, 4), str(clip_dir), tmp_path / "b", progress=False)
+    no_down = ["config.data.tasks.downsample=0.0"]  # snow is 0 in configs/controller.py too
+    a = train_controller(_config(tmp_path, 4, no_down), str(clip_dir), tmp_path / "a", progress=False)
+    train_controller(_config(tmp_path, 2, no_down), str(clip_dir), tmp_path / "b", progress=False)
+    b = train_controller(_config(tmp_path, 4, no_down), str(clip_dir), tmp_path / "b", progress=False)
     assert a["step"] == b["step"] == 4 and b["start_step"] == 2
+    # controller.json keeps the kinds among its training targets (across the resume); it names
+    # only those: a kind it never trained on gets probability 0.
+    kinds = json.loads((tmp_path / "a" / "controller.json").read_text())["kinds"]
+    assert kinds == json.loads((tmp_path / "b" / "controller.json").read_text())["kinds"]
+    assert len(kinds) >= 4 and "downsample" not in kinds and "snow" not in kinds
     clip = load_clip(clip_dir, max_text_len=16)
     pa = load_controller(tmp_path / "a", clip).controller
     pb = load_controller(tmp_path / "b", clip).controller
@@ -102,6 +108,10 @@ def test_resume_is_exact(clip_dir, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (tmp_path / "a" / "plots" / "confusion.png").is_file()
+    assessor = load_controller(tmp_path / "a", clip)
+    p = assessor.probabilities(np.random.default_rng(0).random((40, 50, 3)))
+    assert assessor.kinds == kinds and p.sum() == pytest.approx(1.0, abs=1e-5)
+    assert all((p[i] > 0) == (n in kinds) for i, n in enumerate(assessor.names))
     # Loaded beside a CLIP of another text length (the restoration network's), the controller
     # still compares with the vocabulary features it was trained with (16 tokens).
     other = load_clip(clip_dir)

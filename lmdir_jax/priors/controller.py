@@ -259,18 +259,25 @@ class DegradationAssessor:
     `content_features(images)` is the controlled frozen tower's embedding (CLIP-sized views).
     """
 
-    def __init__(self, controller: Controller, clip, grid: int = 3, max_text_len: int | None = None):
+    def __init__(self, controller: Controller, clip, grid: int = 3, max_text_len: int | None = None,
+                 kinds: list[str] | None = None):
         self.controller, self.clip, self.grid = controller, clip, int(grid)
         self.names = [n for n, _ in clip.degradation_vocab]
         # The vocabulary's text features as in training (tokenised to the controller's length).
         self.bank = clip.degradation_features(max_text_len)
+        # Only the kinds it learnt (controller.json `kinds`; all when not recorded) get probability:
+        # an untrained kind's text feature may nearly equal a trained one's (with the quick start's
+        # random tiny CLIP, rain and downsample: cosine 0.998) and would take half its mass.
+        learnt = set(self.names if not kinds else kinds)
+        self.kinds = [n for n in self.names if n in learnt]
+        self.logit_mask = jnp.asarray([0.0 if n in learnt else -jnp.inf for n in self.names], jnp.float32)
         self.frozen = frozen_params(clip)
         graphdef, state = nnx.split(controller)
 
-        def probs(state, frozen, bank, pixels):
+        def probs(state, frozen, bank, mask, pixels):
             m = nnx.merge(graphdef, state)
             deg, _ = m.hints(pixels)
-            return jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T, axis=-1)
+            return jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T + mask, axis=-1)
 
         def content(state, frozen, pixels):
             m = nnx.merge(graphdef, state)
@@ -284,7 +291,7 @@ class DegradationAssessor:
     def crop_probabilities(self, crops: np.ndarray) -> np.ndarray:
         """(N, K) vocabulary probabilities of N CLIP-sized crops."""
         pixels = normalize_pixels(crops, self.clip.mean, self.clip.std)
-        return np.asarray(self._probs(self._state, self.frozen, self.bank, pixels))
+        return np.asarray(self._probs(self._state, self.frozen, self.bank, self.logit_mask, pixels))
 
     def weights_fn(self, images: jax.Array) -> jax.Array:
         """Pure (jittable) (B, K) probabilities of NHWC images in [0, 1]: the mean over their
@@ -302,7 +309,7 @@ class DegradationAssessor:
         pixels = normalize_pixels(tiles.reshape(b * ny * nx, s, s, 3), self.clip.mean, self.clip.std)
         m = nnx.merge(self._graphdef, self._state)
         deg, _ = m.hints(pixels)
-        p = jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T, axis=-1)
+        p = jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T + self.logit_mask, axis=-1)
         return p.reshape(b, ny * nx, -1).mean(1)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
@@ -359,4 +366,5 @@ def load_controller(workdir: str | Path, clip, grid: int = 3) -> DegradationAsse
     if restored is None:
         raise UsageError(f"no readable checkpoint in controller folder {wd}")
     nnx.update(controller, restored[1]["model"])
-    return DegradationAssessor(controller, clip, grid=grid, max_text_len=spec.get("max_text_len"))
+    return DegradationAssessor(controller, clip, grid=grid, max_text_len=spec.get("max_text_len"),
+                               kinds=spec.get("kinds"))

@@ -172,8 +172,11 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
                          f"size {size}: set --config.data.patch_size={size} or more")
     spec = controller_spec(clip)
     spec_file = workdir / SPEC_FILE
+    learnt: list[str] = []  # vocabulary kinds among the training targets so far (resume: kept)
     if spec_file.is_file():
-        check_spec(workdir, json.loads(spec_file.read_text(encoding="utf-8")), clip)
+        old_spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        check_spec(workdir, old_spec, clip)
+        learnt = list(old_spec.get("kinds") or [])
     from lmdir_jax.train import distributed
 
     distributed.initialize(float(config.train.get("init_timeout_s", 300)))
@@ -185,7 +188,8 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     iterator = make_train_iterator(config, prior_cache=cache)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        spec_file.write_text(json.dumps({**spec, "clip": str(Path(clip_path).resolve())}, indent=2) + "\n")
+        spec = {**spec, "clip": str(Path(clip_path).resolve())}
+        spec_file.write_text(json.dumps({**spec, "kinds": learnt}, indent=2) + "\n")
         (workdir / "config.json").write_text(config_to_json(config))
 
     seed = int(config.seed)
@@ -196,6 +200,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     restored = ckpt.restore_latest(manager, setup.abstract, iterator, items=("model", "opt", "data"))
     start, state = (0, state_lib.init_state(config, setup, model_fn)) if restored is None else restored
     names = [n for n, _ in clip.degradation_vocab]
+    seen = np.array([n in learnt for n in names])
     rep = mesh_lib.replicated(mesh)
     frozen = jax.device_put(frozen_params(clip), rep)
     bank = jax.device_put(clip.degradation_bank()[0], rep)
@@ -210,6 +215,11 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     step, t0, c0 = start, time.perf_counter(), time.process_time()
     bar = progress_bar(total=total, initial=start, desc="controller", unit="step", dynamic_ncols=True,
                        disable=not (progress and jax.process_index() == 0), mininterval=1.0)
+
+    def save_kinds() -> None:  # the kinds it learnt: the only ones it names (DegradationAssessor)
+        if jax.process_index() == 0:
+            kinds = [n for n, s in zip(names, seen, strict=True) if s]
+            spec_file.write_text(json.dumps({**spec, "kinds": kinds}, indent=2) + "\n")
 
     def flush() -> None:
         nonlocal pending, last
@@ -232,6 +242,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
             clean = rng.random(lq.shape[0]) < clean_prob  # the 'clean' class: undegraded crops
             lq = np.where(clean[:, None, None, None], gt, lq)
             target = label_targets(np.where(clean[:, None], 0.0, local["deg_vector"]), names)
+            seen |= target.max(0) > 0
             batch = {"lq": normalize_pixels(lq, clip.mean, clip.std), "gt": normalize_pixels(gt, clip.mean, clip.std),
                      "target": target}
             if "scene_states" in local:
@@ -250,8 +261,10 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
             if ckpt_every > 0 and step % ckpt_every == 0 and step < total:
                 flush()
                 ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
+                save_kinds()
         flush()
         ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
+        save_kinds()
     finally:
         bar.close()
         manager.wait_until_finished()
