@@ -3,8 +3,16 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile many small programs and run few steps of them: XLA:CPU's cheaper code generation
+# (LLVM -O0, no expensive passes) compiles the tiny train step in 26 s instead of 42 s on 2 cores,
+# and runs its steps about 25 % slower (docs/benchmarks.md, "Test suite time"). The subprocesses
+# and the notebook kernel get the same flags; users' runs keep XLA's defaults.
+os.environ.setdefault(
+    "LMDIR_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+    + os.environ["LMDIR_TEST_XLA_FLAGS"]
 ).strip()
 
 from pathlib import Path  # noqa: E402

@@ -91,6 +91,7 @@ def test_notebook_executes_tiny(tmp_path):
     # One CPU device in the kernel (conftest emulates 8 for this process): compiling for a single
     # device is several times faster, and sharding is tested elsewhere.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = os.environ.get("LMDIR_TEST_XLA_FLAGS", "")
     env["JAX_PLATFORMS"] = "cpu"
     client.execute(env=env)
 

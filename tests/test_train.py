@@ -35,11 +35,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
+def _xla_flags(devices: int | None) -> str:
+    """XLA_FLAGS for a subprocess: `devices` emulated CPU devices (None: leave the count to the
+    launcher) and the suite's cheaper compilation (tests/conftest.py)."""
+    count = "" if devices is None else f"--xla_force_host_platform_device_count={devices} "
+    return count + os.environ.get("LMDIR_TEST_XLA_FLAGS", "")
+
+
 def _env(cache: Path, **extra: str) -> dict:
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=_xla_flags(8),
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
         PYTHONPATH=str(REPO),
@@ -277,7 +284,7 @@ def test_resume_on_another_device_count(full_run, tmp_path, cache_dir):
     wd = tmp_path / "devices"
     shutil.copytree(full_run, wd)
     shutil.rmtree(wd / "checkpoints" / "4")
-    r = _cli(wd, cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    r = _cli(wd, cache_dir, XLA_FLAGS=_xla_flags(1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((wd / "checkpoints" / "4" / "meta" / "metadata").read_text())["devices"] == 1
     a, b = _params(full_run), _params(wd)
@@ -321,7 +328,7 @@ def _launch(n: int, workdir: Path, cache: Path, **env: str) -> subprocess.Comple
     cmd = ["bash", str(REPO / "scripts" / "launch_local.sh"), str(n), "tiny", str(workdir),
            "--no-progress", *OVERRIDES]
     extra = dict(PYTHON=sys.executable, LMDIR_PORT=str(_free_port()), LMDIR_DEVICES_PER_PROCESS="4",
-                 XLA_FLAGS="", **env)
+                 XLA_FLAGS=_xla_flags(None), **env)
     return subprocess.run(cmd, cwd=REPO, env=_env(cache, **extra), capture_output=True, text=True,
                           timeout=1500)
 

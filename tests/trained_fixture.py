@@ -66,7 +66,8 @@ def _train(folder: Path) -> None:
     tmp = folder / "wd.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+               + os.environ.get("LMDIR_TEST_XLA_FLAGS", ""))
     cmd = [sys.executable, "-m", "lmdir_jax.cli", "train", "--config", "tiny",
            "--workdir", str(tmp), "--no-progress", *OVERRIDES, f"--config.priors.clip={clip}"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
