@@ -252,6 +252,13 @@ def check_spec(workdir: Path, spec: dict, clip) -> None:
         raise UsageError(f"controller {workdir} was trained on another degradation vocabulary")
 
 
+def _kind_probabilities(controller: Controller, pixels: jax.Array, bank: jax.Array, mask: jax.Array) -> jax.Array:
+    """(N, K) softmax over the vocabulary of normalised CLIP-sized pixels; `mask` (K,) is 0 for the
+    kinds the controller learnt and -inf for the rest."""
+    deg, _ = controller.hints(pixels)
+    return jax.nn.softmax(jnp.exp(controller.logit_scale[...]) * deg @ bank.T + mask, axis=-1)
+
+
 class DegradationAssessor:
     """A trained controller with its frozen CLIP: degradation probabilities and controlled features.
 
@@ -275,9 +282,7 @@ class DegradationAssessor:
         graphdef, state = nnx.split(controller)
 
         def probs(state, frozen, bank, mask, pixels):
-            m = nnx.merge(graphdef, state)
-            deg, _ = m.hints(pixels)
-            return jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T + mask, axis=-1)
+            return _kind_probabilities(nnx.merge(graphdef, state), pixels, bank, mask)
 
         def content(state, frozen, pixels):
             m = nnx.merge(graphdef, state)
@@ -307,9 +312,7 @@ class DegradationAssessor:
         ny, nx = h // s, w // s
         tiles = images[:, : ny * s, : nx * s].reshape(b, ny, s, nx, s, 3).transpose(0, 1, 3, 2, 4, 5)
         pixels = normalize_pixels(tiles.reshape(b * ny * nx, s, s, 3), self.clip.mean, self.clip.std)
-        m = nnx.merge(self._graphdef, self._state)
-        deg, _ = m.hints(pixels)
-        p = jax.nn.softmax(jnp.exp(m.logit_scale[...]) * deg @ bank.T + self.logit_mask, axis=-1)
+        p = _kind_probabilities(nnx.merge(self._graphdef, self._state), pixels, bank, self.logit_mask)
         return p.reshape(b, ny * nx, -1).mean(1)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:

@@ -172,11 +172,18 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
                          f"size {size}: set --config.data.patch_size={size} or more")
     spec = controller_spec(clip)
     spec_file = workdir / SPEC_FILE
-    learnt: list[str] = []  # vocabulary kinds among the training targets so far (resume: kept)
+    names = [n for n, _ in clip.degradation_vocab]
+    seen = np.zeros(len(names), bool)  # vocabulary kinds among the training targets (resume: kept)
     if spec_file.is_file():
         old_spec = json.loads(spec_file.read_text(encoding="utf-8"))
         check_spec(workdir, old_spec, clip)
-        learnt = list(old_spec.get("kinds") or [])
+        seen = np.array([n in (old_spec.get("kinds") or []) for n in names])
+
+    def save_spec() -> None:  # with the kinds it learnt: the only ones it names (DegradationAssessor)
+        if jax.process_index() == 0:
+            kinds = [n for n, s in zip(names, seen, strict=True) if s]
+            spec_file.write_text(json.dumps({**spec, "kinds": kinds}, indent=2) + "\n")
+
     from lmdir_jax.train import distributed
 
     distributed.initialize(float(config.train.get("init_timeout_s", 300)))
@@ -188,9 +195,9 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     iterator = make_train_iterator(config, prior_cache=cache)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        spec = {**spec, "clip": str(Path(clip_path).resolve())}
-        spec_file.write_text(json.dumps({**spec, "kinds": learnt}, indent=2) + "\n")
         (workdir / "config.json").write_text(config_to_json(config))
+    spec = {**spec, "clip": str(Path(clip_path).resolve())}
+    save_spec()
 
     seed = int(config.seed)
     clean_prob = float(config.priors.controller_clean_prob)
@@ -199,8 +206,6 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
     restored = ckpt.restore_latest(manager, setup.abstract, iterator, items=("model", "opt", "data"))
     start, state = (0, state_lib.init_state(config, setup, model_fn)) if restored is None else restored
-    names = [n for n, _ in clip.degradation_vocab]
-    seen = np.array([n in learnt for n in names])
     rep = mesh_lib.replicated(mesh)
     frozen = jax.device_put(frozen_params(clip), rep)
     bank = jax.device_put(clip.degradation_bank()[0], rep)
@@ -215,11 +220,6 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     step, t0, c0 = start, time.perf_counter(), time.process_time()
     bar = progress_bar(total=total, initial=start, desc="controller", unit="step", dynamic_ncols=True,
                        disable=not (progress and jax.process_index() == 0), mininterval=1.0)
-
-    def save_kinds() -> None:  # the kinds it learnt: the only ones it names (DegradationAssessor)
-        if jax.process_index() == 0:
-            kinds = [n for n, s in zip(names, seen, strict=True) if s]
-            spec_file.write_text(json.dumps({**spec, "kinds": kinds}, indent=2) + "\n")
 
     def flush() -> None:
         nonlocal pending, last
@@ -261,10 +261,10 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
             if ckpt_every > 0 and step % ckpt_every == 0 and step < total:
                 flush()
                 ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
-                save_kinds()
+                save_spec()
         flush()
         ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
-        save_kinds()
+        save_spec()
     finally:
         bar.close()
         manager.wait_until_finished()
