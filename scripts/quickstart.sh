@@ -5,8 +5,8 @@
 # sample, evaluate blind / automatic / told the degradation (on ../shared test sets, or on the
 # held-out photos without them), and write a report with the three side by side. Re-running resumes
 # training and reuses what is done.
-# Environment: RUN=folder (default runs/quickstart), CONTROLLER_STEPS (default 200); extra args are
-# passed to `lmdir train`
+# Environment: RUN=folder (default runs/quickstart), CONTROLLER_STEPS (default: configs/controller.py's
+# 4096; a multiple of 256). Extra args are passed to `lmdir train`
 # (e.g. ./scripts/quickstart.sh --config.train.steps=200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +34,14 @@ $LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
   --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" "$@"
 
 echo "== [4/7] degradation controller (DA-CLIP, configs/controller.py): the automatic mode's guess of the degradation"
-if [ ! -f "$RUN/controller/controller.json" ]; then
+# Trained on photos like the test sets' when ../shared has them (BSDS training photos), else on
+# the skimage photos; never on a test folder.
+CONTROLLER_DATA=skimage
+[ -d ../shared/data/train/bsds ] && CONTROLLER_DATA=../shared/data/train/bsds
+if [ ! -f "$RUN/controller/controller.json" ] || [ ! -d "$RUN/controller/plots" ]; then
   $LMDIR priors train-controller --clip "$RUN/priors-tiny/clip" --config configs/controller.py \
-    --workdir "$RUN/controller" --config.train.steps="${CONTROLLER_STEPS:-200}" \
-    --config.data.tasks.downsample=0.0
+    --workdir "$RUN/controller" --config.data.source="$CONTROLLER_DATA" \
+    ${CONTROLLER_STEPS:+--config.train.steps=$CONTROLLER_STEPS} --config.data.tasks.downsample=0.0
 fi
 
 echo "== [5/7] restoring a sample (noise + JPEG on a held-out photo the model never trained on; blind)"

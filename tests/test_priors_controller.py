@@ -14,6 +14,7 @@ from lmdir_jax.priors.clip import load_clip
 from lmdir_jax.priors.controller import (
     Controller,
     controlled_features,
+    crop_starts,
     frozen_params,
     label_targets,
     load_controller,
@@ -59,8 +60,31 @@ def test_label_targets_and_native_crops():
     crops = native_crops(img, 32, grid=3)
     assert crops.shape == (9, 32, 32, 3)
     np.testing.assert_array_equal(crops[0], img[:32, :32])
-    np.testing.assert_array_equal(crops[-1], img[-32:, -32:])
+    # crops start on the 8-pixel JPEG grid: the last one as far down and right as that allows
+    np.testing.assert_array_equal(crops[-1], img[64:96, 32:64])
+    assert crop_starts(100, 32, 3, 8) == [0, 32, 64] and crop_starts(70, 32, 3, 8) == [0, 16, 32]
     assert native_crops(img[:20, :20], 32).shape == (1, 32, 32, 3)  # padded, never resized
+
+
+def test_echo_pools_shuffle_and_visit_each_patch_echo_times():
+    from lmdir_jax.priors.controller_train import _echo, echo_pool
+
+    batches = [{"lq": np.full((3, 4, 4, 3), i, np.float32), "deg_vector": np.eye(3, 8, k=i)} for i in range(2)]
+    pool, order = echo_pool(batches, 2, np.random.default_rng(0))
+    assert pool["lq"].shape == (6, 4, 4, 3) and pool["deg_vector"].shape == (6, 8)
+    assert len(order) == 2 * 2 * 3  # E x E steps of 3 patches
+    assert all(sorted(order[k * 6 : (k + 1) * 6]) == list(range(6)) for k in range(2))  # each pass a permutation
+    assert sorted(order[:3]) != [0, 1, 2] or sorted(order[3:6]) != [3, 4, 5] or order[0] != 0  # shuffled
+    _, identity = echo_pool(batches[:1], 1, np.random.default_rng(0))
+    assert identity.tolist() == [0, 1, 2]  # echo 1: the batch as the pipeline made it
+    ok = load_config("controller", ["config.priors.controller_echo=4", "config.train.steps=32",
+                                    "config.train.ckpt_every=16"])
+    assert _echo(ok) == 4
+    for bad in (["config.priors.controller_echo=0"],
+                ["config.priors.controller_echo=4", "config.train.steps=40", "config.train.ckpt_every=16"],
+                ["config.priors.controller_echo=4", "config.train.steps=32", "config.train.ckpt_every=8"]):
+        with pytest.raises(UsageError, match="controller_echo"):
+            _echo(load_config("controller", bad))
 
 
 def test_next_degradation_stop_rules():
@@ -76,7 +100,8 @@ def test_next_degradation_stop_rules():
 def _config(tmp_path, steps, extra=()):
     return load_config("controller", [
         f"config.train.steps={steps}", "config.train.ckpt_every=2", "config.train.log_every=1",
-        "config.data.batch_size=8", "config.data.patch_size=32", "config.train.warmup_steps=1", *extra,
+        "config.data.batch_size=8", "config.data.patch_size=32", "config.train.warmup_steps=1",
+        "config.priors.controller_echo=1", *extra,
     ])
 
 
@@ -84,11 +109,13 @@ def _config(tmp_path, steps, extra=()):
 def test_resume_is_exact(clip_dir, tmp_path):
     from lmdir_jax.priors.controller_train import train_controller
 
-    no_down = ["config.data.tasks.downsample=0.0"]  # snow is 0 in configs/controller.py too
-    a = train_controller(_config(tmp_path, 4, no_down), str(clip_dir), tmp_path / "a", progress=False)
-    train_controller(_config(tmp_path, 2, no_down), str(clip_dir), tmp_path / "b", progress=False)
-    b = train_controller(_config(tmp_path, 4, no_down), str(clip_dir), tmp_path / "b", progress=False)
-    assert a["step"] == b["step"] == 4 and b["start_step"] == 2
+    # snow is 0 in configs/controller.py too; echo 2: pools of 2 pipeline batches serve 4 steps
+    extra = ["config.data.tasks.downsample=0.0", "config.priors.controller_echo=2",
+             "config.train.ckpt_every=4", "config.data.patch_size=40", "config.train.schedule_steps=8"]
+    a = train_controller(_config(tmp_path, 8, extra), str(clip_dir), tmp_path / "a", progress=False)
+    train_controller(_config(tmp_path, 4, extra), str(clip_dir), tmp_path / "b", progress=False)
+    b = train_controller(_config(tmp_path, 8, extra), str(clip_dir), tmp_path / "b", progress=False)
+    assert a["step"] == b["step"] == 8 and b["start_step"] == 4
     # controller.json keeps the kinds among its training targets (across the resume); it names
     # only those: a kind it never trained on gets probability 0.
     kinds = json.loads((tmp_path / "a" / "controller.json").read_text())["kinds"]
@@ -106,7 +133,7 @@ def test_resume_is_exact(clip_dir, tmp_path):
              for x, y in zip(jax.tree.leaves(nnx.state(pa)), jax.tree.leaves(nnx.state(fresh)), strict=True)]
     assert max(moved) > 0  # it did train
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == list(range(1, 9))
     assert (tmp_path / "a" / "plots" / "confusion.png").is_file()
     assessor = load_controller(tmp_path / "a", clip)
     p = assessor.probabilities(np.random.default_rng(0).random((40, 50, 3)))
@@ -122,20 +149,20 @@ def test_resume_is_exact(clip_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_short_run_lands_well_above_chance_on_held_out_photos(clip_dir, tmp_path):
-    """150 steps on the skimage training photos; the held-out photos (coffee, chelsea), heavily hazy,
-    dark or clean, are named right far more often than the 1 in 9 of chance. (So short a run on the
-    tiny CLIP separates little but clean, haze and noise: docs/priors.md.)"""
+    """512 steps of configs/controller.py (two echo pools: 32 pipeline batches) on the skimage
+    training photos; the two held-out photos (coffee, chelsea), each under five degradations, are
+    named right at least 8 times in 10 (measured: 10; chance 1 in 8), and better than zero-shot."""
     from lmdir_jax.commands.priors import classify
     from lmdir_jax.priors.controller_train import train_controller
 
-    config = load_config("controller", ["config.train.steps=150", "config.train.log_every=50",
-                                        "config.train.ckpt_every=0", "config.train.lr=1e-2"])
+    config = load_config("controller", ["config.train.steps=512", "config.train.ckpt_every=0",
+                                        "config.data.tasks.downsample=0.0"])
     train_controller(config, str(clip_dir), tmp_path / "c", progress=False)
     clip = load_clip(clip_dir, max_text_len=16)
-    result = classify(clip, "skimage-heldout", ["haze:heavy", "lowlight:heavy", "clean"],
-                      assessor=load_controller(tmp_path / "c", clip))
+    specs = ["noise:50", "blur", "haze:heavy", "lowlight:heavy", "rain"]
+    result = classify(clip, "skimage-heldout", specs, assessor=load_controller(tmp_path / "c", clip))
     crops = result["views"]["controller crops"]
-    assert crops["overall_accuracy"] >= 0.5, crops
+    assert crops["overall_accuracy"] >= 0.8, crops
     assert result["views"]["zero-shot downscaled"]["overall_accuracy"] < crops["overall_accuracy"]
 
 

@@ -17,7 +17,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.controller = ""
     c.controller_grid = 3  # native-resolution crops per side (grid x grid crops, probabilities averaged)
     c.controller_content_weight = 0.1  # weight of the content loss in controller training
+    # Crops per step in the content loss (the first ones; 0 = all): it runs the frozen tower twice,
+    # so a sub-batch makes the step much cheaper while the degradation loss sees every crop.
+    c.controller_content_batch = 0
     c.controller_clean_prob = 0.125  # fraction of training crops left undegraded (the 'clean' class)
+    # Data echoing (Choi et al. 2019) E: E pipeline batches are pooled and shuffled, and each patch
+    # serves E steps (other random crops each time), E * E steps per pool. The tiny controller's
+    # step is far cheaper than synthesising its degraded patches, so echoing buys many more steps
+    # per CPU second. train.steps and train.ckpt_every must be multiples of E * E.
+    c.controller_echo = 1
     # Training: probability of using the automatic (CLIP zero-shot) degradation prior instead of
     # the synthesis label's text (teacher forcing).
     c.auto_ratio = 0.0

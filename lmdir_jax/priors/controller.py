@@ -197,15 +197,24 @@ def label_targets(deg_vector: np.ndarray, names: list[str]) -> np.ndarray:
 # --------------------------------------------------------------------------- native-resolution views
 
 
-def crop_starts(length: int, size: int, n: int) -> list[int]:
-    """`n` evenly spread start offsets of windows of `size` in [0, length) (one when too short)."""
+# Crops start on this grid of the image (training: of the patch, where the synthetic degradations
+# start): JPEG's 8 x 8 blocks then fall on the same pixels of every crop, and CLIP's patches (8 px
+# in the tiny CLIP, 32 in ViT-B/32) line up with them.
+CROP_GRID = 8
+
+
+def crop_starts(length: int, size: int, n: int, align: int = 1) -> list[int]:
+    """`n` evenly spread start offsets, multiples of `align`, of windows of `size` in [0, length)
+    (one when too short)."""
     if length <= size or n <= 1:
-        return [max(0, (length - size) // 2)]
-    return sorted({int(round(v)) for v in np.linspace(0, length - size, n)})
+        return [(max(0, (length - size) // 2) // align) * align]
+    last = ((length - size) // align) * align
+    return sorted({min(last, int(round(v / align)) * align) for v in np.linspace(0, length - size, n)})
 
 
 def native_crops(image: np.ndarray, size: int, grid: int = 3) -> np.ndarray:
-    """Up to grid x grid `size` x `size` crops of `image` at native resolution, on a regular grid.
+    """Up to grid x grid `size` x `size` crops of `image` at native resolution, on a regular grid,
+    each starting on the `CROP_GRID`.
 
     An image smaller than `size` is padded by reflection first (never resized).
     """
@@ -214,8 +223,8 @@ def native_crops(image: np.ndarray, size: int, grid: int = 3) -> np.ndarray:
     if h < size or w < size:
         img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="symmetric")
         h, w = img.shape[:2]
-    return np.stack([img[y : y + size, x : x + size] for y in crop_starts(h, size, grid)
-                     for x in crop_starts(w, size, grid)])
+    return np.stack([img[y : y + size, x : x + size] for y in crop_starts(h, size, grid, CROP_GRID)
+                     for x in crop_starts(w, size, grid, CROP_GRID)])
 
 
 def normalize_pixels(images, mean, std) -> jax.Array:

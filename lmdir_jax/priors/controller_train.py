@@ -31,15 +31,45 @@ from lmdir_jax.errors import UsageError
 
 
 def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One random `size` crop per patch of the batch: (lq crops, gt crops), same positions."""
+    """One random `size` crop per patch of the batch, starting on the `CROP_GRID` of the patch
+    (where its synthetic JPEG blocks start): (lq crops, gt crops), same positions."""
+    from lmdir_jax.priors.controller import CROP_GRID
+
     lq, gt = local["lq"], local["gt"]
     p = lq.shape[1]
     if p == size:
         return lq, gt
-    ys = rng.integers(0, p - size + 1, lq.shape[0])
-    xs = rng.integers(0, p - size + 1, lq.shape[0])
+    ys = rng.integers(0, (p - size) // CROP_GRID + 1, lq.shape[0]) * CROP_GRID
+    xs = rng.integers(0, (p - size) // CROP_GRID + 1, lq.shape[0]) * CROP_GRID
     pick = lambda a: np.stack([a[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])  # noqa: E731
     return pick(lq), pick(gt)
+
+
+def _echo(config) -> int:
+    """`priors.controller_echo` E, checked: E pipeline batches are pooled and each patch serves E
+    steps, so a pool lasts E * E steps, and checkpoints fall on pool boundaries (exact resume)."""
+    echo = int(config.priors.get("controller_echo", 1))
+    steps, every = int(config.train.steps), int(config.train.ckpt_every)
+    if echo < 1:
+        raise UsageError(f"priors.controller_echo must be >= 1, got {echo}")
+    pool = echo * echo
+    if steps % pool or (every > 0 and every % pool):
+        raise UsageError(f"train.steps ({steps}) and train.ckpt_every ({every}) must be multiples of "
+                         f"{pool} (priors.controller_echo={echo} squared: the steps one pool of "
+                         "patches serves)")
+    return echo
+
+
+def echo_pool(batches: list[dict], echo: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    """Data echoing with shuffling: `batches` (E pipeline batches) pooled into one, and the order
+    (E * E * b indices) in which E * E steps of b patches visit it, each patch E times, spread over
+    the pool's steps; without shuffling, a batch repeated in consecutive steps pulls the model
+    towards it (measured: 65 % against 93 % held-out accuracy for the same 6000 steps)."""
+    pool = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    n = len(pool["lq"])
+    if echo == 1:
+        return pool, np.arange(n)
+    return pool, np.concatenate([rng.permutation(n) for _ in range(echo)])
 
 
 def make_controller_step(config, setup, shape, logit_names: list[str]):
@@ -53,6 +83,7 @@ def make_controller_step(config, setup, shape, logit_names: list[str]):
     from lmdir_jax.train.state import learning_rate_schedule
 
     weight = float(config.priors.controller_content_weight)
+    content_batch = int(config.priors.get("controller_content_batch", 0))
     schedule = learning_rate_schedule(config.train)
     clean = logit_names.index("clean") if "clean" in logit_names else -1
 
@@ -60,19 +91,21 @@ def make_controller_step(config, setup, shape, logit_names: list[str]):
         model = nnx.merge(setup.model_graphdef, state["model"])
         opt = nnx.merge(setup.opt_graphdef, state["opt"])
         frozen = jax.lax.stop_gradient(frozen)
+        n = min(content_batch or batch["lq"].shape[0], batch["lq"].shape[0])  # content loss: first n crops
         if "scene_states" in batch:  # caption embedding from the cache's text states (EOS token)
-            mask = batch["scene_mask"].astype(bool)
+            mask = batch["scene_mask"][:n].astype(bool)
             last = jnp.maximum(mask.sum(1) - 1, 0)
-            pooled = jnp.take_along_axis(batch["scene_states"], last[:, None, None], axis=1)[:, 0]
+            pooled = jnp.take_along_axis(batch["scene_states"][:n], last[:, None, None], axis=1)[:, 0]
             target = pooled @ text_proj
             target = target / jnp.linalg.norm(target, axis=-1, keepdims=True).clip(1e-6)
             has = mask.any(1)
         else:
-            target = controlled_features(frozen, batch["gt"], shape)
-            has = jnp.ones(batch["gt"].shape[0], bool)
+            target = controlled_features(frozen, batch["gt"][:n], shape)
+            has = jnp.ones(n, bool)
 
         def loss_fn(m):
-            deg, content = m(batch["lq"], frozen)
+            deg, hints = m.hints(batch["lq"])
+            content = controlled_features(frozen, batch["lq"][:n], shape, [h[:n] for h in hints])
             logits = jnp.exp(m.logit_scale[...]) * deg @ bank.T
             deg_loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
             cos = (content * target).sum(-1)
@@ -165,6 +198,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     total = int(tc.steps)
     if total < 1:
         raise UsageError(f"train.steps must be >= 1, got {total}")
+    echo = _echo(config)
     clip = load_clip(clip_path, max_text_len=int(config.priors.max_text_len))
     size = clip.image_size
     if int(config.data.patch_size) < size:
@@ -213,6 +247,9 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     step_fn = make_controller_step(config, setup, TowerShape.of(clip), names)
 
     log_every, ckpt_every = max(1, int(tc.log_every)), int(tc.ckpt_every)
+    if start % (echo * echo):
+        raise UsageError(f"the checkpoint at step {start} is not at a multiple of {echo * echo} "
+                         f"(priors.controller_echo={echo} squared): resume with the echo it was trained with")
     metrics_file = workdir / "metrics.jsonl"
     confusion = np.zeros((len(names), len(names)), np.int64)  # single-label training crops
     pending: list = []
@@ -235,8 +272,14 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
         last, pending = means, []
 
     try:
+        pool_steps = echo * echo
         while step < total:
-            local = next(iterator)
+            if step % pool_steps == 0:  # a new pool of E pipeline batches (E = controller_echo)
+                pool, order = echo_pool([next(iterator) for _ in range(echo)], echo,
+                                        np.random.default_rng([seed, step, 1]))
+                b = len(order) // pool_steps  # this process's batch
+            take = order[(step % pool_steps) * b : (step % pool_steps + 1) * b]
+            local = {k: v[take] for k, v in pool.items()}
             rng = np.random.default_rng([seed, step])
             lq, gt = _crops(local, size, rng)
             clean = rng.random(lq.shape[0]) < clean_prob  # the 'clean' class: undegraded crops
