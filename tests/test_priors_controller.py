@@ -59,10 +59,11 @@ def test_label_targets_and_native_crops():
     img = np.arange(100 * 70 * 3, dtype=np.float32).reshape(100, 70, 3)
     crops = native_crops(img, 32, grid=3)
     assert crops.shape == (9, 32, 32, 3)
-    np.testing.assert_array_equal(crops[0], img[:32, :32])
-    # crops start on the 8-pixel JPEG grid: the last one as far down and right as that allows
-    np.testing.assert_array_equal(crops[-1], img[64:96, 32:64])
-    assert crop_starts(100, 32, 3, 8) == [0, 32, 64] and crop_starts(70, 32, 3, 8) == [0, 16, 32]
+    # crops start 4 pixels into the 8-pixel JPEG grid (block edges inside the tiny CLIP's patches)
+    np.testing.assert_array_equal(crops[0], img[4:36, 4:36])
+    np.testing.assert_array_equal(crops[-1], img[68:100, 36:68])
+    assert crop_starts(100, 32, 3, 8, 4) == [4, 36, 68] and crop_starts(70, 32, 3, 8, 4) == [4, 20, 36]
+    assert crop_starts(35, 32, 3, 8, 4) == [1] and crop_starts(60, 32, 3) == [0, 14, 28]
     assert native_crops(img[:20, :20], 32).shape == (1, 32, 32, 3)  # padded, never resized
 
 

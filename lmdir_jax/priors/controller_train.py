@@ -33,14 +33,15 @@ from lmdir_jax.errors import UsageError
 def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One random `size` crop per patch of the batch, starting on the `CROP_GRID` of the patch
     (where its synthetic JPEG blocks start): (lq crops, gt crops), same positions."""
-    from lmdir_jax.priors.controller import CROP_GRID
+    from lmdir_jax.priors.controller import CROP_GRID, CROP_OFFSET
 
     lq, gt = local["lq"], local["gt"]
     p = lq.shape[1]
     if p == size:
         return lq, gt
-    ys = rng.integers(0, (p - size) // CROP_GRID + 1, lq.shape[0]) * CROP_GRID
-    xs = rng.integers(0, (p - size) // CROP_GRID + 1, lq.shape[0]) * CROP_GRID
+    off = CROP_OFFSET if p - size >= CROP_OFFSET else 0
+    ys = off + rng.integers(0, (p - size - off) // CROP_GRID + 1, lq.shape[0]) * CROP_GRID
+    xs = off + rng.integers(0, (p - size - off) // CROP_GRID + 1, lq.shape[0]) * CROP_GRID
     pick = lambda a: np.stack([a[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])  # noqa: E731
     return pick(lq), pick(gt)
 
