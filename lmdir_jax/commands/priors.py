@@ -68,7 +68,7 @@ def register(sub) -> None:
     c.add_argument("--max-images", type=int, default=None, metavar="N")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--controller", metavar="WD", help="also classify with this trained controller")
-    c.add_argument("--grid", type=int, default=3, help="native crops per side (grid x grid, default 3)")
+    c.add_argument("--grid", type=int, default=5, help="native crops per side (grid x grid, default 5)")
     c.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     c.set_defaults(func=run_classify)
 
@@ -159,7 +159,7 @@ def _spec_kinds(spec: str) -> tuple[str, ...]:
 MIXTURE_THRESHOLD = 0.25  # a mixture's predicted kinds: vocabulary entries with probability >= this
 
 
-def view_predictors(clip, assessor=None, grid: int = 3) -> dict:
+def view_predictors(clip, assessor=None, grid: int = 5) -> dict:
     """{view name: fn(image HxWx3) -> (K,) vocabulary probabilities} for classify.
 
     'downscaled': the centre square area-resized to CLIP's input (`inference.clip_view`);
@@ -192,7 +192,7 @@ def _iter_images(source, spec: str, n_imgs: int, seed: int):
     return (d for _, d, _, _ in iter_eval_pairs(source, spec, seed=seed, max_images=n_imgs))
 
 
-def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=None, grid: int = 3) -> dict:
+def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=None, grid: int = 5) -> dict:
     """Degradation classification of `data` degraded by each spec, in every view -> accuracy + confusion.
 
     A top-1 prediction is correct when it is one of the spec's kinds ('clean' = undegraded). For a

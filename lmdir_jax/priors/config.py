@@ -15,7 +15,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ('' = zero-shot CLIP); the automatic mode (restore, evaluate, auto_ratio, the prior cache)
     # uses it when set.
     c.controller = ""
-    c.controller_grid = 3  # native-resolution crops per side (grid x grid crops, probabilities averaged)
+    c.controller_grid = 5  # native-resolution crops per side (grid x grid crops, probabilities averaged)
     c.controller_content_weight = 0.1  # weight of the content loss in controller training
     # Crops per step in the content loss (the first ones; 0 = all): it runs the frozen tower twice,
     # so a sub-batch makes the step much cheaper while the degradation loss sees every crop.
