@@ -117,6 +117,9 @@ def test_resume_is_exact(clip_dir, tmp_path):
     train_controller(_config(tmp_path, 4, extra), str(clip_dir), tmp_path / "b", progress=False)
     b = train_controller(_config(tmp_path, 8, extra), str(clip_dir), tmp_path / "b", progress=False)
     assert a["step"] == b["step"] == 8 and b["start_step"] == 4
+    # rerun once finished: nothing to train, nothing rewritten
+    again = train_controller(_config(tmp_path, 8, extra), str(clip_dir), tmp_path / "b", progress=False)
+    assert again["step"] == again["start_step"] == 8
     # controller.json keeps the kinds among its training targets (across the resume); it names
     # only those: a kind it never trained on gets probability 0.
     kinds = json.loads((tmp_path / "a" / "controller.json").read_text())["kinds"]

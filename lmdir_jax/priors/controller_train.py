@@ -307,7 +307,8 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
                 ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
                 save_spec()
         flush()
-        ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
+        if step > start:  # a finished run rerun trains nothing: its last checkpoint stays as it is
+            ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
         save_spec()
     finally:
         bar.close()
