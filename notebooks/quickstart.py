@@ -127,7 +127,10 @@ N_DEV = len(DEVICES)
 KINDS = sorted({d.device_kind for d in DEVICES})
 print(f"JAX {jax.__version__}: backend {BACKEND}, {N_DEV} device(s): {', '.join(KINDS)}")
 # Compiled programs are kept on disk: rerunning the notebook (or a training chunk) skips compiling.
-jax.config.update("jax_compilation_cache_dir", str(WORK / "jax-cache"))
+# A cache you already set (JAX_COMPILATION_CACHE_DIR) is kept.
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(WORK / "jax-cache"))
+print(f"compilation cache: {jax.config.jax_compilation_cache_dir}")
 
 
 def round_up(x: int, n: int) -> int:

@@ -8,7 +8,9 @@ from lmdir_jax.cli import main
 
 
 def test_bench_train_reports_step_time_and_flops(capsys):
-    code = main(["bench", "train", "--config", "tiny", "--steps", "2", "--warmup", "0"])
+    # The program of tests/test_train.py's runs (16-pixel patches): the suite compiles it once.
+    code = main(["bench", "train", "--config", "tiny", "--steps", "2", "--warmup", "0",
+                 "--config.data.patch_size=16"])
     out = capsys.readouterr().out
     assert code == 0
     step = re.search(r"step time: ([\d.]+) ms", out)

@@ -307,7 +307,7 @@ def test_export_onnx_cli_runs_at_any_size(tmp_path, capsys, monkeypatch):
     names = [i.name for i in ort.InferenceSession(str(out)).get_inputs()]
     assert names == list(graph.PRIOR_SETS["all"])
     ref_size = int(json.loads((wd / "config.json").read_text())["priors"]["ref_size"])
-    for batch, h, w in ((1, 32, 32), (2, 37, 45), (1, 123, 157)):
+    for batch, h, w in ((3, 32, 32), (1, 123, 157)):  # and the export's self-check: 2 x 37 x 45
         inputs = check.random_inputs(32, batch=batch, height=h, width=w, text_len=3 + batch,
                                      ref_size=ref_size, seed=h)
         got = graph.run_onnx(out, inputs)
