@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.config import CONTROLLER_GRID
 
 
 def register(sub) -> None:
@@ -68,7 +69,8 @@ def register(sub) -> None:
     c.add_argument("--max-images", type=int, default=None, metavar="N")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--controller", metavar="WD", help="also classify with this trained controller")
-    c.add_argument("--grid", type=int, default=5, help="native crops per side (grid x grid, default 5)")
+    c.add_argument("--grid", type=int, default=CONTROLLER_GRID,
+                   help=f"native crops per side (grid x grid, default {CONTROLLER_GRID})")
     c.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     c.set_defaults(func=run_classify)
 
@@ -159,7 +161,7 @@ def _spec_kinds(spec: str) -> tuple[str, ...]:
 MIXTURE_THRESHOLD = 0.25  # a mixture's predicted kinds: vocabulary entries with probability >= this
 
 
-def view_predictors(clip, assessor=None, grid: int = 5) -> dict:
+def view_predictors(clip, assessor=None, grid: int = CONTROLLER_GRID) -> dict:
     """{view name: fn(image HxWx3) -> (K,) vocabulary probabilities} for classify.
 
     'downscaled': the centre square area-resized to CLIP's input (`inference.clip_view`);
@@ -192,7 +194,8 @@ def _iter_images(source, spec: str, n_imgs: int, seed: int):
     return (d for _, d, _, _ in iter_eval_pairs(source, spec, seed=seed, max_images=n_imgs))
 
 
-def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=None, grid: int = 5) -> dict:
+def classify(clip, data, specs: list[str], *, max_images=None, seed=0, assessor=None,
+             grid: int = CONTROLLER_GRID) -> dict:
     """Degradation classification of `data` degraded by each spec, in every view -> accuracy + confusion.
 
     A top-1 prediction is correct when it is one of the spec's kinds ('clean' = undegraded). For a

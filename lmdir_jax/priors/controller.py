@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.config import CONTROLLER_GRID
 
 SPEC_FILE = "controller.json"
 
@@ -204,10 +205,7 @@ def label_targets(deg_vector: np.ndarray, names: list[str]) -> np.ndarray:
 # the edges between patches, fewer at random positions).
 CROP_GRID = 8
 CROP_OFFSET = 4
-# Crops per side an image is judged by (GRID x GRID, probabilities averaged; `priors.controller_grid`):
-# 5 x 5 named 95.6 % of the CBSD68 photos right under 8 single degradations, 3 x 3 94.3 %
-# (docs/priors.md).
-GRID = 5
+GRID = CONTROLLER_GRID  # crops per side an image is judged by (`priors.controller_grid`)
 
 
 def crop_starts(length: int, size: int, n: int, align: int = 1, offset: int = 0) -> list[int]:
