@@ -42,7 +42,8 @@ def host_init(sample, traced):
         if isinstance(data, jax.core.Tracer):
             return traced(key, shape, dtype)
         rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
-        return jnp.asarray(sample(rng, shape).astype(np.float32)).astype(dtype)
+        # device_put, not jnp.asarray: jax compiles an identity program per shape for the latter.
+        return jax.device_put(sample(rng, shape).astype(np.float32).astype(jnp.dtype(dtype)))
 
     return init
 

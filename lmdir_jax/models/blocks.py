@@ -171,7 +171,7 @@ class BlockStack(nnx.Module):
                 self.blocks = make(rngs)
             else:  # one block after another, as unscanned: the same seed, the same network
                 self.blocks = draw_stacked(lambda: TransformerBlock(**block_kwargs, rngs=rngs), n,
-                                           nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+                                           LAYERS)
             self.length = n
         else:
             self.blocks = nnx.List([TransformerBlock(**block_kwargs, rngs=rngs) for _ in range(n)])
@@ -189,15 +189,15 @@ class BlockStack(nnx.Module):
         def apply(block: TransformerBlock, x: jax.Array) -> jax.Array:
             return block(x, cond)
 
+        looped = self.scanned and self.length > 1
         if self.remat != "none":
-            apply = nnx.remat(apply, policy=remat_policy(self.remat), prevent_cse=not self.scanned)
-        if not self.scanned:
-            for block in self.blocks:
-                x = apply(block, x)
+            apply = nnx.remat(apply, policy=remat_policy(self.remat), prevent_cse=not looped)
+        if not looped:  # a single scanned block is called on its slice: no scan to trace
+            for i in range(self.length if self.scanned else len(self.blocks)):
+                x = apply(self.block(i), x)
             return x
 
-        # A single block is unrolled: no loop around it at all.
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.length == 1)
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def body(x: jax.Array, block: TransformerBlock) -> jax.Array:
             return apply(block, x)
 

@@ -83,12 +83,24 @@ class TrainSetup:
 
 
 def _create(config, model_fn: Callable[[], nnx.Module]) -> tuple[nnx.Module, nnx.Optimizer, dict]:
+    """The model, its optimizer and the train state dict. The optimizer state and the EMA copy are
+    made by one jitted function even when the model is built eagerly: eagerly, jax compiles a
+    zeros program per parameter shape (4 s for the tiny config on a CPU, 1.8 s this way)."""
+    tx = make_tx(config.train)
+    use_ema = float(config.train.ema_decay) > 0
+
+    @nnx.jit
+    def optimizer_and_ema(model: nnx.Module) -> tuple[nnx.Optimizer, nnx.State | None]:
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        return opt, (jax.tree.map(lambda x: x + 0, nnx.state(model, nnx.Param)) if use_ema
+                     else None)
+
     with nnx.use_eager_sharding(False):
         model = model_fn()
-        opt = nnx.Optimizer(model, make_tx(config.train), wrt=nnx.Param)
+        opt, ema = optimizer_and_ema(model)
     state = {"model": nnx.state(model), "opt": nnx.state(opt)}
-    if float(config.train.ema_decay) > 0:
-        state["ema"] = jax.tree.map(lambda x: x + 0, nnx.state(model, nnx.Param))
+    if ema is not None:
+        state["ema"] = ema
     return model, opt, state
 
 
