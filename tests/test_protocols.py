@@ -183,7 +183,7 @@ def get_config():
     c.data.sources.dehaze = source_config("Train/Dehaze", 1.0, text="haze", degraded_dir="synthetic",
                                           clean_dir="original")
     # test_train.py's overrides: the tiny network compiles to the same step (compilation cache)
-    c.train.steps, c.train.ckpt_every, c.train.plot_every = 4, 2, 0
+    c.train.steps, c.train.ckpt_every, c.train.plot_every = 4, 2, -1
     return c
 """
 

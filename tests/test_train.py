@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "--config.train.steps=4",
     "--config.train.ckpt_every=2",
-    "--config.train.plot_every=0",
+    "--config.train.plot_every=-1",  # no plots (matplotlib, a forward pass): full_run checks them
     "--config.data.patch_size=16",
 ]
 
@@ -73,9 +73,9 @@ def _params(workdir: Path) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, cache_dir) -> Path:
-    """An uninterrupted 4-step run on 8 devices (checkpoints at steps 2 and 4)."""
+    """An uninterrupted 4-step run on 8 devices (checkpoints at steps 2 and 4; plots at the end)."""
     wd = tmp_path_factory.mktemp("full")
-    r = _cli(wd, cache_dir)
+    r = _cli(wd, cache_dir, ["--config.train.plot_every=0"])
     assert r.returncode == 0, r.stderr[-3000:]
     return wd
 
@@ -237,6 +237,7 @@ def test_interrupted_and_killed_runs_resume_bit_identical(full_run, tmp_path, ca
     assert _steps(wd)[-1] == 2
     r = _cli(wd, cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (wd / "plots").exists()  # train.plot_every=-1: no plots at all
     a, b = _params(full_run), _params(wd)
     assert len(a) == len(b) > 10
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

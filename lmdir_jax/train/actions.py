@@ -260,7 +260,8 @@ class Validate(Action):
 
 
 class Plot(Action):
-    """Every `every` steps and at the end: plots/loss.png and a grid of training patches."""
+    """Every `every` steps and at the end: plots/loss.png and a grid of training patches.
+    every=0: at the end only; every<0: never (no matplotlib, no extra forward pass)."""
 
     def __init__(self, every: int):
         self.every = int(every)
@@ -276,6 +277,8 @@ class Plot(Action):
             monitor.save_grid(run.workdir, f"train_{run.step:06d}.png", rows)
 
     def on_end(self, run: Run) -> None:
+        if self.every < 0:
+            return
         monitor.plot_loss(run.workdir)
         if not run.interrupted:
             self.grid(run)

@@ -31,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.ckpt_every = 100
     c.keep_checkpoints = 3
     c.val_every = 200
-    c.plot_every = 200
+    c.plot_every = 200  # and at the end; 0: at the end only; -1: never
     # Resume even when model / data-order / seed keys differ from WORKDIR/config.json.
     c.allow_config_change = False
     c.init_timeout_s = 300  # multi-process start-up: seconds to wait for the coordinator
