@@ -72,6 +72,26 @@ def test_pytorch_safetensors_folder_loads_the_same(tmp_path, clip):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_flax_weights_load_as_saved_and_a_missing_one_is_named(tmp_path, clip_dir, clip):
+    """Flax weights are read without a random initialisation (transformers' _do_init=False), so
+    nothing would fill a weight the file lacks: that is one clear UsageError naming it."""
+    import shutil
+
+    from flax.serialization import msgpack_restore, msgpack_serialize
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    saved = flatten_dict(msgpack_restore((clip_dir / "flax_model.msgpack").read_bytes()))
+    loaded = flatten_dict(jax.device_get(clip.params))
+    assert loaded.keys() == saved.keys()
+    assert all(np.array_equal(loaded[k], saved[k]) for k in saved)
+    broken = tmp_path / "broken"
+    shutil.copytree(clip_dir, broken)
+    del saved[("logit_scale",)]
+    (broken / "flax_model.msgpack").write_bytes(msgpack_serialize(unflatten_dict(saved)))
+    with pytest.raises(UsageError, match="1 weights missing .first: logit_scale"):
+        load_clip(broken, max_text_len=16)
+
+
 def test_preprocess_resizes_crops_and_normalises(clip):
     img = np.full((2, 40, 24, 3), 0.5, np.float32)
     x = np.asarray(clip.preprocess(img))

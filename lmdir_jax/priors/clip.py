@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,7 @@ class ClipPrior:
         model,
         tokenizer,
         *,
+        params: Any = None,
         max_text_len: int = 32,
         mean=CLIP_MEAN,
         std=CLIP_STD,
@@ -76,7 +78,7 @@ class ClipPrior:
             raise UsageError(f"max_text_len must be in [2, {limit}] for this CLIP, got {max_text_len}")
         self.model = model
         self.module = model.module
-        self.params = model.params
+        self.params = model.params if params is None else params
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
         self.text_dim = int(cfg.text_config.hidden_size)
@@ -337,10 +339,11 @@ def load_clip(
     import transformers
     from transformers import FlaxCLIPModel
 
+    from lmdir_jax.priors.sd_weights import from_pretrained as _from_pretrained
+
     transformers.logging.set_verbosity_error()
-    model = FlaxCLIPModel.from_pretrained(
-        str(folder), dtype=getattr(jnp, dtype), from_pt=not has_flax, local_files_only=True
-    )
+    model, params = _from_pretrained(FlaxCLIPModel, folder, from_pt=not has_flax,
+                                     dtype=getattr(jnp, dtype), local_files_only=True)
     tokenizer = _load_tokenizer(folder)
     mean, std, resize_to = CLIP_MEAN, CLIP_STD, None
     proc = folder / "preprocessor_config.json"
@@ -353,6 +356,7 @@ def load_clip(
     return ClipPrior(
         model,
         tokenizer,
+        params=params,
         max_text_len=max_text_len,
         mean=mean,
         std=std,

@@ -50,6 +50,37 @@ def cast_floats(params: Any, dtype: Any) -> Any:
     )
 
 
+def check_complete(params: Any, expected: Any, source: Any) -> Any:
+    """`params` restricted to the keys of `expected` (the model's parameter shapes); a UsageError
+    naming the first missing weight when `source` (a weights file or folder) lacks some.
+
+    Needed wherever weights are read without a random initialisation to fall back on (transformers'
+    `_do_init=False`, the safetensors conversion): a missing weight would otherwise surface as a
+    KeyError deep inside the first call."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    want, got = flatten_dict(expected), flatten_dict(params)
+    missing = sorted("/".join(map(str, k)) for k in want if k not in got)
+    if missing:
+        raise UsageError(f"{source} does not match its config.json: {len(missing)} weights missing "
+                         f"(first: {missing[0]})")
+    return unflatten_dict({k: got[k] for k in want})
+
+
+def from_pretrained(cls: type, folder: Path, *, from_pt: bool, **kwargs: Any) -> tuple[Any, Any]:
+    """(model, params) of a transformers Flax model class from a local folder.
+
+    Flax weights are read with `_do_init=False`: as they are, without first drawing (and
+    compiling the draw of) a random set that they replace: 13.6 s for even the tiny test CLIP on a
+    CPU, 0.2 s this way. transformers' PyTorch converter needs those random parameters, so PyTorch
+    weights take the slow path."""
+    if from_pt:
+        model = cls.from_pretrained(str(folder), from_pt=True, **kwargs)
+        return model, model.params
+    model, params = cls.from_pretrained(str(folder), _do_init=False, **kwargs)
+    return model, check_complete(params, model.params_shape_tree, folder)
+
+
 class _AsTorch:
     """A numpy array seen through the one method diffusers' converter calls (`.numpy()`)."""
 
@@ -89,7 +120,6 @@ def load_diffusers_model(cls: type, folder: Path, dtype: Any) -> tuple[Any, Any]
     """
     import jax
     from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-    from flax.traverse_util import flatten_dict, unflatten_dict
 
     if not (folder / "config.json").is_file():
         raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
@@ -102,15 +132,8 @@ def load_diffusers_model(cls: type, folder: Path, dtype: Any) -> tuple[Any, Any]
             expected = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
             state = {k: _AsTorch(v) for k, v in _read_safetensors(file).items()}
             # The converter only needs the parameter shapes: skip its (slow, eager) random init.
-            params = convert_pytorch_state_dict_to_flax(state, _ShapesOnly(expected))
-            want, got = flatten_dict(expected), flatten_dict(params)
-            missing = sorted("/".join(k) for k in want if k not in got)
-            if missing:
-                raise UsageError(
-                    f"{file} does not match {folder}/config.json: {len(missing)} weights missing "
-                    f"(first: {missing[0]})"
-                )
-            params = unflatten_dict({k: got[k] for k in want})
+            params = check_complete(
+                convert_pytorch_state_dict_to_flax(state, _ShapesOnly(expected)), expected, file)
         elif (folder / PT_BIN).is_file():
             try:
                 model, params = cls.from_pretrained(str(folder), dtype=dtype, from_pt=True)
@@ -132,7 +155,7 @@ def load_text_encoder(folder: Path, dtype: Any) -> tuple[Any, Any]:
     from_pt = not (folder / "flax_model.msgpack").is_file()
     with quiet_hf():
         try:
-            model = FlaxCLIPTextModel.from_pretrained(str(folder), dtype=dtype, from_pt=from_pt)
+            model, params = from_pretrained(FlaxCLIPTextModel, folder, from_pt=from_pt, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot load the text encoder in {folder}: {e}") from e
-    return model, cast_floats(model.params, dtype)
+    return model, cast_floats(params, dtype)
