@@ -16,4 +16,4 @@ export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1
 echo "[test] ruff"
 "$VENV/bin/ruff" check lmdir_jax tests configs notebooks
 echo "[test] pytest on $("$VENV/bin/python" --version), jax $("$VENV/bin/python" -c 'import jax; print(jax.__version__)')"
-exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder "$@"
+exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"

@@ -56,24 +56,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# Modules whose module-scoped fixtures are expensive (a training run, a saved CLIP or Stable
-# Diffusion): their tests form one xdist group (scripts/test.sh runs `--dist loadgroup`), so one
-# worker runs them together and builds each fixture once. Without it the workers interleave
-# modules, and pytest tears a module's fixtures down whenever a worker moves to another module:
-# test_train.py's 4-step run was built three times in one suite.
-ONE_WORKER_MODULES = ("test_train", "test_scale", "test_protocols", "test_priors_clip",
-                      "test_priors_controller", "test_priors_diffusion", "test_priors_cache")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items) -> None:
     """The first test that needs the trained fixture (minutes to train; other workers wait for it
     on a lock) first, then the tests marked slow (minutes each), so that xdist's workers start on
     them and finish together instead of one running a long test alone at the end (a stable sort:
-    the rest keep their order); the ONE_WORKER_MODULES grouped."""
+    the rest keep their order).
+
+    scripts/test.sh distributes whole files (`--dist loadfile --no-loadscope-reorder`: each file's
+    place is that of its first test in this order). With single tests distributed, the workers
+    interleave files, and pytest tears a module's fixtures down whenever a worker moves to another
+    file: test_train.py's 4-step run was built four times in one suite."""
     first = next((i for i in items if "trained_workdir" in getattr(i, "fixturenames", ())), None)
     items.sort(key=lambda item: 0 if item is first else 1 if item.get_closest_marker("slow") else 2)
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
