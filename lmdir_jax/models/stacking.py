@@ -74,12 +74,11 @@ def draw_stacked(make_block: Callable[[], Any], n: int, axis_name: str) -> Any:
     """
     from flax import nnx
 
-    graphdef, *states = (nnx.split(make_block()) for _ in range(n))
-    graphdef, first = graphdef
+    blocks = [nnx.split(make_block()) for _ in range(n)]  # (graphdef, state) pairs, all alike
     stacked = jax.tree.map(lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs])),
-                           first, *(s for _, s in states))
+                           *(state for _, state in blocks))
     stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: axis_name})
-    return nnx.merge(graphdef, stacked)
+    return nnx.merge(blocks[0][0], stacked)
 
 
 def stack_blocks(tree: Any) -> Any:
