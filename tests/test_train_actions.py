@@ -100,21 +100,25 @@ def test_injected_stop_ends_with_a_checkpoint():
     assert run.step == 4 and run.manager.saved == [3, 4]
 
 
-def test_stop_on_signal_sets_stop_and_restores_handlers():
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGINT),
+                                           (signal.SIGINT, signal.SIGTERM)])
+def test_stop_on_signal_sets_stop_and_restores_handlers(first, second):
+    """Ctrl-C and a scheduler's SIGTERM stop the loop the same way (tests/test_train.py sends a
+    real SIGTERM to a real `lmdir train`); a second signal of either kind gives up at once."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     run, action = _run(), A.StopOnSignal()
     action.start(run)
     try:
         action(run)
         assert not run.stop
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), first)
         action(run)
-        assert run.stop and run.interrupted and action.signal == signal.SIGTERM
+        assert run.stop and run.interrupted and action.signal == first
         with pytest.raises(KeyboardInterrupt):  # a second signal gives up at once
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), second)
     finally:
         action.close(run)
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_progress_outside_a_terminal_is_periodic_lines():

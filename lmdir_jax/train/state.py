@@ -130,7 +130,7 @@ def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | N
     in_jit=True: the whole creation (parameters, optimizer state, EMA) is one jitted program whose
     outputs have the setup's shardings, so every device computes only its own shards and no
     parameter is ever whole on one host. in_jit=False: built eagerly (numpy initialisers, seconds)
-    and then placed with `jax.device_put`. The default (None) jits on accelerators and builds
+    and then placed (`mesh.place_identical`). The default (None) jits on accelerators and builds
     eagerly when every device is a CPU: there the parameters live in host memory anyway, and XLA:CPU
     takes about 50 s to compile the jax.random draws of even the tiny config. The two draw other
     numbers from the same distributions; each is the same for any mesh and process count.
@@ -139,7 +139,7 @@ def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | N
     if in_jit is None:
         in_jit = any(d.platform != "cpu" for d in setup.mesh.devices.flat)
     if not in_jit:
-        return jax.device_put(_create(config, model_fn)[2], setup.shardings)
+        return mesh_lib.place_identical(_create(config, model_fn)[2], setup.shardings)
 
     def create() -> dict:
         return _create(config, model_fn)[2]
