@@ -21,6 +21,7 @@ GT = jax.random.uniform(jax.random.key(1), (2, 48, 40, 3))
 def model_config(**changes):
     c = load_config("tiny").model.copy_and_resolve_references()
     c.blocks = (2, 1, 1, 1)  # level 1 really loops
+    c.scan_unroll = "loop"  # as on accelerators ('auto' unrolls on CPUs)
     c.zero_init_output = False
     c.update(changes)
     return c
@@ -116,6 +117,24 @@ def test_same_seed_same_network_in_either_layout():
     assert kernel.shape[0] == 2 and kernel.get_metadata()["out_sharding"][0] == "layers"
     assert not np.array_equal(a["encoders"][0]["blocks"]["attn"]["qkv"]["kernel"][0],
                               a["encoders"][0]["blocks"]["attn"]["qkv"]["kernel"][1])
+
+
+def test_unrolled_scan_same_parameters_values_and_gradients(reference):
+    """scan_unroll='unrolled' (what 'auto' picks on CPUs) compiles the same stacked parameters
+    without the loop: the same loss, output and gradients as the loop."""
+    from lmdir_jax.models.blocks import resolve_scan_unroll
+
+    params, want = reference
+    assert resolve_scan_unroll("auto") is (jax.default_backend() == "cpu")
+    assert resolve_scan_unroll("loop") is False and resolve_scan_unroll("unrolled") is True
+    c = model_config(scan_unroll="unrolled")
+    model = with_params(build_model(c, seed=5), params)
+    assert model.encoders[0].unroll and model.encoders[0].scanned
+    pure = nnx.to_pure_dict(nnx.state(model))
+    assert pure["encoders"][0]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == 2  # still stacked
+    assert_same(loss_and_grads(model, c), want, 1e-4)
+    with pytest.raises(ValueError, match="model.scan_unroll"):
+        build_model(model_config(scan_unroll="yes"), seed=0)
 
 
 def test_remat_block_same_values_and_gradients_less_temp_memory(reference):

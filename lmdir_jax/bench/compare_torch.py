@@ -6,10 +6,13 @@ when it has one, like JAX; `--torch-device cpu` to force the CPU). `--dtype floa
 `bfloat16`: JAX computes in bf16 with float32 parameters (`model.dtype`), PyTorch runs its forward
 under `torch.autocast(dtype=torch.bfloat16)`, what a PyTorch user would run. The loss is the
 L1 distance to a random target; a step is loss + gradients with respect to all parameters. Times are
-medians over --steps timed steps after --warmup untimed ones, JAX's first and then PyTorch's (JAX
-compile time is reported apart). With --rounds R the two blocks of --steps steps take turns R
+medians over --steps timed steps, each block of them after --warmup untimed ones, JAX's first and
+then PyTorch's (JAX compile time is reported apart). With --rounds R the two blocks take turns R
 times, a pause between blocks, so that a machine whose speed drifts slows both alike; the ratio is
-then given per round, and its median over the rounds is the headline. On Linux the share of CPU
+then given per round, and its median over the rounds is the headline. The warm-up before every
+block matters: with glibc's malloc, JAX's first step after PyTorch's ran took 7-8.6 s against
+5.1-5.8 s for the next (paper config, docs/benchmarks.md), an effect of sharing one process that
+neither framework has on its own. On Linux the share of CPU
 time the hypervisor stole while each framework was timed is printed too (`lmdir_jax.runtime`).
 """
 
@@ -33,7 +36,8 @@ def register(bsub) -> None:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before each timed block (default 2)")
     p.add_argument("--rounds", type=int, default=1,
                    help="blocks of --steps steps per framework, taken in turn (default 1)")
     p.add_argument("--compile", action="store_true", help="wrap the PyTorch model in torch.compile")
@@ -58,12 +62,14 @@ class _Timer:
         self.blocks: list[list[float]] = []
         self.ticks = [0, 0]  # all, stolen
 
-    def block(self, steps: int) -> None:
-        """Time `steps` calls of the step function as one block."""
+    def block(self, steps: int, warmup: int = 0) -> None:
+        """Time `steps` calls of the step function as one block, after `warmup` untimed calls."""
         from tqdm import tqdm
 
         from lmdir_jax.runtime import cpu_times
 
+        for _ in range(warmup):
+            self.fn()
         before = cpu_times()
         times = []
         for _ in tqdm(range(steps), desc=self.label, leave=False):
@@ -157,11 +163,9 @@ def run(args) -> int:
     jax_compile = time.perf_counter() - t0
     print(f"  jax first step (compile): {jax_compile:.1f} s", flush=True)
     jax_timer = _Timer(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)), "jax")
-    for _ in range(args.warmup):
-        jax_timer.fn()
     # Each framework is timed in blocks of steps, JAX first, with a pause between: JAX steps taken
     # in turn with PyTorch's one by one ran up to 1.8x slower on a 2-core CPU (docs/benchmarks.md).
-    jax_timer.block(args.steps)
+    jax_timer.block(args.steps, args.warmup)
 
     # PyTorch: the mirror with the same parameters.
     tm = LMDIRTorch(model_config_dict(config.model))
@@ -192,13 +196,11 @@ def run(args) -> int:
     print(f"  pytorch first step{' (torch.compile)' if args.compile else ''}: {torch_first:.1f} s",
           flush=True)
     torch_timer = _Timer(torch_step, "torch")
-    for _ in range(args.warmup):
-        torch_step()
-    torch_timer.block(args.steps)
+    torch_timer.block(args.steps, args.warmup)
     for _ in range(args.rounds - 1):
         for timer in (jax_timer, torch_timer):
             time.sleep(PAUSE_S)
-            timer.block(args.steps)
+            timer.block(args.steps, args.warmup)
     jax_s, torch_s = jax_timer.median(), torch_timer.median()
 
     print(f"compare-torch  config={config.get('name', args.config)}  params={n_params:,}  "

@@ -90,7 +90,8 @@ def run(args) -> int:
 
     m = config.model
     print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {m.dtype}  "
-          f"scan_blocks {m.get('scan_blocks', False)}  remat {m.get('remat', 'none')}  "
+          f"scan_blocks {m.get('scan_blocks', False)} ({m.get('scan_unroll', 'auto')})  "
+          f"remat {m.get('remat', 'none')}  "
           f"conv_impl {m.get('conv_impl', 'auto')}", flush=True)
     t0 = time.perf_counter()
     setup = state_lib.make_setup(config, mesh)

@@ -34,5 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Each level's blocks as one nnx.scan over stacked parameters (compile time independent of
     # depth); False: a Python loop over blocks/0, blocks/1, ... (models/stacking.py converts).
     c.scan_blocks = True
+    # How scanned blocks compile (the parameters are the same): "loop" (one block, compile time
+    # independent of depth), "unrolled" (faster steps on XLA:CPU, longer compile), "auto"
+    # ("unrolled" on CPUs, else "loop"). models/blocks.py, SCAN_UNROLLS.
+    c.scan_unroll = "auto"
     c.remat = "none"  # "block": recompute each block's activations in the backward pass
     return c

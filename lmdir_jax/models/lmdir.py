@@ -32,7 +32,7 @@ from flax import nnx
 
 from lmdir_jax import architecture
 from lmdir_jax.architecture import MULTIPLE
-from lmdir_jax.models.blocks import BlockStack, remat_policy
+from lmdir_jax.models.blocks import BlockStack, remat_policy, resolve_scan_unroll
 from lmdir_jax.models.conditioning import Conditions
 from lmdir_jax.models.layers import (
     compute_dtype,
@@ -90,6 +90,7 @@ class LMDIR(nnx.Module):
         # Keys missing from an old run's config.json: that run's layout (unscanned, no remat).
         scan, remat = bool(c.get("scan_blocks", False)), str(c.get("remat", "none"))
         remat_policy(remat)
+        unroll = resolve_scan_unroll(str(c.get("scan_unroll", "auto")))
 
         def stack(name: str) -> BlockStack:
             st = stages[name]
@@ -97,6 +98,7 @@ class LMDIR(nnx.Module):
                 st.blocks,
                 scan=scan,
                 remat=remat,
+                unroll=unroll,
                 dim=st.width,
                 heads=st.heads,
                 expansion=float(c.ffn_expansion),

@@ -33,7 +33,8 @@ ITEMS = ("model", "opt", "ema", "data", "meta")
 # order); everything else under FIXED_PREFIXES needs --config.train.allow_config_change=True.
 FIXED_PREFIXES = ("seed", "model.", "data.", "priors.clip", "priors.cache", "priors.max_text_len",
                   "priors.ref_size")
-FREE_KEYS = ("data.num_workers", "data.read_threads", "data.prefetch", "data.val_")
+FREE_KEYS = ("data.num_workers", "data.read_threads", "data.prefetch", "data.val_",
+             "model.scan_unroll")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
