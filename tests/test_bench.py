@@ -76,3 +76,17 @@ def test_bench_restore_rejects_a_bad_size(capsys, size):
     assert main(["bench", "restore", "--config", "tiny", "--size", size]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--size" in err[0]
+
+
+def test_compare_torch_warms_up_before_every_block():
+    """Each timed block starts with its own untimed warm-up steps (a framework's first step after
+    the other's ran can be slower in one process), and only the timed steps are recorded."""
+    from lmdir_jax.bench.compare_torch import _Timer
+
+    calls = []
+    timer = _Timer(lambda: calls.append(len(calls)), "stub")
+    timer.block(3, 2)
+    timer.block(3, 2)
+    assert len(calls) == 10 and [len(b) for b in timer.blocks] == [3, 3]
+    timer.block(1)
+    assert len(calls) == 11
