@@ -148,8 +148,8 @@ SCAN_UNROLLS = ("auto", "loop", "unrolled")
 """`model.scan_unroll` values: how a scanned stack of blocks is compiled (the parameters are stacked
 either way). 'loop': one block compiled and run n times (compile time independent of depth);
 'unrolled': the n blocks compiled one after another; 'auto': unrolled on CPUs, a loop elsewhere.
-On XLA:CPU the paper step took 5.46 s as a loop and 3.78 s unrolled (128², batch 1), and compiled
-in 44 against 122 s: docs/benchmarks.md."""
+On XLA:CPU the paper step (128², batch 1) took 3.17 s as a loop and 2.80-2.94 s unrolled, with 20 %
+less temporary memory, and compiled in 39 against 85-122 s: docs/benchmarks.md."""
 
 
 def resolve_scan_unroll(name: str) -> bool:
