@@ -244,15 +244,13 @@ def test_fast_convs_match_lax_conv_and_its_gradients(padding, row_blocks, monkey
             np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
-
 def _while_bodies(hlo: str) -> list[str]:
     """The text of each computation that is the body of a while loop in HLO text."""
     import re
 
     names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
     comps = re.split(r"\n(?=\S)", hlo)  # a computation starts at column 0
-    return [c for c in comps if re.match(r"%?([\w.\-]+) ", c) and
-            re.match(r"%?([\w.\-]+) ", c).group(1) in names]
+    return [c for c in comps if (m := re.match(r"%?([\w.\-]+) ", c)) and m.group(1) in names]
 
 
 @pytest.mark.parametrize("row_blocks", [False, True])
@@ -283,6 +281,7 @@ def test_depthwise_kernel_gradient_sums_a_sharded_batch_once(row_blocks, monkeyp
     assert "all-reduce" in hlo  # the batch is still summed across devices, once
     want = jax.grad(loss)(k, np.asarray(x))
     np.testing.assert_allclose(grad(k, x), want, rtol=1e-5, atol=1e-5)
+
 
 def test_dense_matmul_matches_dot_general_and_its_gradients():
     """Linear layers' product with hand-written gradients (`backend_cpu.matmul`, fast on XLA:CPU)
