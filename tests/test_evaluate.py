@@ -121,12 +121,14 @@ def test_evaluate_errors(tiny_workdir, tmp_path, capsys):
          "is a folder"),
         (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
           "--degradation", " "], "--degradation needs a text"),
+        (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--data", "skimage",
+          "--spec", "noise:abc"], "bad degradation spec part 'noise:abc'"),
     ]:
         assert main(argv) == 2, argv
         captured = capsys.readouterr()
         err = captured.err.strip()
         assert err.startswith("lmdir: error:") and needle in err and "\n" not in err, err
-        assert "average" not in captured.out  # failed before evaluating
+        assert "average" not in captured.out and "img" not in captured.err  # failed before evaluating
 
 
 def test_evaluate_real_sots_sample(tiny_workdir, shared_data, tmp_path, capsys):

@@ -131,6 +131,7 @@ def run_protocol(args) -> int:
 def run(args) -> int:
     """Handler of `lmdir evaluate`."""
     from lmdir_jax.data.sources import is_named_source
+    from lmdir_jax.degradations.spec import parse_spec
     from lmdir_jax.evaluate import EvalSet, evaluate, format_table, write_csv, write_json
     from lmdir_jax.inference import load_restorer
 
@@ -156,6 +157,8 @@ def run(args) -> int:
     for s in sets:
         if not (is_named_source(s.path) or Path(s.path).is_dir()):
             raise UsageError(f"evaluation folder not found: {s.path}")
+        if s.spec is not None:
+            parse_spec(s.spec)  # a bad spec is one line before the checkpoint loads
     if args.max_steps < 1:
         raise UsageError("--max-steps must be >= 1")
     restorer = load_restorer(args.checkpoint, args.clip, args.controller)
