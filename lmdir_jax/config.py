@@ -84,6 +84,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> ml_col
         ):
             raise UsageError(f"bad value for config.{key}: {arg.partition('=')[2]} "
                              f"(a tuple of {type(old[0]).__name__}, e.g. {old})")
+    if int(config.get("seed", 0)) < 0:  # numpy's generators take no negative seed
+        raise UsageError(f"config.seed must be >= 0, got {config.seed}")
     return config
 
 

@@ -2,7 +2,8 @@
 
 `check_output_folder` refuses an output folder that is, or contains, an input (with or without
 `--force`); `check_output_file` refuses a file path that cannot be written (a folder, or a path under
-a file). Both raise `UsageError` with one line naming the flag. JAX-free.
+a file); `check_workdir` refuses a run folder (new or resumed) that is, or lies under, a file. All
+raise `UsageError` with one line naming the flag. JAX-free.
 """
 
 from __future__ import annotations
@@ -64,4 +65,15 @@ def check_output_file(
     for item in inputs:
         if target == _resolved(item):
             raise UsageError(f"{flag} {path} would overwrite the input {item}")
+    return path
+
+
+def check_workdir(workdir: str | Path, *, flag: str = "--workdir") -> Path:
+    """The absolute run folder (created or resumed later); UsageError when it, or a folder above it,
+    is an existing file, or when it cannot be created."""
+    path = _resolved(workdir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {workdir}: {path} is a file, not a folder")
+    if not path.exists():
+        _writable_parent(path, flag)
     return path

@@ -69,3 +69,44 @@ def test_grayscale_stays_grayscale(tmp_path, capsys):
     assert ga.alpha is not None and np.array_equal(ga.rgb[..., 0], ga.rgb[..., 2])
     assert main(["degrade", str(tmp_path / "g.png"), "--spec", "rain", "-o", str(tmp_path / "d")]) == 0
     assert load_image(tmp_path / "d" / "g.png").grayscale
+
+
+def test_every_command_refuses_bad_output_paths_and_seeds_in_one_line(tmp_path, capsys):
+    """Outputs under a file, a report over its own inputs, and negative seeds: exit 2 with one line
+    before any work (they were tracebacks), and the file in the way is left as it was."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "config.json").write_text("{}")
+    under = str(blocker / "sub")
+    cases = [
+        (["priors", "make-tiny", str(blocker)], "must be a folder, not a file"),
+        (["priors", "make-tiny", under], "is a file, not a folder"),
+        (["priors", "build", "--data", "skimage", "--clip", str(wd), "--output", under], "is a file"),
+        (["priors", "classify", "--clip", str(wd), "--data", "skimage", "--spec", "noise",
+          "--json", under], "is a file"),
+        (["priors", "train-controller", "--clip", str(wd), "--workdir", under], "is a file"),
+        (["data", "preview", "--config", "tiny", "--output", under], "is a file"),
+        (["report", "--workdir", str(wd), "--output", under], "is a file"),
+        (["report", "--workdir", str(wd), "--output", str(wd / "config.json")], "overwrite the input"),
+        (["export", "torch", "--checkpoint", str(wd), "--output", under, "--no-check"], "is a file"),
+        (["export", "torch", "--checkpoint", str(wd), "--output", str(blocker), "--force", "--no-check"],
+         "must be a folder"),
+        (["export", "onnx", "--checkpoint", str(wd), "--output", under + ".onnx", "--no-check"], "is a file"),
+        (["model", "convert", "--checkpoint", str(wd), "--output", under, "--scan-blocks", "true"],
+         "is a file"),
+        (["degrade", str(blocker), "--spec", "noise", "-o", str(tmp_path / "d"), "--seed", "-1"],
+         "--seed: must be >= 0"),
+        (["evaluate", "--checkpoint", str(wd), "--data", "skimage", "--spec", "noise", "--seed", "-2"],
+         "--seed: must be >= 0"),
+        (["train", "--config", "tiny", "--workdir", str(tmp_path / "t"), "--config.seed=-1"],
+         "config.seed must be >= 0"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err and "Traceback" not in err, (argv, err)
+    assert blocker.read_text() == "keep me" and (wd / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "wd"]  # nothing written
+

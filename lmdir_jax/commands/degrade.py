@@ -6,6 +6,8 @@ import glob
 import json
 from pathlib import Path
 
+from lmdir_jax.commands import seed_type
+
 
 def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
     """(file, output-relative name) for files, folders (recursive) and glob patterns; UsageError
@@ -103,5 +105,5 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders or glob patterns")
     p.add_argument("--spec", required=True, help="degradation spec, kind[:value] joined by '+'")
     p.add_argument("--output", "-o", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="image i uses the random seed (SEED, i)")
+    p.add_argument("--seed", type=seed_type, default=0, help="image i uses the random seed (SEED, i)")
     p.set_defaults(func=run)

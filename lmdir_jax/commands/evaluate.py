@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_output_file
 
@@ -50,7 +51,7 @@ def register(sub) -> None:
                    help="evaluation folder, `skimage` or tfds:NAME:SPLIT (repeatable)")
     p.add_argument("--spec", action=_SpecAction, metavar="SPEC", dest="sets_spec",
                    help="degradation spec for the preceding --data (e.g. noise:25, rain, haze+jpeg:40)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradations (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the synthetic degradations (default 0)")
     p.add_argument("--crop-multiple", type=int, default=0, metavar="N",
                    help="centre-crop images to a multiple of N first (16 = AirNet/PromptIR protocol)")
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="at most N images per set")

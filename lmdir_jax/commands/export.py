@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_file, check_output_folder
 
 
 def register(sub) -> None:
@@ -63,7 +64,8 @@ def run_torch(args) -> int:
     from lmdir_jax.export.convert import refuse_overlap
 
     refuse_overlap(workdir, output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.force:
+    check_output_folder(output)
+    if output.exists() and any(output.iterdir()) and not args.force:
         raise UsageError(f"output {output} exists and is not empty (use --force to overwrite)")
     if not args.no_check:
         try:
@@ -100,6 +102,7 @@ def run_onnx(args) -> int:
     refuse_overlap(workdir, output)
     if output.is_dir():
         raise UsageError(f"output {output} is a folder; give the path of the .onnx file")
+    check_output_file(output)
     if output.exists() and not args.force:
         raise UsageError(f"output {output} exists (use --force to overwrite)")
     needed = ["torch", "onnx", "onnxscript"] + ([] if args.no_check else ["onnxruntime"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_folder
 
 
 def register(sub) -> None:
@@ -35,6 +36,7 @@ def run_restormer(args) -> int:
     from lmdir_jax.config import load_config
     from lmdir_jax.export.restormer import import_restormer
 
+    check_output_folder(args.output)
     config = load_config(args.config, args.config_overrides)
     out = import_restormer(Path(args.checkpoint), config, Path(args.output))
     print(f"imported {args.checkpoint} into {out}/ (config {config.get('name', '')}, step 0; "

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from lmdir_jax.commands import seed_type
+
 
 def register(sub) -> None:
     """Add `lmdir model` and its `summary` action."""
@@ -12,7 +14,7 @@ def register(sub) -> None:
     s = msub.add_parser("summary", help="parameter counts per component and GFLOPs")
     s.add_argument("--config", required=True, help="config name (configs/NAME.py) or path")
     s.add_argument("--size", type=int, default=256, help="square input side for the FLOP count")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_type, default=0)
     s.set_defaults(func=summary)
     c = msub.add_parser("convert", help="a run's latest checkpoint in the other block layout "
                         "(model.scan_blocks), written as a new workdir")
@@ -25,8 +27,10 @@ def register(sub) -> None:
 
 def convert(args) -> int:
     """Write the converted workdir and say what was written."""
+    from lmdir_jax.outputs import check_output_folder
     from lmdir_jax.train.relayout import convert_workdir
 
+    check_output_folder(args.output)
     step = convert_workdir(args.checkpoint, args.output, args.scan_blocks == "true")
     print(f"wrote step {step} of {args.checkpoint} with model.scan_blocks={args.scan_blocks} "
           f"to {args.output}")

@@ -13,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_output_file, check_output_folder
 from lmdir_jax.priors.config import CONTROLLER_GRID
 
 
@@ -25,7 +27,7 @@ def register(sub) -> None:
 
     t = psub.add_parser("make-tiny", help="write tiny random CLIP and SD folders (tests, demos)")
     t.add_argument("outdir", metavar="OUTDIR", help="writes OUTDIR/clip and OUTDIR/sd")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed_type, default=0)
     t.add_argument("--text-dim", type=int, default=32, help="CLIP text width (default 32)")
     t.add_argument("--no-sd", action="store_true", help="write the tiny CLIP only")
     t.set_defaults(func=run_make_tiny)
@@ -49,7 +51,7 @@ def register(sub) -> None:
     b.add_argument("--top-k", type=int, default=2, help="scene phrases per zero-shot caption (2)")
     b.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     b.add_argument("--max-items", type=int, default=None, help="only the first N images")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed_type, default=0)
     b.add_argument("--controller", metavar="WD",
                    help="trained DA-CLIP controller: zero-shot captions from the controlled image tower")
     b.set_defaults(func=run_build)
@@ -67,7 +69,7 @@ def register(sub) -> None:
     c.add_argument("--spec", required=True, action="append", metavar="SPEC",
                    help="degradation spec, e.g. noise:25 or rain+haze; repeatable; 'clean' allowed")
     c.add_argument("--max-images", type=int, default=None, metavar="N")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_type, default=0)
     c.add_argument("--controller", metavar="WD", help="also classify with this trained controller")
     c.add_argument("--grid", type=int, default=CONTROLLER_GRID,
                    help=f"native crops per side (grid x grid, default {CONTROLLER_GRID})")
@@ -97,7 +99,7 @@ def run_make_tiny(args) -> int:
     """Write OUTDIR/clip (tiny FlaxCLIPModel + tokenizer) and OUTDIR/sd (tiny SD, diffusers layout)."""
     from lmdir_jax.priors.tiny import save_tiny_clip
 
-    out = Path(args.outdir)
+    out = check_output_folder(args.outdir, flag="OUTDIR")
     if args.text_dim < 2 or args.text_dim % 2:
         raise UsageError(f"--text-dim must be an even number >= 2, got {args.text_dim}")
     for name in ("clip",) + (() if args.no_sd else ("sd",)):
@@ -117,6 +119,7 @@ def run_build(args) -> int:
     """Build or resume a prior cache and print its summary."""
     from lmdir_jax.priors.cache import build_cache
 
+    check_output_folder(args.output, [args.data] if Path(args.data).exists() else [])
     clip = None
     if args.controller:
         from lmdir_jax.priors.clip import load_clip
@@ -310,6 +313,8 @@ def run_classify(args) -> int:
 
     if args.grid < 1:
         raise UsageError(f"--grid must be >= 1, got {args.grid}")
+    if args.json:
+        check_output_file(args.json, flag="--json")
     for spec in args.spec:
         _spec_kinds(spec)
     if args.controller and not Path(args.controller).is_dir():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def register(sub) -> None:
     """Add `lmdir report`."""
@@ -23,6 +25,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from lmdir_jax.errors import UsageError
+    from lmdir_jax.outputs import check_output_file
     from lmdir_jax.report import compare_evaluations, write_report
 
     compare = None
@@ -36,6 +39,12 @@ def run(args) -> int:
         if not (sep and name and file):
             raise UsageError(f"--eval takes NAME=FILE (e.g. blind=eval-blind.json), got {item!r}")
         evaluations.append((name, file))
+    workdir = Path(args.workdir)
+    reads = [*(args.compare or ()), *(f for _, f in evaluations), *([args.eval_text] if args.eval_text else []),
+             *workdir.glob("*"), *workdir.glob("plots/*")]
+    check_output_file(args.output, reads)  # before any work: never over an input
+    if compare:  # the sample figure is written beside the report
+        check_output_file(Path(args.output).parent / "sample.png", compare, flag="--compare's figure")
     if evaluations:
         print(compare_evaluations(evaluations))
     path = write_report(args.output, args.workdir, compare=compare, eval_text=args.eval_text,

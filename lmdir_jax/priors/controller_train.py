@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_workdir
 
 
 def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -192,9 +193,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
 
     config = copy.deepcopy(config)
     config.train.ema_decay = 0.0  # the controller keeps no EMA copy
-    workdir = Path(workdir).resolve()
-    if workdir.exists() and not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir} exists and is not a folder")
+    workdir = check_workdir(workdir)
     tc = config.train
     total = int(tc.steps)
     if total < 1:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import check_workdir  # noqa: F401  (re-exported)
 from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
     DEBUG_NAN_ENV,
     DEBUG_SIGKILL_ENV,
@@ -24,17 +25,6 @@ from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
     default_actions,
 )
 from lmdir_jax.train.monitor import is_main, plot_loss, read_metrics, validate  # noqa: F401
-
-
-def check_workdir(workdir: str | Path) -> Path:
-    """The absolute workdir; UsageError when it (or a folder above it) is an existing file."""
-    path = Path(workdir).expanduser().resolve()
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(f"--workdir {workdir}: {p} is a file, not a folder")
-            break
-    return path
 
 
 def write_config(config, workdir: Path) -> None:
