@@ -199,3 +199,22 @@ def test_tfds_source_reads_a_real_prepared_dataset(tmp_path):
         load_source("tfds:lmdir_tiny_images:validation")
 
 
+
+
+def test_data_check_counts_what_the_loader_will_skip(tmp_path, capsys):
+    """`lmdir data check` decodes files as the loader does: a truncated JPEG whose header parses is
+    counted and named, where a header-only check (what `lmdir train` runs first) misses it."""
+    from lmdir_jax.cli import main
+    from lmdir_jax.data.check import check_folder
+
+    _make_bad_files(tmp_path)
+    write_image(tmp_path / "good.png", _img(2))
+    header = check_folder("train", str(tmp_path), decode="header")
+    assert header.unreadable == 2 and header.unreadable_files == ["empty.png", "notes.jpg"]
+    for decode in ("auto", "full"):
+        rep = check_folder("train", str(tmp_path), decode=decode)
+        assert rep.unreadable == load_source(tmp_path).num_unreadable == 3 and not rep.problems
+    assert main(["data", "check", "--config", "tiny", f"--config.data.source={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 unreadable file(s) will be skipped: empty.png, notes.jpg, truncated.jpg" in out
+    assert "no problem" in out

@@ -87,7 +87,7 @@ def run_check(args) -> int:
     from lmdir_jax.data.check import check_config, format_check, problems
 
     config = load_config(args.config, args.config_overrides)
-    reports = check_config(config)
+    reports = check_config(config, decode="full" if args.full else "auto")
     print(format_check(reports, int(config.data.patch_size)))
     lines = problems(reports)
     for line in lines:
@@ -118,4 +118,7 @@ def register(sub) -> None:
         "check on the training sources first.",
     )
     ck.add_argument("--config", required=True, help="config name or path (configs/*.py)")
+    ck.add_argument("--full", action="store_true",
+                    help="decode every file (default: every file of folders of up to 4000 images, "
+                    "as training does; headers only in bigger ones)")
     ck.set_defaults(func=run_check)

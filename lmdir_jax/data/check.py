@@ -3,6 +3,11 @@
 One row per folder: image count, pairs matched, unpaired files, unreadable files, the smallest image
 against the patch size. Problems (a missing folder, a paired folder with no pairs, a pair whose
 sizes differ, a source without any usable image, a bad weight) are one line each.
+
+`decode` says how a file counts as readable: 'auto' decodes every file of a folder of up to
+`sources.FULL_CHECK_LIMIT` images (as the training loader does, so a truncated JPEG the loader would
+skip is counted here too) and parses only headers beyond that; 'full' decodes every file; 'header'
+only parses headers (what `lmdir train` uses: its loader decodes the files next anyway).
 """
 
 from __future__ import annotations
@@ -27,14 +32,20 @@ class FolderReport:
     pairs: int | None = None
     unpaired: int = 0
     unreadable: int = 0
+    unreadable_files: list[str] = field(default_factory=list)  # relative to the folder
     smallest: tuple[int, int] | None = None
     problems: list[str] = field(default_factory=list)
 
 
-def _size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the file header, or None when it is not a readable image."""
+def _size(path: Path, full: bool = False) -> tuple[int, int] | None:
+    """(height, width) from the file header (or a full decode), or None when it is not readable."""
     from PIL import Image
 
+    if full:
+        from lmdir_jax.data.io import load_image
+
+        loaded = load_image(path)
+        return None if loaded is None else tuple(loaded.rgb.shape[:2])
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -43,9 +54,12 @@ def _size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def _sizes(paths: list[Path]) -> list[tuple[int, int] | None]:
+def _sizes(paths: list[Path], decode: str = "header") -> list[tuple[int, int] | None]:
+    from lmdir_jax.data.sources import FULL_CHECK_LIMIT
+
+    full = decode == "full" or (decode == "auto" and len(paths) <= FULL_CHECK_LIMIT)
     with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
-        return list(pool.map(_size, paths))
+        return list(pool.map(lambda p: _size(p, full), paths))
 
 
 def _smallest(sizes) -> tuple[int, int] | None:
@@ -54,10 +68,11 @@ def _smallest(sizes) -> tuple[int, int] | None:
 
 
 def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str = "",
-                 paired: bool | None = None) -> FolderReport:
+                 paired: bool | None = None, decode: str = "auto") -> FolderReport:
     """Check one source: 'skimage', 'tfds:...', a clean folder or a paired folder.
 
     `paired` forces the kind (True for a paired test set, False for a clean one); None = detect.
+    `decode`: 'auto', 'full' or 'header' (module docstring).
     """
     from lmdir_jax.data.sources import (
         CLEAN_DIRS,
@@ -85,9 +100,11 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
         return rep
     if not is_paired:
         files = list_images(root)
-        sizes = _sizes(files)
+        sizes = _sizes(files, decode)
         rep.images = len(files)
         rep.unreadable = sum(s is None for s in sizes)
+        rep.unreadable_files = [p.relative_to(root).as_posix() for p, s in zip(files, sizes, strict=True)
+                                if s is None]
         rep.smallest = _smallest(sizes)
         if rep.images == rep.unreadable:
             what = "only unreadable image files" if files else "no image files"
@@ -100,9 +117,11 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
             rep.problems.append(f"{role}: {path} has no sub-folder {sub.name if sub else '?'}/")
             return rep
     dfiles, cfiles = list_images(ddir), list_images(cdir)
-    dsizes, csizes = _sizes(dfiles), _sizes(cfiles)
+    dsizes, csizes = _sizes(dfiles, decode), _sizes(cfiles, decode)
     rep.images = len(dfiles) + len(cfiles)
     rep.unreadable = sum(s is None for s in dsizes + csizes)
+    rep.unreadable_files = [p.relative_to(root).as_posix()
+                            for p, s in zip(dfiles + cfiles, dsizes + csizes, strict=True) if s is None]
     rep.smallest = _smallest(dsizes + csizes)
     dsize = {p.relative_to(ddir).as_posix(): s for p, s in zip(dfiles, dsizes, strict=True) if s}
     csize = {p.relative_to(cdir).as_posix(): s for p, s in zip(cfiles, csizes, strict=True) if s}
@@ -124,9 +143,10 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
     return rep
 
 
-def check_config(config, *, tests: bool = True) -> list[FolderReport]:
+def check_config(config, *, tests: bool = True, decode: str = "auto") -> list[FolderReport]:
     """Reports for the config's training data (data.sources, or data.source), its validation
-    folder and, with `tests`, the test sets of data.protocol under data.root."""
+    folder and, with `tests`, the test sets of data.protocol under data.root; `decode` as in
+    `check_folder`."""
     from lmdir_jax.data.pipeline import source_specs
 
     d = config.data
@@ -140,11 +160,11 @@ def check_config(config, *, tests: bool = True) -> list[FolderReport]:
     if specs:
         for s in specs:
             reports.append(check_folder(f"train:{s.name}", s.path, degraded_dir=s.degraded_dir,
-                                        clean_dir=s.clean_dir))
+                                        clean_dir=s.clean_dir, decode=decode))
     else:
-        reports.append(check_folder("train", str(d.source)))
+        reports.append(check_folder("train", str(d.source), decode=decode))
     if str(d.get("val_source", "")):
-        reports.append(check_folder("val", str(d.val_source)))
+        reports.append(check_folder("val", str(d.val_source), decode=decode))
     protocol = str(d.get("protocol", ""))
     if tests and protocol:
         from lmdir_jax.protocols import find_set, protocol_sets
@@ -162,7 +182,7 @@ def check_config(config, *, tests: bool = True) -> list[FolderReport]:
                 reports.append(rep)
             elif str(path) not in seen:  # CBSD68 serves three columns: walk it once
                 role = f"test:{ps.key.split('-')[0]}"
-                seen[str(path)] = check_folder(role, str(path), paired=ps.spec is None)
+                seen[str(path)] = check_folder(role, str(path), paired=ps.spec is None, decode=decode)
                 reports.append(seen[str(path)])
     return reports
 
@@ -187,4 +207,8 @@ def format_check(reports: list[FolderReport], patch: int) -> str:
             f"{small:<8}  {r.folder}"
         )
     lines.append(f"(patch size {patch}; smaller images are reflect-padded)")
+    for r in reports:  # skipped, not a problem; but say which, so they can be fixed
+        if r.unreadable_files:
+            names = ", ".join(r.unreadable_files[:5]) + (", ..." if len(r.unreadable_files) > 5 else "")
+            lines.append(f"{r.role}: {r.unreadable} unreadable file(s) will be skipped: {names}")
     return "\n".join(lines)
