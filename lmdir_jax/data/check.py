@@ -20,6 +20,7 @@ from pathlib import Path
 from lmdir_jax.errors import UsageError
 
 MAX_SIZE_LINES = 10  # at most this many "sizes differ" lines per folder, then a count
+PROGRESS_MIN_FILES = 500  # decoding a folder this big shows a progress line
 
 
 @dataclass
@@ -54,12 +55,17 @@ def _size(path: Path, full: bool = False) -> tuple[int, int] | None:
         return None
 
 
-def _sizes(paths: list[Path], decode: str = "header") -> list[tuple[int, int] | None]:
+def _sizes(paths: list[Path], decode: str = "header", desc: str = "") -> list[tuple[int, int] | None]:
     from lmdir_jax.data.sources import FULL_CHECK_LIMIT
+    from lmdir_jax.progress import progress_bar
 
     full = decode == "full" or (decode == "auto" and len(paths) <= FULL_CHECK_LIMIT)
     with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
-        return list(pool.map(lambda p: _size(p, full), paths))
+        sizes = pool.map(lambda p: _size(p, full), paths)
+        # decoding thousands of photos takes a while: a progress line (none for small folders)
+        bar = progress_bar(sizes, desc=f"check {desc}", unit="img", total=len(paths),
+                           disable=not full or len(paths) < PROGRESS_MIN_FILES)
+        return list(bar)
 
 
 def _smallest(sizes) -> tuple[int, int] | None:
@@ -100,7 +106,7 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
         return rep
     if not is_paired:
         files = list_images(root)
-        sizes = _sizes(files, decode)
+        sizes = _sizes(files, decode, str(path))
         rep.images = len(files)
         rep.unreadable = sum(s is None for s in sizes)
         rep.unreadable_files = [p.relative_to(root).as_posix() for p, s in zip(files, sizes, strict=True)
@@ -117,7 +123,7 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
             rep.problems.append(f"{role}: {path} has no sub-folder {sub.name if sub else '?'}/")
             return rep
     dfiles, cfiles = list_images(ddir), list_images(cdir)
-    dsizes, csizes = _sizes(dfiles, decode), _sizes(cfiles, decode)
+    dsizes, csizes = _sizes(dfiles, decode, str(ddir)), _sizes(cfiles, decode, str(cdir))
     rep.images = len(dfiles) + len(cfiles)
     rep.unreadable = sum(s is None for s in dsizes + csizes)
     rep.unreadable_files = [p.relative_to(root).as_posix()
