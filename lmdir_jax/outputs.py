@@ -2,7 +2,7 @@
 
 `check_output_folder` refuses an output folder that is, or contains, an input (with or without
 `--force`); `check_output_file` refuses a file path that cannot be written (a folder, or a path under
-a file); `check_workdir` refuses a run folder (new or resumed) that is, or lies under, a file. All
+a file), and `check_text_output` also an existing image (a report, JSON or CSV file); `check_workdir` refuses a run folder (new or resumed) that is, or lies under, a file. All
 raise `UsageError` with one line naming the flag. JAX-free.
 """
 
@@ -76,4 +76,17 @@ def check_workdir(workdir: str | Path, *, flag: str = "--workdir") -> Path:
         raise UsageError(f"{flag} {workdir}: {path} is a file, not a folder")
     if not path.exists():
         _writable_parent(path, flag)
+    return path
+
+
+def check_text_output(
+    path: str | Path, inputs: Iterable[str | Path] = (), *, flag: str = "--output"
+) -> Path:
+    """`check_output_file` for a text output (a report, JSON or CSV), which also never replaces an
+    existing image file: a path typed into the wrong flag must not turn a photo into a table."""
+    from lmdir_jax.data.io import is_image_file
+
+    path = check_output_file(path, inputs, flag=flag)
+    if path.is_file() and is_image_file(path):
+        raise UsageError(f"{flag} {path} is an existing image: give the new {flag.lstrip('-')} file a name")
     return path

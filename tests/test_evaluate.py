@@ -10,7 +10,7 @@ import pytest
 import restore_fixtures
 
 from lmdir_jax.cli import main
-from lmdir_jax.data.io import write_image
+from lmdir_jax.data.io import read_image, write_image
 from lmdir_jax.metrics import crop_to_multiple, image_metrics, psnr, rgb_to_y, ssim
 
 tiny_clip = restore_fixtures.tiny_clip  # shared session fixture
@@ -123,12 +123,18 @@ def test_evaluate_errors(tiny_workdir, tmp_path, capsys):
           "--degradation", " "], "--degradation needs a text"),
         (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired), "--data", "skimage",
           "--spec", "noise:abc"], "bad degradation spec part 'noise:abc'"),
+        # a report never replaces a photo nor the run's own files
+        (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
+          "--csv", str(paired / "clean" / "0001.png")], "is an existing image"),
+        (["evaluate", "--checkpoint", str(tiny_workdir), "--data", str(paired),
+          "--json", str(tiny_workdir / "config.json")], "would overwrite the input"),
     ]:
         assert main(argv) == 2, argv
         captured = capsys.readouterr()
         err = captured.err.strip()
         assert err.startswith("lmdir: error:") and needle in err and "\n" not in err, err
         assert "average" not in captured.out and "img" not in captured.err  # failed before evaluating
+    assert read_image(paired / "clean" / "0001.png") is not None
 
 
 def test_evaluate_real_sots_sample(tiny_workdir, shared_data, tmp_path, capsys):

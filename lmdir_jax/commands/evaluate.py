@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import check_output_file
+from lmdir_jax.outputs import check_text_output
 
 
 class _DataAction(argparse.Action):
@@ -144,9 +144,10 @@ def run(args) -> int:
         raise UsageError("--degradation needs a text (e.g. 'heavy rain'); use --blind for none")
     if args.json and args.csv and Path(args.json).resolve() == Path(args.csv).resolve():
         raise UsageError("--json and --csv name the same file")
+    run_files = [*Path(args.checkpoint).glob("*"), *(Path(args.controller).glob("*") if args.controller else ())]
     for flag, path in (("--json", args.json), ("--csv", args.csv)):
-        if path:  # checked before the evaluation, so a bad path loses no results
-            check_output_file(path, flag=flag)
+        if path:  # checked before the evaluation, so a bad path loses no results (nor an input)
+            check_text_output(path, run_files, flag=flag)
     args.sets = getattr(args, "sets", None) or []
     if args.protocol:
         return run_protocol(args)

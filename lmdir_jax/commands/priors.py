@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import check_output_file, check_output_folder
+from lmdir_jax.outputs import check_output_folder, check_text_output
 from lmdir_jax.priors.config import CONTROLLER_GRID
 
 
@@ -314,7 +314,7 @@ def run_classify(args) -> int:
     if args.grid < 1:
         raise UsageError(f"--grid must be >= 1, got {args.grid}")
     if args.json:
-        check_output_file(args.json, flag="--json")
+        check_text_output(args.json, flag="--json")
     for spec in args.spec:
         _spec_kinds(spec)
     if args.controller and not Path(args.controller).is_dir():

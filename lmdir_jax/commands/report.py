@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from lmdir_jax.errors import UsageError
-    from lmdir_jax.outputs import check_output_file
+    from lmdir_jax.outputs import check_output_file, check_text_output
     from lmdir_jax.report import compare_evaluations, write_report
 
     compare = None
@@ -42,7 +42,7 @@ def run(args) -> int:
     workdir = Path(args.workdir)
     reads = [*(args.compare or ()), *(f for _, f in evaluations), *([args.eval_text] if args.eval_text else []),
              *workdir.glob("*"), *workdir.glob("plots/*")]
-    check_output_file(args.output, reads)  # before any work: never over an input
+    check_text_output(args.output, reads)  # before any work: never over an input
     if compare:  # the sample figure is written beside the report
         check_output_file(Path(args.output).parent / "sample.png", compare, flag="--compare's figure")
     if evaluations:
