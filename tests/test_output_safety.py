@@ -110,3 +110,30 @@ def test_every_command_refuses_bad_output_paths_and_seeds_in_one_line(tmp_path, 
     assert blocker.read_text() == "keep me" and (wd / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "wd"]  # nothing written
 
+
+
+def test_export_force_replaces_an_export_and_never_deletes_other_files(tmp_path, capsys):
+    """`lmdir export torch --force` into a folder holding anything but a previous export's three
+    files is refused (it used to delete the whole folder first)."""
+    from lmdir_jax.export.convert import _prepare_output
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "config.json").write_text("{}")
+    photos = tmp_path / "photos"
+    write_image(photos / "holiday.png", np.zeros((4, 4, 3)))
+    (photos / "config.json").write_text("mine")
+    argv = ["export", "torch", "--checkpoint", str(wd), "--output", str(photos), "--no-check"]
+    for extra in ([], ["--force"]):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and ("--force" in err if not extra else "holiday.png" in err), err
+    assert sorted(p.name for p in photos.iterdir()) == ["config.json", "holiday.png"]
+    previous = tmp_path / "export"
+    previous.mkdir()
+    for name in ("model.safetensors", "config.json", "README.md"):
+        (previous / name).write_text("old")
+    with pytest.raises(UsageError, match="not empty"):
+        _prepare_output(previous, force=False)
+    _prepare_output(previous, force=True)  # a previous export: its files go, the folder stays
+    assert previous.is_dir() and not any(previous.iterdir())

@@ -61,12 +61,11 @@ def run_torch(args) -> int:
     workdir, output = Path(args.checkpoint), Path(args.output)
     if not workdir.is_dir():
         raise UsageError(f"checkpoint folder not found: {workdir}")
-    from lmdir_jax.export.convert import refuse_overlap
+    from lmdir_jax.export.convert import check_export_folder, refuse_overlap
 
     refuse_overlap(workdir, output)
     check_output_folder(output)
-    if output.exists() and any(output.iterdir()) and not args.force:
-        raise UsageError(f"output {output} exists and is not empty (use --force to overwrite)")
+    check_export_folder(output, args.force)
     if not args.no_check:
         try:
             import torch  # noqa: F401

@@ -16,7 +16,6 @@ Name mapping: the Flax path of the unscanned layout (`models.stacking.unstack_bl
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +140,29 @@ def torch_mirror(model, config_model):
     return tm.eval()
 
 
-def _prepare_output(output_dir: Path, force: bool) -> None:
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, README_FILE)  # all that an export folder holds
+
+
+def check_export_folder(output_dir: str | Path, force: bool) -> None:
+    """UsageError unless `output_dir` is absent, empty, or (with `force`) a previous export: --force
+    replaces an export's own files and never deletes anything else."""
+    output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"output {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not force:
-            raise UsageError(f"output {output_dir} is not empty (use --force to overwrite)")
-        shutil.rmtree(output_dir)
+    entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if entries and not force:
+        raise UsageError(f"output {output_dir} exists and is not empty (use --force to overwrite)")
+    foreign = [name for name in entries if name not in EXPORT_FILES]
+    if foreign:
+        raise UsageError(f"output {output_dir} holds files an export does not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): --force only replaces a previous "
+                         "export; choose an empty or new folder")
+
+
+def _prepare_output(output_dir: Path, force: bool) -> None:
+    check_export_folder(output_dir, force)
+    for name in EXPORT_FILES:  # a previous export's files (check_export_folder allowed no others)
+        (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
