@@ -27,7 +27,7 @@ def register(sub) -> None:
     )
     t.add_argument("--checkpoint", required=True, metavar="WORKDIR", help="training workdir")
     t.add_argument("--output", required=True, metavar="DIR", help="export folder")
-    t.add_argument("--force", action="store_true", help="replace a non-empty export folder")
+    t.add_argument("--force", action="store_true", help="replace a previous export in the folder (never other files)")
     t.add_argument("--no-ema", action="store_true",
                    help="export the raw parameters instead of the EMA parameters")
     t.add_argument("--no-check", action="store_true",
