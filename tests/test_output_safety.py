@@ -114,7 +114,8 @@ def test_every_command_refuses_bad_output_paths_and_seeds_in_one_line(tmp_path, 
 
 def test_export_force_replaces_an_export_and_never_deletes_other_files(tmp_path, capsys):
     """`lmdir export torch --force` into a folder holding anything but a previous export's three
-    files is refused (it used to delete the whole folder first)."""
+    files is refused (it used to delete the whole folder first); `export onnx --force` replaces
+    only an .onnx file."""
     from lmdir_jax.export.convert import _prepare_output
 
     wd = tmp_path / "wd"
@@ -128,6 +129,9 @@ def test_export_force_replaces_an_export_and_never_deletes_other_files(tmp_path,
         assert main(argv + extra) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and ("--force" in err if not extra else "holiday.png" in err), err
+    assert main(["export", "onnx", "--checkpoint", str(wd), "--output", str(photos / "holiday.png"),
+                 "--force", "--no-check"]) == 2
+    assert "not an .onnx file" in capsys.readouterr().err
     assert sorted(p.name for p in photos.iterdir()) == ["config.json", "holiday.png"]
     previous = tmp_path / "export"
     previous.mkdir()

@@ -47,7 +47,7 @@ def register(sub) -> None:
     o.add_argument("--priors", choices=("none", "text", "all"), default="all",
                    help="inputs of the graph: lq only; + CLIP text states and masks; + reference "
                    "(default all)")
-    o.add_argument("--force", action="store_true", help="replace an existing output file")
+    o.add_argument("--force", action="store_true", help="replace an existing .onnx file")
     o.add_argument("--no-ema", action="store_true",
                    help="export the raw parameters instead of the EMA parameters")
     o.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime self-check")
@@ -104,6 +104,8 @@ def run_onnx(args) -> int:
     check_output_file(output)
     if output.exists() and not args.force:
         raise UsageError(f"output {output} exists (use --force to overwrite)")
+    if output.exists() and output.suffix.lower() != ".onnx":
+        raise UsageError(f"output {output} exists and is not an .onnx file: --force only replaces one")
     needed = ["torch", "onnx", "onnxscript"] + ([] if args.no_check else ["onnxruntime"])
     import importlib.util
 
