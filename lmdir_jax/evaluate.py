@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.metrics import crop_to_multiple, image_metrics
+from lmdir_jax.outputs import atomic_write_bytes
 
 METRIC_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
 
@@ -162,8 +163,7 @@ def write_json(report: EvalReport, path: str | Path) -> Path:
     """The whole report (settings, summary, average, per-image records) as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_json(), indent=2, allow_nan=True), encoding="utf-8")
-    return path
+    return atomic_write_bytes(path, json.dumps(report.to_json(), indent=2, allow_nan=True).encode())
 
 
 def _match_size(lq: np.ndarray, gt: np.ndarray) -> np.ndarray:

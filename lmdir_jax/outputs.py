@@ -3,7 +3,8 @@
 `check_output_folder` refuses an output folder that is, or contains, an input (with or without
 `--force`); `check_output_file` refuses a file path that cannot be written (a folder, or a path under
 a file), and `check_text_output` also an existing image (a report, JSON or CSV file); `check_workdir` refuses a run folder (new or resumed) that is, or lies under, a file. All
-raise `UsageError` with one line naming the flag. JAX-free.
+raise `UsageError` with one line naming the flag. `atomic_write_bytes` writes a file whole or not
+at all (a killed run leaves no half-written image or report). JAX-free.
 """
 
 from __future__ import annotations
@@ -89,4 +90,21 @@ def check_text_output(
     path = check_output_file(path, inputs, flag=flag)
     if path.is_file() and is_image_file(path):
         raise UsageError(f"{flag} {path} is an existing image: give the new {flag.lstrip('-')} file a name")
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write `data` to a hidden temporary file beside `path`, then rename it over `path`: readers see
+    the old file or the new one, never a part (`fsync` also survives a power cut). Returns path."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

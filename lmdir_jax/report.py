@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import atomic_write_bytes
 
 
 def comparison_figure(
@@ -158,8 +159,7 @@ def write_report(
     if eval_text is not None and Path(eval_text).is_file():
         lines += ["## Evaluation", "", "```", Path(eval_text).read_text().rstrip(), "```", ""]
 
-    output.write_text("\n".join(lines))
-    return output
+    return atomic_write_bytes(output, "\n".join(lines).encode())
 
 
 def compare_evaluations(named: Sequence[tuple[str, str | Path]]) -> str:

@@ -141,3 +141,28 @@ def test_export_force_replaces_an_export_and_never_deletes_other_files(tmp_path,
         _prepare_output(previous, force=False)
     _prepare_output(previous, force=True)  # a previous export: its files go, the folder stays
     assert previous.is_dir() and not any(previous.iterdir())
+
+
+def test_writes_are_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Images, reports and JSON go through `atomic_write_bytes`: a write that dies half-way leaves
+    the previous file as it was and no temporary file behind."""
+    import os
+
+    from lmdir_jax.outputs import atomic_write_bytes
+
+    path = write_image(tmp_path / "a.png", np.zeros((4, 4, 3)))
+    before = path.read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # e.g. Ctrl-C between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(path, np.ones((4, 4, 3)))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "r.json", b"{}")
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    assert atomic_write_bytes(tmp_path / "r.json", b"{}", fsync=True).read_bytes() == b"{}"
+    write_image(path, np.ones((4, 4, 3)))
+    assert load_image(path).rgb.min() == 1.0 and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "r.json"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import check_text_output
+from lmdir_jax.outputs import atomic_write_bytes, check_text_output
 
 
 class _DataAction(argparse.Action):
@@ -124,7 +124,7 @@ def run_protocol(args) -> int:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"table": table, **report.to_json()}
-        path.write_text(json.dumps(payload, indent=2, allow_nan=True), encoding="utf-8")
+        atomic_write_bytes(path, json.dumps(payload, indent=2, allow_nan=True).encode())
         print(f"report: {path}")
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 WRITE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -235,5 +236,4 @@ def write_image(
     if not ok:
         raise OSError(f"could not encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.tobytes())
-    return path
+    return atomic_write_bytes(path, buf.tobytes())  # a killed run leaves no half-written image

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.outputs import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
@@ -63,12 +64,7 @@ def reference_seed(seed: int, key: str) -> int:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, fsync=True)
 
 
 def _read_index(path: Path) -> dict[str, dict]:
