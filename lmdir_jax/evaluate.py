@@ -10,6 +10,7 @@ one row per (dataset, task), their average, and one record per image (CSV / JSON
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -152,11 +153,11 @@ def write_csv(report: EvalReport, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [r.flat() for r in report.images]
     fields = list(rows[0]) if rows else ["dataset", "task", "image"]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def write_json(report: EvalReport, path: str | Path) -> Path:
