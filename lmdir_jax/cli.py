@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from lmdir_jax.errors import UsageError
@@ -97,11 +98,32 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+class _WarningLines(logging.Formatter):
+    """Formats `lmdir_jax` log records as `lmdir: warning: ...`, like the CLI's error lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"lmdir: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def log_to_stderr() -> None:
+    """Send the package's warnings (skipped files, unmatched pairs) to stderr as `lmdir: warning:`
+    lines, whatever format a library gave the root logger. Called by the console script only, so
+    tests that call `main` keep pytest's log capture."""
+    log = logging.getLogger("lmdir_jax")
+    if not any(getattr(h, "lmdir", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_WarningLines())
+        handler.lmdir = True
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def console() -> None:
     """The `lmdir` console script: `main` in a process with a faster malloc (`runtime`)."""
     from lmdir_jax.runtime import reexec_with_fast_malloc
 
     reexec_with_fast_malloc(["-m", "lmdir_jax.cli", *sys.argv[1:]])
+    log_to_stderr()
     sys.exit(main())
 
 

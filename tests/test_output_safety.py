@@ -166,3 +166,21 @@ def test_writes_are_whole_or_not_at_all(tmp_path, monkeypatch):
     assert atomic_write_bytes(tmp_path / "r.json", b"{}", fsync=True).read_bytes() == b"{}"
     write_image(path, np.ones((4, 4, 3)))
     assert load_image(path).rgb.min() == 1.0 and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "r.json"]
+
+
+def test_console_warnings_read_like_the_cli_errors(capsys):
+    """Under the console script a skipped file is an `lmdir: warning: ...` line on stderr (not the
+    root logger's `WARNING:lmdir_jax.data:` format some library set up)."""
+    import logging
+
+    from lmdir_jax.cli import log_to_stderr
+
+    log = logging.getLogger("lmdir_jax")
+    handlers, propagate = list(log.handlers), log.propagate
+    try:
+        log_to_stderr()
+        log_to_stderr()  # once only
+        logging.getLogger("lmdir_jax.data").warning("photos: skipped %d unreadable file(s): %s", 1, "b.png")
+        assert capsys.readouterr().err == "lmdir: warning: photos: skipped 1 unreadable file(s): b.png\n"
+    finally:
+        log.handlers[:], log.propagate = handlers, propagate
