@@ -2,9 +2,10 @@
 
 `check_output_folder` refuses an output folder that is, or contains, an input (with or without
 `--force`); `check_output_file` refuses a file path that cannot be written (a folder, or a path under
-a file), and `check_text_output` also an existing image (a report, JSON or CSV file); `check_workdir` refuses a run folder (new or resumed) that is, or lies under, a file. All
-raise `UsageError` with one line naming the flag. `atomic_write_bytes` writes a file whole or not
-at all (a killed run leaves no half-written image or report). JAX-free.
+a file), and `check_text_output` (a report, JSON or CSV) also an existing image; `check_workdir`
+refuses a run folder (new or resumed) that is, or lies under, a file. All raise `UsageError` with
+one line naming the flag. `atomic_write_bytes` writes a file whole or not at all (a killed run
+leaves no half-written image or report). JAX-free.
 """
 
 from __future__ import annotations
