@@ -56,14 +56,14 @@ def run_preview(args) -> int:
     import numpy as np
 
     from lmdir_jax.config import load_config
-    from lmdir_jax.data.io import write_image
+    from lmdir_jax.data.io import check_image_name, write_image
     from lmdir_jax.data.pipeline import make_train_iterator
     from lmdir_jax.errors import UsageError
     from lmdir_jax.outputs import check_output_file
 
     if args.rows < 1 or args.cols < 1:
         raise UsageError("--rows and --cols must be at least 1")
-    check_output_file(args.output)
+    check_image_name(check_output_file(args.output))  # before the pipeline runs
     config = load_config(args.config, args.config_overrides)
     config.data.num_workers = 0
     it = make_train_iterator(config, process_index=0, process_count=1)

@@ -41,6 +41,14 @@ class LoadedImage:
         return (self.rgb * a + background * (1.0 - a)).astype(np.float32)
 
 
+def check_image_name(path: str | Path) -> Path:
+    """The path, or UsageError when its extension is not one `write_image` can write."""
+    path = Path(path)
+    if path.suffix.lower() not in WRITE_EXTENSIONS:
+        raise UsageError(f"cannot write '{path.name}': use one of {', '.join(WRITE_EXTENSIONS)}")
+    return path
+
+
 def is_image_file(path: str | Path) -> bool:
     """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
@@ -204,10 +212,8 @@ def write_image(
     """
     import cv2
 
-    path = Path(path)
+    path = check_image_name(path)
     ext = path.suffix.lower()
-    if ext not in WRITE_EXTENSIONS:
-        raise UsageError(f"cannot write '{path.name}': use one of {', '.join(WRITE_EXTENSIONS)}")
     for p in protect:
         if _same_file(path, Path(p)):
             raise UsageError(f"refusing to overwrite the input image {p}")
