@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import threading
 import time
 import zlib
@@ -61,10 +60,6 @@ def reference_file(key: str) -> str:
 def reference_seed(seed: int, key: str) -> int:
     """Per-image Stable Diffusion seed from the build seed and the image key (order independent)."""
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2**32)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data, fsync=True)
 
 
 def _read_index(path: Path) -> dict[str, dict]:
@@ -223,7 +218,7 @@ def clip_input(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _write_reference(path: Path, image: np.ndarray, size: int) -> None:
-    """Resize a reference to size x size and write it as an 8-bit PNG atomically (temp + replace)."""
+    """Resize a reference to size x size and write it as an 8-bit PNG atomically."""
     import cv2
 
     from lmdir_jax.data.io import write_image
@@ -231,9 +226,7 @@ def _write_reference(path: Path, image: np.ndarray, size: int) -> None:
     if image.shape[0] != size or image.shape[1] != size:
         interp = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC
         image = cv2.resize(image, (size, size), interpolation=interp)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write_image(tmp, np.clip(image, 0.0, 1.0))
-    os.replace(tmp, path)
+    write_image(path, np.clip(image, 0.0, 1.0))  # whole or not at all (outputs.atomic_write_bytes)
 
 
 def _sha1_file(path: Path) -> str:
@@ -241,7 +234,7 @@ def _sha1_file(path: Path) -> str:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode(), fsync=True)
 
 
 def build_cache(
@@ -431,7 +424,7 @@ def _build_batch(
             has_reference=np.asarray(refs is not None),
             entry=np.asarray(json.dumps(entry)),
         )
-        _atomic_write_bytes(out / ITEMS / entry["file"], buf.getvalue())
+        atomic_write_bytes(out / ITEMS / entry["file"], buf.getvalue(), fsync=True)
         index_f.write(json.dumps(entry) + "\n")
         index_f.flush()
         index[key] = entry
