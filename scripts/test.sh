@@ -2,12 +2,12 @@
 # The test suite: sets up .venv from nothing, then lint + pytest (8 emulated CPU devices).
 # Usage: ./scripts/test.sh [pytest args]
 # Environment: PYTHON=interpreter and VENV=folder select another Python, EXTRAS the extras to install
-# (CI runs 3.11 with dev,export,tfds and 3.12 with dev,tfds: no CPU torch wheel for 3.12 on PyPI).
+# (the default extras, dev,export,tfds,verify, include torch and the reference libraries of `lmdir priors verify`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 export VENV
-scripts/setup_env.sh "${EXTRAS:-dev,export,tfds}"
+scripts/setup_env.sh "${EXTRAS:-dev,export,tfds,verify}"
 export JAX_PLATFORMS=cpu
 export PYTHONHASHSEED=0
 export TF_CPP_MIN_LOG_LEVEL=3
