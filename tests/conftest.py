@@ -56,6 +56,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def photos(shared_data) -> list[Path]:
+    """Three real photographs (CBSD68, name order)."""
+    found = sorted((shared_data / "test" / "CBSD68").glob("*.png"))[:3]
+    if len(found) < 3:
+        pytest.skip("../shared/data/test/CBSD68 not present")
+    return found
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP folder (Hugging Face layout, text width 32, seed 0), written once per run
+    by `priors.tiny.save_tiny_clip`, as `lmdir priors make-tiny` writes it."""
+    from lmdir_jax.priors.tiny import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", text_dim=32, seed=0)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """The first test that needs the trained fixture (minutes to train; other workers wait for it
     on a lock) first, then the tests marked slow (minutes each), so that xdist's workers start on

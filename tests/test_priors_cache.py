@@ -10,12 +10,6 @@ from lmdir_jax.data.io import write_image
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors.cache import INDEX, ITEMS, PriorCache, build_cache, item_file
 from lmdir_jax.priors.clip import load_clip
-from lmdir_jax.priors.tiny import save_tiny_clip
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", text_dim=32, seed=0)
 
 
 @pytest.fixture(scope="module")

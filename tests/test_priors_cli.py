@@ -27,7 +27,7 @@ def images(tmp_path_factory):
 
 
 def test_make_tiny_writes_a_real_clip_folder(tiny, capsys):
-    for name in ("config.json", "flax_model.msgpack", "vocab.json", "merges.txt", "preprocessor_config.json"):
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"):
         assert (tiny / "clip" / name).is_file()
     assert json.loads((tiny / "clip" / "config.json").read_text())["model_type"] == "clip"
     assert main(["priors", "make-tiny", str(tiny), "--no-sd"]) == 2  # never overwrites

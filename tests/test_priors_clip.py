@@ -8,7 +8,7 @@ import pytest
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors.clip import load_clip
-from lmdir_jax.priors.tiny import save_tiny_clip, save_tiny_tokenizer
+from lmdir_jax.priors.tiny import save_tiny_tokenizer
 
 VOCAB = [
     ("clean", "a clean photo"),
@@ -16,11 +16,6 @@ VOCAB = [
     ("rain", "a photo with rain streaks"),
     ("haze", "a hazy photo of fog"),
 ]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", text_dim=32, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -62,32 +57,66 @@ def test_pure_text_states_match_and_jit(clip):
     np.testing.assert_allclose(s2[0, :4], np.asarray(pure)[0, :4], atol=1e-5)
 
 
-def test_pytorch_safetensors_folder_loads_the_same(tmp_path, clip):
-    pytest.importorskip("torch")
-    pt_dir = save_tiny_clip(tmp_path / "pt", text_dim=32, seed=0, pytorch=True)
-    assert (pt_dir / "model.safetensors").is_file() and not (pt_dir / "flax_model.msgpack").exists()
-    pt = load_clip(pt_dir, max_text_len=16)
-    a = pt.encode_text(["a photo of a cat"])[0]
-    b = clip.encode_text(["a photo of a cat"])[0]
-    np.testing.assert_allclose(a, b, atol=1e-5)
+def test_transformers_reads_the_tiny_folder_and_agrees(clip_dir, clip, photos):
+    """The tiny folder is a real transformers CLIPModel folder: PyTorch's CLIPModel loads it and
+    gives our text states and embeddings (float32, 1e-4) on a real photo."""
+    import torch
+    from transformers import CLIPModel
+
+    from lmdir_jax.data.io import read_image
+
+    ref = CLIPModel.from_pretrained(str(clip_dir)).eval()
+    ids, mask = clip.tokenize(["a photo of a cat in heavy rain", "noise"])
+    photo = read_image(photos[0])[None]
+    pixels = np.asarray(clip.preprocess(photo))
+    with torch.no_grad():
+        t = ref.text_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask.astype(np.int64)))
+        t_emb = ref.text_projection(t.pooler_output).numpy()
+        i_emb = ref.visual_projection(ref.vision_model(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).pooler_output).numpy()
+    states = np.asarray(clip.text_states(clip.params, ids, mask))
+    assert np.abs(states - t.last_hidden_state.numpy())[mask].max() <= 1e-4
+    assert np.abs(np.asarray(clip.text_embeds(clip.params, ids, mask)) - t_emb).max() <= 1e-4
+    assert np.abs(np.asarray(clip.bind(clip.params).image_embeds(pixels)) - i_emb).max() <= 1e-4
 
 
-def test_flax_weights_load_as_saved_and_a_missing_one_is_named(tmp_path, clip_dir, clip):
-    """Flax weights are read without a random initialisation (transformers' _do_init=False), so
-    nothing would fill a weight the file lacks: that is one clear UsageError naming it."""
+def test_weights_load_as_saved_in_every_layout_and_a_missing_one_is_named(tmp_path, clip_dir, clip):
+    """model.safetensors is read as written (PyTorch layout -> ours), pytorch_model.bin and a
+    Flax-only flax_model.msgpack give the same parameters, and a missing weight is one UsageError
+    naming it."""
     import shutil
 
-    from flax.serialization import msgpack_restore, msgpack_serialize
-    from flax.traverse_util import flatten_dict, unflatten_dict
+    import torch
+    from flax.serialization import msgpack_serialize
+    from safetensors.numpy import load_file, save_file
 
-    saved = flatten_dict(msgpack_restore((clip_dir / "flax_model.msgpack").read_bytes()))
-    loaded = flatten_dict(jax.device_get(clip.params))
-    assert loaded.keys() == saved.keys()
-    assert all(np.array_equal(loaded[k], saved[k]) for k in saved)
+    from lmdir_jax.priors.clip_weights import flatten, to_hf
+
+    saved = load_file(str(clip_dir / "model.safetensors"))
+    ours = to_hf(jax.device_get(clip.params))
+    assert ours.keys() == saved.keys()
+    assert all(np.array_equal(ours[k], saved[k]) for k in saved)
+    flat = {p: np.asarray(v) for p, v in flatten(jax.device_get(clip.params))}
+
+    def same(folder):
+        got = {p: np.asarray(v) for p, v in flatten(load_clip(folder, max_text_len=16).params)}
+        return got.keys() == flat.keys() and all(np.array_equal(got[k], flat[k]) for k in flat)
+
+    shutil.copytree(clip_dir, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in saved.items()}, tmp_path / "bin" / "pytorch_model.bin")
+    assert same(tmp_path / "bin")
+    shutil.copytree(clip_dir, tmp_path / "flax", ignore=shutil.ignore_patterns("model.safetensors"))
+    strs = {}
+    for p, v in flat.items():
+        node = strs
+        for k in p[:-1]:
+            node = node.setdefault(str(k), {})
+        node[p[-1]] = v
+    (tmp_path / "flax" / "flax_model.msgpack").write_bytes(msgpack_serialize(strs))
+    assert same(tmp_path / "flax")
     broken = tmp_path / "broken"
     shutil.copytree(clip_dir, broken)
-    del saved[("logit_scale",)]
-    (broken / "flax_model.msgpack").write_bytes(msgpack_serialize(unflatten_dict(saved)))
+    del saved["logit_scale"]
+    save_file(saved, str(broken / "model.safetensors"))
     with pytest.raises(UsageError, match="1 weights missing .first: logit_scale"):
         load_clip(broken, max_text_len=16)
 
@@ -142,8 +171,15 @@ def test_auto_degradation_retraces_without_leaked_tracers(clip_dir):
         np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-5)
         np.testing.assert_allclose(np.asarray(inside(prior.params, images)), w, atol=1e-5)
     assert first.shape == (3, len(prior.degradation_vocab))
-    prior.caption(rng.random((3, 32, 32, 3), np.float32))
-    prior.caption(rng.random((1, 24, 24, 3), np.float32))
+    # Captions of two image sizes after those traces: the best scene phrases of a fresh prior's
+    # eager embeddings, so no bank or trace of an earlier shape leaked into them.
+    fresh = load_clip(clip_dir, max_text_len=8)
+    phrases = fresh._scene_vocab()
+    for shape in ((3, 32, 32, 3), (1, 24, 24, 3)):
+        images = rng.random(shape, np.float32)
+        sims = np.asarray(fresh.image_features(fresh.params, images)) @ np.asarray(fresh.scene_bank()).T
+        best = np.argsort(-sims, axis=-1, kind="stable")[:, :2]
+        assert prior.caption(images) == [", ".join(phrases[j] for j in row) for row in best]
 
 
 def test_caption_picks_best_scene_phrases(clip, monkeypatch):

@@ -1,7 +1,7 @@
 """Frozen CLIP priors: text states, zero-shot degradation weights and zero-shot scene captions.
 
-`load_clip(path)` reads a local Hugging Face CLIP folder (Flax `flax_model.msgpack`, or PyTorch
-`model.safetensors` converted on load) with its tokenizer. Everything the train step needs is a
+`load_clip(path)` reads a local Hugging Face CLIP folder (`model.safetensors`, `pytorch_model.bin`
+or `flax_model.msgpack`) with its tokenizer into our Flax NNX CLIP (`clip_model.ClipModel`). Everything the train step needs is a
 pure function of the frozen parameters (`text_states`, `image_features`, `auto_degradation_fn`),
 so it can run inside `jax.jit`; the `encode_text` / `auto_degradation` / `caption` methods are the
 eager (host-side, jitted once per shape) versions for the CLI, the cache builder and inference.
@@ -16,27 +16,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors import clip_weights
+from lmdir_jax.priors.clip_model import DTYPES, ClipModel, load_clip_model
+from lmdir_jax.priors.tokenizer import load_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_FLAX_WEIGHTS = ("flax_model.msgpack", "flax_model.msgpack.index.json")
-_PT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def _text_tower(module, ids, mask, pos):
-    return module.text_model(input_ids=ids, attention_mask=mask, position_ids=pos)[0]
-
-
-def _text_features(module, ids, mask, pos):
-    pooled = module.text_model(input_ids=ids, attention_mask=mask, position_ids=pos)[1]
-    return module.text_projection(pooled)
-
-
-def _image_features(module, pixels):
-    pooled = module.vision_model(pixel_values=pixels)[1]
-    return module.visual_projection(pooled)
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -54,14 +42,14 @@ def mix_states(weights: jax.Array, states: jax.Array, mask: jax.Array) -> tuple[
 class ClipPrior:
     """A frozen CLIP model with its tokenizer and preprocessing, as the restoration priors use it.
 
-    Attributes: `params` (the frozen parameter pytree), `text_dim` (width of the text states; the
+    Attributes: `model` (the `ClipModel`), `params` (its frozen parameters as a pure dict), `text_dim` (width of the text states; the
     network's `config.model.text_dim` must equal it), `max_text_len` (tokens per text, T),
     `image_size`, `logit_scale`, `degradation_vocab` ((name, text) pairs), `scene_vocab`.
     """
 
     def __init__(
         self,
-        model,
+        model: ClipModel,
         tokenizer,
         *,
         params: Any = None,
@@ -73,17 +61,17 @@ class ClipPrior:
         scene_vocab: list[str] | None = None,
     ):
         cfg = model.config
-        limit = cfg.text_config.max_position_embeddings
+        limit = cfg.text.max_positions
         if not 2 <= max_text_len <= limit:
             raise UsageError(f"max_text_len must be in [2, {limit}] for this CLIP, got {max_text_len}")
         self.model = model
-        self.module = model.module
-        self.params = model.params if params is None else params
+        self.graphdef, state = nnx.split(model)
+        self.params = nnx.to_pure_dict(state) if params is None else params
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
-        self.text_dim = int(cfg.text_config.hidden_size)
+        self.text_dim = int(cfg.text.hidden_size)
         self.projection_dim = int(cfg.projection_dim)
-        self.image_size = int(cfg.vision_config.image_size)
+        self.image_size = int(cfg.vision.image_size)
         self.resize_to = int(resize_to or self.image_size)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
@@ -131,21 +119,21 @@ class ClipPrior:
         )
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
 
+    def bind(self, params) -> ClipModel:
+        """The `ClipModel` holding `params` (a pure dict, possibly of tracers)."""
+        return nnx.merge(self.graphdef, params)
+
     def text_states(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """Last hidden states (B, T, D) float32 of the text tower (what Stable Diffusion also uses)."""
-        pos = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-        out = self.module.apply(
-            {"params": params}, ids, mask.astype(jnp.int32), pos, method=_text_tower
-        )
-        return out.astype(jnp.float32)
+        return self.bind(params).text_states(ids, mask).astype(jnp.float32)
+
+    def text_embeds(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Projected, unnormalised text embeddings (B, P) float32."""
+        return self.bind(params).text_embeds(ids, mask).astype(jnp.float32)
 
     def text_features(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """L2-normalised projected text embeddings (B, P) float32 (for zero-shot similarity)."""
-        pos = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-        out = self.module.apply(
-            {"params": params}, ids, mask.astype(jnp.int32), pos, method=_text_features
-        )
-        return _normalize(out.astype(jnp.float32))
+        return _normalize(self.text_embeds(params, ids, mask))
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """CLIP preprocessing in JAX for NHWC images in [0, 1]: resize the short side to the
@@ -162,10 +150,13 @@ class ClipPrior:
         x = x[:, top : top + self.image_size, left : left + self.image_size]
         return (x.clip(0.0, 1.0) - self.mean) / self.std
 
+    def image_embeds(self, params, images: jax.Array) -> jax.Array:
+        """Projected, unnormalised image embeddings (B, P) float32 of NHWC images in [0, 1]."""
+        return self.bind(params).image_embeds(self.preprocess(images)).astype(jnp.float32)
+
     def image_features(self, params, images: jax.Array) -> jax.Array:
         """L2-normalised projected image embeddings (B, P) float32 of NHWC images in [0, 1]."""
-        out = self.module.apply({"params": params}, self.preprocess(images), method=_image_features)
-        return _normalize(out.astype(jnp.float32))
+        return _normalize(self.image_embeds(params, images))
 
     def conditioning_texts(self) -> list[str]:
         """Per vocabulary entry, the text the restoration network is told when the automatic mode
@@ -297,14 +288,18 @@ def _read_json(path: Path) -> dict:
         raise UsageError(f"cannot read {path}: {e}") from None
 
 
-def _load_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer, CLIPTokenizerFast
-
-    if (folder / "tokenizer.json").is_file():
-        return CLIPTokenizerFast.from_pretrained(str(folder))
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return CLIPTokenizer.from_pretrained(str(folder))
-    raise UsageError(f"{folder} has no CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)")
+def read_preprocessing(folder: Path) -> tuple[tuple, tuple, int | None]:
+    """(mean, std, shorter-side size) of a Hugging Face preprocessor_config.json (CLIP's defaults
+    when the folder has none)."""
+    mean, std, resize_to = CLIP_MEAN, CLIP_STD, None
+    proc = folder / "preprocessor_config.json"
+    if proc.is_file():
+        pc = _read_json(proc)
+        mean = tuple(pc.get("image_mean", mean))
+        std = tuple(pc.get("image_std", std))
+        size = pc.get("size")
+        resize_to = size.get("shortest_edge") if isinstance(size, dict) else size
+    return mean, std, resize_to
 
 
 def load_clip(
@@ -315,7 +310,8 @@ def load_clip(
     degradation_vocab: list[tuple[str, str]] | None = None,
     scene_vocab: list[str] | None = None,
 ) -> ClipPrior:
-    """Load a local Hugging Face CLIP folder (Flax weights, or PyTorch safetensors) as a ClipPrior.
+    """Load a local Hugging Face CLIP folder (model.safetensors, pytorch_model.bin with torch, or
+    flax_model.msgpack) with its tokenizer as a ClipPrior on our NNX CLIP.
 
     `dtype` is the compute dtype ('float32' or 'bfloat16'); outputs are float32. A missing folder or
     one that is not a full CLIP model (config model_type 'clip' with weights) is a UsageError.
@@ -329,34 +325,17 @@ def load_clip(
     model_type = _read_json(cfg_file).get("model_type")
     if model_type != "clip":
         raise UsageError(f"{folder} is not a CLIP model (model_type={model_type!r}, need 'clip')")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in DTYPES:
         raise UsageError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    has_flax = any((folder / f).is_file() for f in _FLAX_WEIGHTS)
-    has_pt = any((folder / f).is_file() for f in _PT_WEIGHTS)
-    if not (has_flax or has_pt):
-        raise UsageError(f"{folder} has no CLIP weights (flax_model.msgpack or model.safetensors)")
-
-    import transformers
-    from transformers import FlaxCLIPModel
-
-    from lmdir_jax.priors.sd_weights import from_pretrained as _from_pretrained
-
-    transformers.logging.set_verbosity_error()
-    model, params = _from_pretrained(FlaxCLIPModel, folder, from_pt=not has_flax,
-                                     dtype=getattr(jnp, dtype), local_files_only=True)
-    tokenizer = _load_tokenizer(folder)
-    mean, std, resize_to = CLIP_MEAN, CLIP_STD, None
-    proc = folder / "preprocessor_config.json"
-    if proc.is_file():
-        pc = _read_json(proc)
-        mean = tuple(pc.get("image_mean", mean))
-        std = tuple(pc.get("image_std", std))
-        size = pc.get("size")
-        resize_to = size.get("shortest_edge") if isinstance(size, dict) else size
+    if not (clip_weights.has_torch_weights(folder) or clip_weights.has_flax_weights(folder)):
+        raise UsageError(f"{folder} has no CLIP weights (model.safetensors, pytorch_model.bin or "
+                         "flax_model.msgpack)")
+    model, _ = load_clip_model(folder, dtype)
+    tokenizer = load_tokenizer(folder)
+    mean, std, resize_to = read_preprocessing(folder)
     return ClipPrior(
         model,
         tokenizer,
-        params=params,
         max_text_len=max_text_len,
         mean=mean,
         std=std,
@@ -364,4 +343,3 @@ def load_clip(
         degradation_vocab=degradation_vocab,
         scene_vocab=scene_vocab,
     )
-

@@ -8,9 +8,10 @@ of the same layer of the *frozen* tower (DA-CLIP's `ControlTransformer`), steeri
 tower's *content embedding* towards the clean scene. Zero-initialised, the controlled tower is
 exactly the frozen one.
 
-The vision tower is written here as a pure function of the Hugging Face Flax CLIP parameters
-(`vision_forward`), so the frozen tower and its trainable copy share one implementation, and
-hints can be injected between layers (the Hugging Face module has no such hook).
+The vision tower is written here as a pure function of the CLIP vision parameters in transformers'
+naming (`vision_forward`, on `tower_params(clip)`), so the frozen tower and its trainable copy share
+one implementation, and hints can be injected between layers. The parameters keep the layout of
+DA-CLIP's `visual_control` (`clip_weights.controller_from_daclip` maps its released checkpoint).
 
 What the controller looks at: crops of the image at native resolution (`native_crops`), several per
 image, whose probabilities are averaged; a downscaled view (`inference.clip_view`) hides noise and
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.clip_model import activation
 from lmdir_jax.priors.config import CONTROLLER_GRID
 
 SPEC_FILE = "controller.json"
@@ -48,17 +50,9 @@ def _dense(x, p):
     return x @ p["kernel"] + p["bias"]
 
 
-def _act(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=name != "gelu")
-    raise UsageError(f"unsupported CLIP vision activation {name!r}")
-
-
 @dataclass(frozen=True)
 class TowerShape:
-    """Static shape of a CLIP vision tower (from the Hugging Face `vision_config`)."""
+    """Static shape of a CLIP vision tower (from the CLIP's vision config)."""
 
     width: int
     layers: int
@@ -70,9 +64,9 @@ class TowerShape:
 
     @classmethod
     def of(cls, clip) -> TowerShape:
-        v = clip.model.config.vision_config
+        v = clip.model.config.vision
         return cls(
-            width=int(v.hidden_size), layers=int(v.num_hidden_layers), heads=int(v.num_attention_heads),
+            width=int(v.hidden_size), layers=int(v.num_layers), heads=int(v.num_heads),
             patch=int(v.patch_size), image_size=int(v.image_size), eps=float(v.layer_norm_eps),
             act=str(v.hidden_act),
         )
@@ -91,7 +85,7 @@ def _attention(x, p, heads):
 def vision_forward(vp: dict, pixels: jax.Array, shape: TowerShape, hints=None, collect: bool = False):
     """CLIP's vision transformer on normalised NHWC pixels -> (pooled (B, W), per-layer states).
 
-    `vp` is the `vision_model` parameter dict of a Hugging Face Flax CLIP. `hints[i]` (B, N, W), when
+    `vp` is `tower_params(clip)` (the `vision_model` parameters, layer indices as strings). `hints[i]` (B, N, W), when
     given, is added to the output of layer i (DA-CLIP's control); with `collect` the output of each
     layer is returned (the controller's hidden states), else an empty list.
     """
@@ -105,7 +99,7 @@ def vision_forward(vp: dict, pixels: jax.Array, shape: TowerShape, hints=None, c
     cls = jnp.broadcast_to(emb["class_embedding"], (b, 1, shape.width))
     x = jnp.concatenate([cls, x], axis=1) + emb["position_embedding"]["embedding"][None]
     x = _layer_norm(x, vp["pre_layrnorm"], shape.eps)
-    act = _act(shape.act)
+    act = activation(shape.act)
     states = []
     for i in range(shape.layers):
         p = vp["encoder"]["layers"][str(i)]
@@ -152,7 +146,7 @@ class Controller(nnx.Module):
     def from_clip(cls, clip, seed: int = 0) -> Controller:
         """A controller initialised from `clip` (a `ClipPrior`): the copy equals the frozen tower."""
         return cls(
-            clip.params["vision_model"], clip.params["visual_projection"]["kernel"], TowerShape.of(clip),
+            tower_params(clip), clip.params["visual_projection"]["kernel"], TowerShape.of(clip),
             clip.logit_scale, rngs=nnx.Rngs(seed),
         )
 
@@ -174,9 +168,18 @@ def controlled_features(frozen: dict, pixels: jax.Array, shape: TowerShape, hint
     return _normalize(pooled @ frozen["visual_projection"]["kernel"])
 
 
+def _str_keys(tree):
+    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def tower_params(clip) -> dict:
+    """The vision tower's parameters of a `ClipPrior` as `vision_forward` reads them."""
+    return _str_keys(clip.params["vision_model"])
+
+
 def frozen_params(clip) -> dict:
     """The frozen image-tower parameters a controller needs, from a `ClipPrior`."""
-    return {"vision_model": clip.params["vision_model"], "visual_projection": clip.params["visual_projection"]}
+    return {"vision_model": tower_params(clip), "visual_projection": clip.params["visual_projection"]}
 
 
 def label_targets(deg_vector: np.ndarray, names: list[str]) -> np.ndarray:

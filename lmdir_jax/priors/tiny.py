@@ -1,5 +1,9 @@
 """Tiny random CLIP / tokenizer folders in the real Hugging Face on-disk layouts.
 
+The CLIP is our NNX `ClipModel`, initialised like transformers initialises CLIP (from a NumPy
+generator: the same values for a seed on every machine) and written as transformers writes a
+`CLIPModel` (config.json, model.safetensors, preprocessor_config.json, tokenizer files), without torch.
+
 Tests, benchmarks and `lmdir priors make-tiny` use them: nothing can be downloaded, so the code path
 that loads real weights is exercised with these instead (same files, same loaders, tiny sizes).
 """
@@ -7,8 +11,23 @@ that loads real weights is exercised with these instead (same files, same loader
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from lmdir_jax.priors import clip_weights
+from lmdir_jax.priors.clip import CLIP_MEAN, CLIP_STD
+from lmdir_jax.priors.clip_model import (
+    ClipConfig,
+    ClipModel,
+    ClipTextConfig,
+    ClipVisionConfig,
+    abstract,
+    build,
+    save_clip_model,
+)
+from lmdir_jax.priors.tokenizer import bytes_to_unicode
 
 # Words that get whole-word merges (the rest of English is spelled out by characters).
 _WORDS = (
@@ -20,15 +39,9 @@ _WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    return bytes_to_unicode()
-
-
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Character-level CLIP BPE vocabulary (printable ASCII, with and without `</w>`) + word merges."""
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     chars = [byte_map[b] for b in range(33, 127)]  # printable ASCII maps to itself
     tokens: list[str] = list(chars) + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
@@ -50,11 +63,6 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def tiny_vocab_size() -> int:
-    """Number of tokens of the tiny tokenizer (the `vocab_size` of a tiny CLIP text config)."""
-    return len(_vocab_and_merges()[0])
-
-
 def save_tiny_tokenizer(path: str | Path, model_max_length: int = 77) -> Path:
     """Write a small real CLIPTokenizer (vocab.json, merges.txt, configs) to `path`.
 
@@ -66,75 +74,95 @@ def save_tiny_tokenizer(path: str | Path, model_max_length: int = 77) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab, merges = _vocab_and_merges()
-    with tempfile.TemporaryDirectory() as tmp:
-        vf, mf = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
-        vf.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        mf.write_text(
-            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-        )
-        tok = CLIPTokenizer(str(vf), str(mf), model_max_length=model_max_length)
-        tok.save_pretrained(str(path))
+    vf, mf = path / "vocab.json", path / "merges.txt"
+    vf.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    mf.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    # transformers 4.x rewrites the two files as they are; 5.x adds tokenizer.json beside them.
+    CLIPTokenizer(str(vf), str(mf), model_max_length=model_max_length).save_pretrained(str(path))
     return path
 
 
-def tiny_clip_config(text_dim: int = 32, vision_dim: int = 32, image_size: int = 32):
-    """A tiny `CLIPConfig` (2 layers per tower, 2 heads) sized for the tiny tokenizer."""
-    from transformers import CLIPConfig
-
+def tiny_clip_config(text_dim: int = 32, vision_dim: int = 32, image_size: int = 32) -> ClipConfig:
+    """A tiny CLIP config (2 layers per tower, 2 heads, 8-pixel patches) sized for the tiny tokenizer."""
     vocab = _vocab_and_merges()[0]
-    text = dict(
-        vocab_size=len(vocab),
-        hidden_size=text_dim,
-        intermediate_size=2 * text_dim,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
+    text = ClipTextConfig(
+        vocab_size=len(vocab), hidden_size=text_dim, intermediate_size=2 * text_dim, num_layers=2,
+        num_heads=2, max_positions=77, projection_dim=text_dim, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
     )
-    vision = dict(
-        hidden_size=vision_dim,
-        intermediate_size=2 * vision_dim,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=8,
+    vision = ClipVisionConfig(
+        hidden_size=vision_dim, intermediate_size=2 * vision_dim, num_layers=2, num_heads=2,
+        image_size=image_size, patch_size=8, projection_dim=text_dim,
     )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=text_dim)
+    return ClipConfig(text, vision, projection_dim=text_dim)
 
 
-def save_tiny_clip(
-    path: str | Path, text_dim: int = 32, seed: int = 0, *, pytorch: bool = False
-) -> Path:
-    """Write a tiny random CLIP (Flax weights, or PyTorch safetensors with `pytorch=True`) + tokenizer.
+def init_like_transformers(params: dict, config: ClipConfig, seed: int) -> dict:
+    """transformers' CLIP initialisation of a pure parameter dict (normal weights with its per-layer
+    standard deviations, unit layer-norm scales, zero biases), from a NumPy generator."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, spec in clip_weights.flatten(params):
+        shape, leaf = tuple(spec.shape), path[-1]
+        tower = config.text if path[0] == "text_model" else config.vision
+        width, layers = tower.hidden_size, tower.num_layers
+        name = path[-2] if len(path) > 1 else leaf
+        if leaf == "bias":
+            value = np.zeros(shape)
+        elif leaf == "scale":
+            value = np.ones(shape)
+        elif leaf == "logit_scale":
+            value = np.full(shape, config.logit_scale_init)
+        else:
+            if name in ("q_proj", "k_proj", "v_proj"):
+                std = width**-0.5 * (2 * layers) ** -0.5
+            elif name == "out_proj":
+                std = width**-0.5
+            elif name == "fc1":
+                std = (2 * width) ** -0.5
+            elif name == "fc2":
+                std = width**-0.5 * (2 * layers) ** -0.5
+            elif leaf == "class_embedding":
+                std = width**-0.5
+            elif path[0] == "text_projection":
+                std = config.text.hidden_size**-0.5
+            elif path[0] == "visual_projection":
+                std = config.vision.hidden_size**-0.5
+            else:  # token, position and patch embeddings
+                std = 0.02
+            value = rng.standard_normal(shape) * std
+        out[path] = value.astype(np.float32)
+    return clip_weights.unflatten(out)
 
-    The folder has the layout of a Hugging Face CLIP download (config.json, weights,
-    preprocessor_config.json, tokenizer files), so `load_clip` reads it through the real path.
-    """
-    from transformers import CLIPImageProcessor, FlaxCLIPModel
 
+def tiny_clip_model(text_dim: int = 32, seed: int = 0) -> ClipModel:
+    """A tiny random `ClipModel` (transformers' initialisation, seeded)."""
+    config = tiny_clip_config(text_dim=text_dim)
+    graphdef, shapes = abstract(lambda: ClipModel(config, rngs=nnx.Rngs(0)))
+    return build(graphdef, init_like_transformers(shapes, config, seed))
+
+
+def write_preprocessor_config(path: Path, image_size: int) -> None:
+    """CLIP's image preprocessing as transformers' CLIPImageProcessor writes it (shorter side to
+    `image_size`, bicubic, centre crop, CLIP's mean/std)."""
+    proc = {
+        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": list(CLIP_MEAN), "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(CLIP_STD), "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": image_size},
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n", encoding="utf-8")
+
+
+def save_tiny_clip(path: str | Path, text_dim: int = 32, seed: int = 0) -> Path:
+    """Write a tiny random CLIP + tokenizer in the layout of a Hugging Face CLIP download
+    (config.json, model.safetensors, preprocessor_config.json, tokenizer files), so `load_clip` and
+    transformers' `CLIPModel.from_pretrained` read it through the real path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = tiny_clip_config(text_dim=text_dim)
-    model = FlaxCLIPModel(config, seed=seed)
-    if pytorch:
-        _save_as_pytorch(model, config, path)
-    else:
-        model.save_pretrained(str(path))
-    size = config.vision_config.image_size
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        str(path)
-    )
+    model = tiny_clip_model(text_dim=text_dim, seed=seed)
+    save_clip_model(model, path)
+    write_preprocessor_config(path, model.config.vision.image_size)
     save_tiny_tokenizer(path)
     return path
-
-
-def _save_as_pytorch(flax_model, config, path: Path) -> None:
-    """Convert Flax weights to a PyTorch CLIPModel and save it as model.safetensors (needs torch)."""
-    from transformers import CLIPModel
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
-
-    pt = CLIPModel(config)
-    load_flax_weights_in_pytorch_model(pt, flax_model.params)
-    pt.save_pretrained(str(path), safe_serialization=True)
