@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmdir_jax.errors import UsageError
@@ -428,3 +429,103 @@ def save_clip_model(model: ClipModel, folder: str | Path) -> Path:
     clip_weights.write_safetensors(tensors, folder / "model.safetensors")
     return folder
 
+
+
+# --------------------------------------------------------------------------- OpenCLIP / DA-CLIP
+
+OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPENCLIP_CONFIG = "open_clip_config.json"
+
+
+def config_from_openclip(d: dict) -> ClipConfig:
+    """Our config of an OpenCLIP ViT model config (`embed_dim`, `vision_cfg`, `text_cfg`, `quick_gelu`).
+    Layer scale, attention pooling and non-ViT towers are refused with one line."""
+    v, t = d.get("vision_cfg") or {}, d.get("text_cfg") or {}
+    for key, where in (("layers", "vision_cfg"), ("width", "vision_cfg"), ("patch_size", "vision_cfg"),
+                       ("width", "text_cfg"), ("layers", "text_cfg")):
+        if key not in (v if where == "vision_cfg" else t):
+            raise UsageError(f"OpenCLIP model config without {where}.{key} (a ViT CLIP is needed)")
+    if isinstance(v.get("layers"), list | tuple) or "timm_model_name" in v or "hf_model_name" in t:
+        raise UsageError("only OpenCLIP ViT models with OpenCLIP's own text tower are supported")
+    for cfg, where in ((v, "vision_cfg"), (t, "text_cfg")):
+        for key in ("ls_init_value", "attentional_pool", "no_ln_pre", "final_ln_after_pool"):
+            if cfg.get(key):
+                raise UsageError(f"OpenCLIP {where}.{key} is not supported")
+    if t.get("pool_type", "argmax") != "argmax" or v.get("pool_type", "tok") != "tok":
+        raise UsageError("only OpenCLIP's default pooling (class token, argmax of the text) is supported")
+    act = "quick_gelu" if d.get("quick_gelu") else "gelu"
+    size = v.get("image_size", 224)
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    embed = int(d["embed_dim"])
+    vw, tw = int(v["width"]), int(t["width"])
+    text = ClipTextConfig(
+        vocab_size=int(t.get("vocab_size", 49408)), hidden_size=tw, intermediate_size=int(tw * float(t.get("mlp_ratio", 4.0))),
+        num_layers=int(t["layers"]), num_heads=int(t.get("heads", 8)), max_positions=int(t.get("context_length", 77)),
+        hidden_act=act, layer_norm_eps=1e-5, projection_dim=embed, eos_token_id=None, pad_token_id=0,
+    )
+    vision = ClipVisionConfig(
+        hidden_size=vw, intermediate_size=int(vw * float(v.get("mlp_ratio", 4.0))), num_layers=int(v["layers"]),
+        num_heads=vw // int(v.get("head_width", 64)), image_size=size, patch_size=int(v["patch_size"]),
+        hidden_act=act, layer_norm_eps=1e-5, projection_dim=embed,
+    )
+    return ClipConfig(text, vision, embed, float(np.log(1 / 0.07)))
+
+
+def openclip_checkpoint(path: str | Path) -> tuple[Path, dict | None]:
+    """(weights file, model config from an open_clip_config.json beside it or None) of an OpenCLIP
+    checkpoint file or a Hugging Face hub folder of one."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / f for f in OPENCLIP_FILES if (path / f).is_file()), None)
+        if found is None:
+            raise UsageError(f"{path} holds neither a Hugging Face CLIP (config.json) nor an OpenCLIP "
+                             f"checkpoint ({' or '.join(OPENCLIP_FILES)})")
+        path = found
+    if not path.is_file():
+        raise UsageError(f"CLIP checkpoint not found: {path}")
+    cfg_file = path.parent / OPENCLIP_CONFIG
+    cfg = clip_weights.openclip_config(cfg_file) if cfg_file.is_file() else None
+    return path, cfg
+
+
+def resolve_openclip_config(path: Path, model: str | None, found: dict | None) -> dict:
+    """The model config of an OpenCLIP checkpoint: `model` (name or JSON), else the folder's
+    open_clip_config.json, else a model name in the file's name; one clear line when none."""
+    if model:
+        return clip_weights.openclip_config(model)
+    if found is not None:
+        return found
+    name = clip_weights.model_name_in(path)
+    if name is None:
+        raise UsageError(f"{path}: name its OpenCLIP model with --model (e.g. ViT-B-32, or a model-config JSON)")
+    return clip_weights.openclip_config(name)
+
+
+def load_openclip_model(path: str | Path, model: str | None = None, dtype: str = "float32",
+                        tensors: dict | None = None) -> tuple[ClipModel, ClipConfig, dict]:
+    """An OpenCLIP state dict (.pt/.bin/.safetensors, a hub folder with open_clip_config.json) or a
+    DA-CLIP checkpoint (its frozen `clip.*`) as our `ClipModel`; returns (model, config, the
+    OpenCLIP model config)."""
+    file, found = openclip_checkpoint(path)
+    ocfg = resolve_openclip_config(file, model, found)
+    if tensors is None:
+        tensors = clip_weights.read_checkpoint_file(file)
+    prefix = clip_weights.openclip_prefix(tensors)
+    if clip_weights.is_daclip(tensors):
+        prefix += "clip."
+        ocfg = {**ocfg, "custom_text": any(k.startswith(prefix + "text.") for k in tensors)}
+    elif any(k.startswith(prefix + "text.") for k in tensors):
+        ocfg = {**ocfg, "custom_text": True}
+    cfg = config_from_openclip(ocfg)
+    dt = _jnp_dtype(dtype)
+    graphdef, shapes = abstract(lambda: ClipModel(cfg, dtype=dt, rngs=nnx.Rngs(0)))
+    params = clip_weights.from_table(tensors, clip_weights.openclip_table(ocfg, prefix), shapes, file)
+    return build(graphdef, params), cfg, ocfg
+
+
+def openclip_state_dict(model: ClipModel, custom_text: bool = False, prefix: str = "") -> dict[str, np.ndarray]:
+    """OpenCLIP's state dict of our `ClipModel` (for DA-CLIP's layout and tests)."""
+    cfg = model.config
+    ocfg = {"custom_text": custom_text, "text_cfg": {"layers": cfg.text.num_layers},
+            "vision_cfg": {"layers": cfg.vision.num_layers}}
+    return clip_weights.to_table(nnx.to_pure_dict(nnx.state(model)), clip_weights.openclip_table(ocfg, prefix))

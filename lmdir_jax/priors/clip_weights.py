@@ -207,3 +207,204 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
 
     data = save({k: np.array(v, np.float32, order="C") for k, v in tensors.items()}, metadata={"format": "pt"})
     atomic_write_bytes(Path(path), data)
+
+
+# --------------------------------------------------------------------------- OpenCLIP
+
+_TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+_TEXT_L = {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}
+# OpenCLIP's model configs of the ViTs released CLIP priors use (open_clip/model_configs/*.json;
+# read from open_clip itself when it is installed), and DA-CLIP's two.
+OPENCLIP_CONFIGS: dict[str, dict] = {
+    "ViT-B-32": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+                 "text_cfg": _TEXT_B},
+    "ViT-B-16": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+                 "text_cfg": _TEXT_B},
+    "ViT-L-14": {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+                 "text_cfg": _TEXT_L},
+    "ViT-L-14-336": {"embed_dim": 768, "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024,
+                                                      "patch_size": 14}, "text_cfg": _TEXT_L},
+    "ViT-H-14": {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
+                                                   "patch_size": 14},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}},
+}
+OPENCLIP_CONFIGS.update({f"{k}-quickgelu": {**v, "quick_gelu": True} for k, v in list(OPENCLIP_CONFIGS.items())})
+OPENCLIP_CONFIGS["daclip_ViT-B-32"] = {**OPENCLIP_CONFIGS["ViT-B-32"], "custom_text": True}
+OPENCLIP_CONFIGS["daclip_ViT-L-14"] = {**OPENCLIP_CONFIGS["ViT-L-14"], "custom_text": True}
+
+
+def openclip_config(model: str | Path) -> dict:
+    """An OpenCLIP model config: a model name (ours, or open_clip's when installed) or a JSON file
+    (a model config, or an open_clip_config.json with its `model_cfg`)."""
+    model = str(model)
+    if model.endswith(".json"):
+        try:
+            d = json.loads(Path(model).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read model config {model}: {e}") from None
+        return d.get("model_cfg", d)
+    if model in OPENCLIP_CONFIGS:
+        return OPENCLIP_CONFIGS[model]
+    try:
+        import open_clip
+
+        found = open_clip.get_model_config(model)
+    except ImportError:
+        found = None
+    if not found:
+        raise UsageError(f"unknown OpenCLIP model {model!r}: give one of {', '.join(OPENCLIP_CONFIGS)} or "
+                         "its model-config JSON (--model CONFIG.json)")
+    return found
+
+
+def model_name_in(path: Path) -> str | None:
+    """The OpenCLIP model name a checkpoint's file name carries (daclip_ViT-B-32.pt -> daclip_ViT-B-32),
+    the longest known one; None when it names none."""
+    names = sorted(OPENCLIP_CONFIGS, key=len, reverse=True)
+    stem = Path(path).name
+    return next((n for n in names if n in stem), None)
+
+
+def _openclip_tower(prefix: str, tower: str, n: int) -> list[tuple[str, tuple, str]]:
+    """(OpenCLIP name, our path, op) of a transformer stack; op: id, T (linear), q/k/v (packed)."""
+    out = []
+    for i in range(n):
+        p, q = f"{prefix}resblocks.{i}.", (tower, "encoder", "layers", i)
+        out += [(p + "ln_1.weight", (*q, "layer_norm1", "scale"), "id"), (p + "ln_1.bias", (*q, "layer_norm1", "bias"), "id"),
+                (p + "ln_2.weight", (*q, "layer_norm2", "scale"), "id"), (p + "ln_2.bias", (*q, "layer_norm2", "bias"), "id"),
+                (p + "attn.out_proj.weight", (*q, "self_attn", "out_proj", "kernel"), "T"),
+                (p + "attn.out_proj.bias", (*q, "self_attn", "out_proj", "bias"), "id"),
+                (p + "mlp.c_fc.weight", (*q, "mlp", "fc1", "kernel"), "T"), (p + "mlp.c_fc.bias", (*q, "mlp", "fc1", "bias"), "id"),
+                (p + "mlp.c_proj.weight", (*q, "mlp", "fc2", "kernel"), "T"),
+                (p + "mlp.c_proj.bias", (*q, "mlp", "fc2", "bias"), "id")]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out += [(p + "attn.in_proj_weight", (*q, "self_attn", name, "kernel"), f"T{j}"),
+                    (p + "attn.in_proj_bias", (*q, "self_attn", name, "bias"), f"{j}")]
+    return out
+
+
+def openclip_vision_table(prefix: str, layers: int, resblocks: str = "transformer.") -> list[tuple[str, tuple, str]]:
+    """The vision tower's (OpenCLIP name, our path, op) rows; `prefix` 'visual.' (or DA-CLIP's
+    'visual_control.' with `resblocks` 'transformer.transformer.')."""
+    v = "vision_model"
+    return [
+        (prefix + "conv1.weight", (v, "embeddings", "patch_embedding", "kernel"), "conv"),
+        (prefix + "class_embedding", (v, "embeddings", "class_embedding"), "id"),
+        (prefix + "positional_embedding", (v, "embeddings", "position_embedding", "embedding"), "id"),
+        (prefix + "ln_pre.weight", (v, "pre_layrnorm", "scale"), "id"), (prefix + "ln_pre.bias", (v, "pre_layrnorm", "bias"), "id"),
+        (prefix + "ln_post.weight", (v, "post_layernorm", "scale"), "id"),
+        (prefix + "ln_post.bias", (v, "post_layernorm", "bias"), "id"),
+        (prefix + "proj", ("visual_projection", "kernel"), "id"),
+        *_openclip_tower(prefix + resblocks, v, layers),
+    ]
+
+
+def openclip_table(cfg: dict, prefix: str = "") -> list[tuple[str, tuple, str]]:
+    """(OpenCLIP name, our path, op) of every weight of an OpenCLIP ViT CLIP (`custom_text` models
+    keep the text tower under `text.`)."""
+    t = prefix + ("text." if cfg.get("custom_text") else "")
+    text_layers = int(cfg["text_cfg"].get("layers", 12))
+    tm = "text_model"
+    return [
+        (t + "token_embedding.weight", (tm, "embeddings", "token_embedding", "embedding"), "id"),
+        (t + "positional_embedding", (tm, "embeddings", "position_embedding", "embedding"), "id"),
+        (t + "ln_final.weight", (tm, "final_layer_norm", "scale"), "id"),
+        (t + "ln_final.bias", (tm, "final_layer_norm", "bias"), "id"),
+        (t + "text_projection", ("text_projection", "kernel"), "id"),
+        (prefix + "logit_scale", ("logit_scale",), "id"),
+        *_openclip_tower(t + "transformer.", tm, text_layers),
+        *openclip_vision_table(prefix + "visual.", int(cfg["vision_cfg"].get("layers", 12))),
+    ]
+
+
+def _read_op(a: np.ndarray, op: str) -> np.ndarray:
+    if op == "id":
+        return a
+    if op == "T":
+        return a.T
+    if op == "conv":
+        return a.transpose(2, 3, 1, 0)
+    j = int(op[-1])
+    part = np.split(a, 3, axis=0)[j]
+    return part.T if op.startswith("T") else part
+
+
+def from_table(tensors: dict, table: list, shapes: dict, source: object) -> dict:
+    """Our pure parameter dict from a state dict through a (name, path, op) table; missing names or
+    other shapes are one UsageError naming the first."""
+    want = dict(flatten(shapes))
+    out, missing, wrong = {}, [], []
+    for name, path, op in table:
+        if path not in want:
+            continue
+        if name not in tensors:
+            missing.append(name)
+            continue
+        a = _read_op(np.asarray(tensors[name], np.float32), op)
+        if tuple(a.shape) != tuple(want[path].shape):
+            wrong.append(f"{name} {tuple(a.shape)} != {tuple(want[path].shape)}")
+            continue
+        out[path] = a
+    if missing:
+        raise UsageError(f"{source}: {len(missing)} weights missing (first: {missing[0]})")
+    if wrong:
+        raise UsageError(f"{source}: {len(wrong)} weights of another shape (first: {wrong[0]}); "
+                         "is --model the checkpoint's model?")
+    absent = [p for p in want if p not in out]
+    if absent:
+        raise UsageError(f"{source}: no weight for {'.'.join(map(str, absent[0]))}")
+    return unflatten(out)
+
+
+def to_table(params: dict, table: list) -> dict[str, np.ndarray]:
+    """The state dict of a (name, path, op) table from our pure parameter dict (packed q/k/v
+    re-joined)."""
+    flat = {p: np.asarray(v, np.float32) for p, v in flatten(params)}
+    out: dict[str, np.ndarray] = {}
+    packed: dict[str, list] = {}
+    for name, path, op in table:
+        if path not in flat:
+            continue
+        a = flat[path]
+        if op == "id":
+            out[name] = a
+        elif op == "T":
+            out[name] = a.T
+        elif op == "conv":
+            out[name] = a.transpose(3, 2, 0, 1)
+        else:
+            packed.setdefault(name, [None] * 3)[int(op[-1])] = a.T if op.startswith("T") else a
+    out.update({k: np.concatenate(v, axis=0) for k, v in packed.items()})
+    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}
+
+
+def openclip_prefix(tensors: dict) -> str:
+    """'module.' when a state dict was saved from DistributedDataParallel, else ''."""
+    return "module." if tensors and all(k.startswith("module.") for k in tensors) else ""
+
+
+def is_daclip(tensors: dict) -> bool:
+    """Whether a state dict is DA-CLIP's (`clip.*` + `visual_control.*`)."""
+    p = openclip_prefix(tensors)
+    return any(k.startswith(p + "visual_control.") for k in tensors) and any(k.startswith(p + "clip.") for k in tensors)
+
+
+# --------------------------------------------------------------------------- DA-CLIP's controller
+
+
+def daclip_controller_table(layers: int, prefix: str = "") -> list[tuple[str, tuple, str]]:
+    """(DA-CLIP name, controller path, op) of DA-CLIP's `visual_control`, its zero modules and its
+    logit scale, onto our controller's state (`tower` in transformers' naming with string layer
+    indices, `projection`, `zero_links`, `logit_scale`)."""
+    rows = []
+    for name, path, op in openclip_vision_table(prefix + "visual_control.", layers, "transformer.transformer."):
+        if path == ("visual_projection", "kernel"):
+            rows.append((name, ("projection",), op))
+        else:
+            tower_path = tuple(str(k) for k in path[1:])
+            rows.append((name, ("tower", *tower_path), op))
+    for i in range(layers):
+        z = f"{prefix}visual_control.transformer.zero_modules.{i}."
+        rows += [(z + "weight", ("zero_links", i, "kernel"), "T"), (z + "bias", ("zero_links", i, "bias"), "id")]
+    rows.append((prefix + "logit_scale", ("logit_scale",), "id"))
+    return rows
