@@ -5,6 +5,9 @@
     lmdir priors classify --clip DIR [--controller WD] --data DIR --spec SPEC [--spec SPEC ...]
     lmdir priors caption --clip DIR IMAGE...           zero-shot scene captions
     lmdir priors train-controller --clip DIR [--config CFG] --workdir WD   DA-CLIP controller
+    lmdir priors verify PATH [--model NAME|CONFIG.json] --image PHOTO   ours vs the PyTorch reference
+    lmdir priors embed PATH [--model ...] --text T [--text T2 ...] --output OUT.npz IMAGES...
+    lmdir priors export-daclip --clip CLIP --controller WD --output OUT.pt   DA-CLIP's layout
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import check_output_folder, check_text_output
+from lmdir_jax.outputs import check_output_file, check_output_folder, check_text_output
 from lmdir_jax.priors.config import CONTROLLER_GRID
 
 
@@ -88,6 +91,50 @@ def register(sub) -> None:
     tc.add_argument("--workdir", required=True, metavar="WD", help="controller workdir (created/resumed)")
     tc.set_defaults(func=run_train_controller)
 
+    model_help = ("OpenCLIP model name (ViT-B-32, ViT-L-14, daclip_ViT-B-32, ...) or model-config JSON "
+                  "of a checkpoint file (default: the name in the file's name)")
+    v = psub.add_parser(
+        "verify",
+        help="compare our CLIP / Stable Diffusion with the PyTorch reference on a photo",
+        description="Load PATH (a Hugging Face CLIP folder, a diffusers Stable Diffusion folder, or an "
+        "OpenCLIP / DA-CLIP checkpoint) into our model and the reference implementation (transformers, "
+        "open_clip, diffusers: pip install 'lmdir-jax[verify]'), run both on --image and a prompt, and "
+        "print max |ours - reference| per output. Exit 1 when one exceeds 1e-4 (float32).",
+    )
+    v.add_argument("path", metavar="PATH")
+    v.add_argument("--model", metavar="NAME|CONFIG.json", help=model_help)
+    v.add_argument("--image", metavar="PHOTO", help="the photo to compare on (required)")
+    v.add_argument("--prompt", default=None, help="the text to compare on")
+    v.add_argument("--tokenizer", metavar="DIR", help="CLIP tokenizer folder for an OpenCLIP checkpoint "
+                   "(default: beside it, or open_clip's)")
+    v.set_defaults(func=run_verify)
+
+    e = psub.add_parser(
+        "embed",
+        help="write CLIP image and text embeddings (projected, unnormalised) to an .npz",
+        description="Arrays 'image' (one row per image, file-name order) and 'text' (one row per --text), "
+        "float32, with CLIP's own preprocessing; for a DA-CLIP checkpoint also 'degradation', and "
+        "'image' from DA-CLIP's controlled image tower.",
+    )
+    e.add_argument("path", metavar="PATH", help="Hugging Face CLIP folder or OpenCLIP / DA-CLIP checkpoint")
+    e.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders")
+    e.add_argument("--model", metavar="NAME|CONFIG.json", help=model_help)
+    e.add_argument("--text", action="append", default=[], metavar="T", help="a text to embed; repeatable")
+    e.add_argument("--output", required=True, metavar="OUT.npz")
+    e.add_argument("--tokenizer", metavar="DIR", help="CLIP tokenizer folder for an OpenCLIP checkpoint")
+    e.set_defaults(func=run_embed)
+
+    x = psub.add_parser(
+        "export-daclip",
+        help="write a trained controller with its CLIP in DA-CLIP's checkpoint layout",
+        description="A state dict as DA-CLIP's code loads it ({'state_dict': clip.*, visual.*, "
+        "visual_control.* with its zero modules, logit_scale}): a .pt file (needs torch) or .safetensors.",
+    )
+    x.add_argument("--clip", required=True, metavar="CLIP", help="the CLIP the controller was trained for")
+    x.add_argument("--controller", required=True, metavar="WD", help="trained controller workdir")
+    x.add_argument("--output", required=True, metavar="OUT.pt")
+    x.set_defaults(func=run_export_daclip)
+
     k = psub.add_parser("caption", help="zero-shot scene captions of images")
     k.add_argument("images", nargs="+", metavar="IMAGE")
     k.add_argument("--clip", required=True, metavar="DIR")
@@ -95,8 +142,53 @@ def register(sub) -> None:
     k.set_defaults(func=run_caption)
 
 
+def run_verify(args) -> int:
+    """Print max |ours - reference| per output; 1 when one exceeds the float32 tolerance."""
+    from lmdir_jax.priors.verify import DEFAULT_PROMPT, TOLERANCE, verify
+
+    diffs = verify(args.path, model=args.model, image=args.image, prompt=args.prompt or DEFAULT_PROMPT,
+                   tokenizer=args.tokenizer)
+    width = max(len(k) for k in diffs)
+    bad = [k for k, d in diffs.items() if not d <= TOLERANCE]
+    for k, d in diffs.items():
+        print(f"{k:<{width}}  max |ours - reference| {d:.3g}{'  > 1e-4' if k in bad else ''}")
+    print(f"{'FAIL' if bad else 'ok'}: {len(diffs) - len(bad)} of {len(diffs)} outputs within {TOLERANCE:g}")
+    return 1 if bad else 0
+
+
+def run_embed(args) -> int:
+    """Write the embeddings .npz."""
+    from lmdir_jax.priors.verify import embed, list_images, write_npz
+
+    images = list_images(args.images)
+    out = check_output_file(args.output, [args.path, *images])
+    if out.suffix != ".npz":
+        raise UsageError(f"--output must end in .npz, got {out}")
+    arrays = embed(args.path, args.text, images, model=args.model, tokenizer=args.tokenizer)
+    write_npz(arrays, out)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    print(f"wrote {out}: {shapes}")
+    return 0
+
+
+def run_export_daclip(args) -> int:
+    """Write a trained controller and its CLIP in DA-CLIP's layout."""
+    from lmdir_jax.priors.clip import load_clip
+    from lmdir_jax.priors.controller import load_controller, save_daclip
+
+    out = check_output_file(args.output, [args.clip, args.controller])
+    if out.exists():
+        raise UsageError(f"--output {out} exists: choose a new file name")
+    clip = load_clip(args.clip)
+    assessor = load_controller(args.controller, clip)
+    save_daclip(assessor.controller, clip, out)
+    print(f"wrote {out} (DA-CLIP layout)")
+    return 0
+
+
 def run_make_tiny(args) -> int:
-    """Write OUTDIR/clip (tiny FlaxCLIPModel + tokenizer) and OUTDIR/sd (tiny SD, diffusers layout)."""
+    """Write OUTDIR/clip (tiny CLIP + tokenizer, transformers' layout) and OUTDIR/sd (tiny SD,
+    diffusers layout)."""
     from lmdir_jax.priors.tiny import save_tiny_clip
 
     out = check_output_folder(args.outdir, flag="OUTDIR")

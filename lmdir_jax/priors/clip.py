@@ -10,6 +10,7 @@ eager (host-side, jitted once per shape) versions for the CLI, the cache builder
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,20 @@ from flax import nnx
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import clip_weights
-from lmdir_jax.priors.clip_model import DTYPES, ClipModel, load_clip_model
-from lmdir_jax.priors.tokenizer import load_tokenizer
+from lmdir_jax.priors.clip_model import (
+    DTYPES,
+    OPENCLIP_FILES,
+    ClipModel,
+    load_clip_model,
+    load_openclip_model,
+    openclip_checkpoint,
+)
+from lmdir_jax.priors.tokenizer import (
+    OPENCLIP_BPE,
+    load_tokenizer,
+    openclip_bpe_path,
+    write_from_openclip_bpe,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -302,6 +315,24 @@ def read_preprocessing(folder: Path) -> tuple[tuple, tuple, int | None]:
     return mean, std, resize_to
 
 
+def openclip_tokenizer(checkpoint: Path, tokenizer: str | Path | None = None):
+    """The tokenizer of an OpenCLIP checkpoint: `tokenizer` (a folder), the tokenizer files beside
+    the checkpoint, or OpenCLIP's BPE vocabulary (beside it, or open_clip's when installed)."""
+    if tokenizer is not None:
+        if not Path(tokenizer).is_dir():
+            raise UsageError(f"tokenizer folder not found: {tokenizer}")
+        return load_tokenizer(Path(tokenizer))
+    here = checkpoint.parent
+    if (here / "tokenizer.json").is_file() or ((here / "vocab.json").is_file() and (here / "merges.txt").is_file()):
+        return load_tokenizer(here)
+    bpe = here / OPENCLIP_BPE if (here / OPENCLIP_BPE).is_file() else openclip_bpe_path()
+    if bpe is None:
+        raise UsageError(f"{checkpoint}: no tokenizer beside it and open_clip is not installed: give a CLIP "
+                         f"tokenizer folder (vocab.json + merges.txt), or put {OPENCLIP_BPE} beside it")
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_tokenizer(write_from_openclip_bpe(bpe, Path(tmp)))
+
+
 def load_clip(
     path: str | Path,
     dtype: str = "float32",
@@ -309,33 +340,51 @@ def load_clip(
     max_text_len: int = 32,
     degradation_vocab: list[tuple[str, str]] | None = None,
     scene_vocab: list[str] | None = None,
+    model: str | None = None,
+    tokenizer: str | Path | None = None,
 ) -> ClipPrior:
-    """Load a local Hugging Face CLIP folder (model.safetensors, pytorch_model.bin with torch, or
-    flax_model.msgpack) with its tokenizer as a ClipPrior on our NNX CLIP.
+    """Load a CLIP as a ClipPrior on our NNX CLIP: a Hugging Face CLIP folder (model.safetensors,
+    pytorch_model.bin with torch, or flax_model.msgpack; its own tokenizer), or an OpenCLIP
+    checkpoint (a state-dict file, a hub folder with open_clip_config.json, or DA-CLIP's checkpoint,
+    whose frozen CLIP it reads) with `model` (OpenCLIP model name or model-config JSON; default: the
+    folder's config or a model name in the file's name) and OpenCLIP's tokenizer (`tokenizer`
+    folder to override).
 
-    `dtype` is the compute dtype ('float32' or 'bfloat16'); outputs are float32. A missing folder or
-    one that is not a full CLIP model (config model_type 'clip' with weights) is a UsageError.
+    `dtype` is the compute dtype ('float32' or 'bfloat16'); outputs are float32. A missing path, a
+    folder that is neither, or one without weights is a UsageError.
     """
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.exists():
         raise UsageError(f"CLIP folder not found: {folder}")
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if folder.is_file() or any((folder / f).is_file() for f in OPENCLIP_FILES):
+        clip_model, cfg, ocfg = load_openclip_model(folder, model, dtype)
+        file, _ = openclip_checkpoint(folder)
+        pre = ocfg.get("preprocess_cfg") or {}
+        return ClipPrior(
+            clip_model,
+            openclip_tokenizer(file, tokenizer),
+            max_text_len=max_text_len,
+            mean=tuple(pre.get("mean", CLIP_MEAN)),
+            std=tuple(pre.get("std", CLIP_STD)),
+            degradation_vocab=degradation_vocab,
+            scene_vocab=scene_vocab,
+        )
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise UsageError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model_type = _read_json(cfg_file).get("model_type")
     if model_type != "clip":
         raise UsageError(f"{folder} is not a CLIP model (model_type={model_type!r}, need 'clip')")
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if not (clip_weights.has_torch_weights(folder) or clip_weights.has_flax_weights(folder)):
         raise UsageError(f"{folder} has no CLIP weights (model.safetensors, pytorch_model.bin or "
                          "flax_model.msgpack)")
-    model, _ = load_clip_model(folder, dtype)
-    tokenizer = load_tokenizer(folder)
+    clip_model, _ = load_clip_model(folder, dtype)
     mean, std, resize_to = read_preprocessing(folder)
     return ClipPrior(
-        model,
-        tokenizer,
+        clip_model,
+        load_tokenizer(folder) if tokenizer is None else load_tokenizer(Path(tokenizer)),
         max_text_len=max_text_len,
         mean=mean,
         std=std,

@@ -4,8 +4,9 @@ The controller is a trainable copy of CLIP's vision tower. Its pooled, projected
 *degradation embedding*, compared with the frozen text embeddings of the degradation vocabulary
 (`lmdir_jax.degradations.vocabulary()`, "clean" included). After every transformer layer its hidden
 states also pass through a zero-initialised linear connection whose output is added to the output
-of the same layer of the *frozen* tower (DA-CLIP's `ControlTransformer`), steering the frozen
-tower's *content embedding* towards the clean scene. Zero-initialised, the controlled tower is
+of a layer of the *frozen* tower (DA-CLIP's `ControlTransformer`: the hint of the controller's last
+layer enters the frozen tower's first, and so on), steering the frozen tower's *content embedding*
+towards the clean scene. Zero-initialised, the controlled tower is
 exactly the frozen one.
 
 The vision tower is written here as a pure function of the CLIP vision parameters in transformers'
@@ -20,6 +21,7 @@ JPEG blocks at CLIP's input size.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,9 @@ import numpy as np
 from flax import nnx
 
 from lmdir_jax.errors import UsageError
-from lmdir_jax.priors.clip_model import activation
+from lmdir_jax.outputs import atomic_write_bytes
+from lmdir_jax.priors import clip_weights
+from lmdir_jax.priors.clip_model import activation, openclip_state_dict
 from lmdir_jax.priors.config import CONTROLLER_GRID
 
 SPEC_FILE = "controller.json"
@@ -129,8 +133,12 @@ class Controller(nnx.Module):
     """
 
     def __init__(self, vision_params: dict, projection: Any, shape: TowerShape, logit_scale: float,
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, reverse: bool = True):
         self.shape = shape
+        # DA-CLIP's wiring (the frozen layer i gets the hint of controller layer L-1-i); False: layer
+        # i gets layer i's (controllers trained before the DA-CLIP layout was read, spec without
+        # "wiring").
+        self.reverse = bool(reverse)
         self.tower = nnx.data(jax.tree.map(lambda a: nnx.Param(jnp.array(a, jnp.float32)), vision_params))
         self.projection = nnx.Param(jnp.array(projection, jnp.float32))
         zeros = nnx.initializers.zeros_init()
@@ -143,29 +151,40 @@ class Controller(nnx.Module):
         self.logit_scale = nnx.Param(jnp.asarray(np.log(max(logit_scale, 100.0)), jnp.float32))
 
     @classmethod
-    def from_clip(cls, clip, seed: int = 0) -> Controller:
+    def from_clip(cls, clip, seed: int = 0, reverse: bool = True) -> Controller:
         """A controller initialised from `clip` (a `ClipPrior`): the copy equals the frozen tower."""
         return cls(
             tower_params(clip), clip.params["visual_projection"]["kernel"], TowerShape.of(clip),
-            clip.logit_scale, rngs=nnx.Rngs(seed),
+            clip.logit_scale, rngs=nnx.Rngs(seed), reverse=reverse,
         )
 
-    def hints(self, pixels: jax.Array) -> tuple[jax.Array, list]:
-        """(degradation embedding (B, P) normalised, per-layer control hints)."""
+    def embed(self, pixels: jax.Array) -> tuple[jax.Array, list]:
+        """(degradation embedding (B, P), projected and unnormalised; per-layer control hints in
+        the frozen tower's layer order)."""
         tower = jax.tree.map(lambda v: v[...], self.tower, is_leaf=lambda x: isinstance(x, nnx.Variable))
         pooled, states = vision_forward(tower, pixels, self.shape, collect=True)
         hints = [link(s) for link, s in zip(self.zero_links, states, strict=True)]
-        return _normalize(pooled @ self.projection[...]), hints
+        return pooled @ self.projection[...], hints[::-1] if self.reverse else hints
+
+    def hints(self, pixels: jax.Array) -> tuple[jax.Array, list]:
+        """(degradation embedding (B, P) normalised, per-layer control hints)."""
+        deg, hints = self.embed(pixels)
+        return _normalize(deg), hints
 
     def __call__(self, pixels: jax.Array, frozen: dict) -> tuple[jax.Array, jax.Array]:
         deg, hints = self.hints(pixels)
         return deg, controlled_features(frozen, pixels, self.shape, hints)
 
 
+def controlled_embeds(frozen: dict, pixels: jax.Array, shape: TowerShape, hints=None) -> jax.Array:
+    """Projected, unnormalised embedding (B, P) of the frozen tower (under control when `hints`)."""
+    pooled, _ = vision_forward(frozen["vision_model"], pixels, shape, hints=hints)
+    return pooled @ frozen["visual_projection"]["kernel"]
+
+
 def controlled_features(frozen: dict, pixels: jax.Array, shape: TowerShape, hints=None) -> jax.Array:
     """L2-normalised projected embedding (B, P) of the frozen tower (under control when `hints`)."""
-    pooled, _ = vision_forward(frozen["vision_model"], pixels, shape, hints=hints)
-    return _normalize(pooled @ frozen["visual_projection"]["kernel"])
+    return _normalize(controlled_embeds(frozen, pixels, shape, hints))
 
 
 def _str_keys(tree):
@@ -258,6 +277,7 @@ def controller_spec(clip) -> dict:
         "image_size": shape.image_size,
         "vocabulary": [list(v) for v in clip.degradation_vocab],
         "max_text_len": clip.max_text_len,  # tokens per vocabulary text in its training
+        "wiring": "daclip",  # Controller.reverse
     }
 
 
@@ -359,13 +379,16 @@ def attach_from_config(clip, config, controller: str | None = None):
 
 
 def load_controller(workdir: str | Path, clip, grid: int = GRID) -> DegradationAssessor:
-    """A trained controller workdir (from `lmdir priors train-controller`) for `clip`.
+    """A trained controller workdir (from `lmdir priors train-controller`), or DA-CLIP's released
+    checkpoint file (`load_daclip_controller`), for `clip`.
 
     Missing folder, missing spec or checkpoint, or a controller for another CLIP -> UsageError.
     """
     from lmdir_jax.train import checkpoints as ckpt
 
     wd = Path(workdir)
+    if wd.is_file():
+        return load_daclip_controller(wd, clip, grid=grid)
     if not wd.is_dir():
         raise UsageError(f"controller folder not found: {wd}")
     spec_file = wd / SPEC_FILE
@@ -379,7 +402,7 @@ def load_controller(workdir: str | Path, clip, grid: int = GRID) -> DegradationA
     check_spec(wd, spec, clip)
     if not ckpt.checkpoint_dir(wd).is_dir():
         raise UsageError(f"no checkpoints in controller folder {wd}")
-    controller = Controller.from_clip(clip)
+    controller = Controller.from_clip(clip, reverse=spec.get("wiring") == "daclip")
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state = nnx.state(controller)
     abstract = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)}
@@ -393,3 +416,69 @@ def load_controller(workdir: str | Path, clip, grid: int = GRID) -> DegradationA
     nnx.update(controller, restored[1]["model"])
     return DegradationAssessor(controller, clip, grid=grid, max_text_len=spec.get("max_text_len"),
                                kinds=spec.get("kinds"))
+
+
+# --------------------------------------------------------------------------- DA-CLIP's layout
+
+
+def _check_tower(source: Path, tensors: dict, prefix: str, clip) -> None:
+    shape = TowerShape.of(clip)
+    n = len({k[len(prefix):].split(".")[3] for k in tensors
+             if k.startswith(prefix + "visual_control.transformer.zero_modules.")})
+    conv = tensors.get(prefix + "visual_control.conv1.weight")
+    if conv is None or n == 0:
+        raise UsageError(f"{source} is not a DA-CLIP checkpoint (no visual_control.* with zero modules)")
+    if n != shape.layers or conv.shape[0] != shape.width or conv.shape[-1] != shape.patch:
+        raise UsageError(f"DA-CLIP checkpoint {source} has a {n}-layer, width {conv.shape[0]}, patch "
+                         f"{conv.shape[-1]} controller; this CLIP's tower has {shape.layers} layers, width "
+                         f"{shape.width}, patch {shape.patch}: load the CLIP from the same checkpoint")
+
+
+def load_daclip_controller(path: str | Path, clip, grid: int = GRID, tensors: dict | None = None) -> DegradationAssessor:
+    """DA-CLIP's checkpoint (`{'state_dict': ...}` with `clip.*`, `visual_control.*` and its zero
+    modules, `logit_scale`; optional `module.` prefix, as DA-CLIP's release daclip_ViT-B-32.pt) as our
+    controller beside `clip` (the CLIP loaded from the same checkpoint)."""
+    path = Path(path)
+    if tensors is None:
+        tensors = clip_weights.read_checkpoint_file(path)
+    prefix = clip_weights.openclip_prefix(tensors)
+    _check_tower(path, tensors, prefix, clip)
+    controller = Controller.from_clip(clip, reverse=True)
+    shapes = nnx.to_pure_dict(nnx.state(controller))
+    table = clip_weights.daclip_controller_table(TowerShape.of(clip).layers, prefix)
+    params = clip_weights.from_table(tensors, table, shapes, path)
+    nnx.update(controller, jax.tree.map(jnp.asarray, params))
+    return DegradationAssessor(controller, clip, grid=grid)
+
+
+def daclip_state_dict(controller: Controller, clip) -> dict[str, np.ndarray]:
+    """DA-CLIP's state dict of a controller and its frozen CLIP: `clip.*` (OpenCLIP layout, text
+    under `clip.text.*`), `visual.*` (DA-CLIP registers the frozen tower twice), `visual_control.*`
+    with its zero modules, and `logit_scale` (the controller's)."""
+    if not controller.reverse:
+        raise UsageError("this controller was trained with the in-order wiring, which DA-CLIP's layout "
+                         "cannot hold: retrain it with `lmdir priors train-controller`")
+    out = openclip_state_dict(clip.bind(clip.params), custom_text=True, prefix="clip.")
+    out.update({k[len("clip."):]: v for k, v in out.items() if k.startswith("clip.visual.")})
+    table = clip_weights.daclip_controller_table(controller.shape.layers)
+    out.update(clip_weights.to_table(nnx.to_pure_dict(nnx.state(controller)), table))
+    return out
+
+
+def save_daclip(controller: Controller, clip, path: str | Path) -> Path:
+    """Write a controller with its frozen CLIP in DA-CLIP's checkpoint layout: a PyTorch file
+    `{'state_dict': ...}` (.pt, needs torch) or the flat state dict as .safetensors."""
+    path = Path(path)
+    tensors = daclip_state_dict(controller, clip)
+    if path.suffix == ".safetensors":
+        clip_weights.write_safetensors(tensors, path)
+        return path
+    try:
+        import torch
+    except ImportError:
+        raise UsageError(f"writing {path.name} (a PyTorch file) needs torch: install it, or write "
+                         ".safetensors") from None
+    buf = io.BytesIO()
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
