@@ -400,7 +400,7 @@ def load_restorer(checkpoint: str, clip: str | None = None, controller: str | No
     if ctrl:
         if prior is None:
             raise UsageError("a controller needs CLIP: the checkpoint has no priors.clip; pass --clip DIR")
-        if not Path(ctrl).is_dir():
+        if not Path(ctrl).exists():  # a workdir, or DA-CLIP's checkpoint file
             where = "--controller" if controller else "the checkpoint's config (priors.controller)"
             raise UsageError(f"controller folder not found: {ctrl} (from {where})")
         from lmdir_jax.priors.controller import attach_from_config

@@ -65,11 +65,10 @@ def degraded_copy(clean: np.ndarray, spec: str, seed: int = 0) -> tuple[np.ndarr
 
 
 @pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A tiny random CLIP folder (text width 32 = the tiny config's model.text_dim)."""
-    from lmdir_jax.priors.tiny import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", text_dim=32)
+def tiny_clip(clip_dir) -> Path:
+    """The tiny random CLIP folder of tests/conftest.py (text width 32 = the tiny config's
+    model.text_dim)."""
+    return clip_dir
 
 
 @pytest.fixture(scope="session")

@@ -198,3 +198,28 @@ def test_export_daclip_refuses_in_order_wiring_and_misuse(clip_dir, photos, tmp_
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_restore_takes_a_daclip_checkpoint_as_controller(clip_dir, tmp_path, photos):
+    """`lmdir restore --controller daclip.pt`: a checkpoint in DA-CLIP's layout for the run's CLIP
+    (here the tiny CLIP with a controller whose links are not zero) drives the automatic mode."""
+    import restore_fixtures
+    from flax import nnx
+
+    from lmdir_jax.data.io import read_image, write_image
+    from lmdir_jax.inference import load_restorer
+
+    workdir = restore_fixtures.write_workdir(tmp_path / "wd", [f"config.priors.clip={clip_dir}"])
+    clip = load_clip(clip_dir)
+    mine = Controller.from_clip(clip, seed=5)
+    for link in mine.zero_links:
+        link.kernel[...] = np.random.default_rng(1).normal(size=link.kernel.shape).astype(np.float32) * 0.1
+    daclip = save_daclip(mine, clip, tmp_path / "daclip_tiny.pt")
+    r = load_restorer(str(workdir), controller=str(daclip))
+    loaded = r.clip.controller.controller
+    for a, b in zip(nnx.to_flat_state(nnx.state(mine)), nnx.to_flat_state(nnx.state(loaded)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a[1][...]), np.asarray(b[1][...]))
+    write_image(tmp_path / "in.png", read_image(photos[0])[:48, :64])
+    assert main(["restore", str(tmp_path / "in.png"), "--checkpoint", str(workdir), "--output",
+                 str(tmp_path / "out"), "--controller", str(daclip)]) == 0
+    assert (tmp_path / "out" / "in.png").is_file()

@@ -56,7 +56,8 @@ def register(sub) -> None:
     b.add_argument("--max-items", type=int, default=None, help="only the first N images")
     b.add_argument("--seed", type=seed_type, default=0)
     b.add_argument("--controller", metavar="WD",
-                   help="trained DA-CLIP controller: zero-shot captions from the controlled image tower")
+                   help="trained controller workdir or DA-CLIP checkpoint: zero-shot captions from the controlled "
+                   "image tower")
     b.set_defaults(func=run_build)
 
     c = psub.add_parser(
@@ -73,7 +74,8 @@ def register(sub) -> None:
                    help="degradation spec, e.g. noise:25 or rain+haze; repeatable; 'clean' allowed")
     c.add_argument("--max-images", type=int, default=None, metavar="N")
     c.add_argument("--seed", type=seed_type, default=0)
-    c.add_argument("--controller", metavar="WD", help="also classify with this trained controller")
+    c.add_argument("--controller", metavar="WD",
+                   help="also classify with this trained controller (workdir or DA-CLIP checkpoint)")
     c.add_argument("--grid", type=int, default=CONTROLLER_GRID,
                    help=f"native crops per side (grid x grid, default {CONTROLLER_GRID})")
     c.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -217,7 +219,7 @@ def run_build(args) -> int:
         from lmdir_jax.priors.clip import load_clip
         from lmdir_jax.priors.controller import load_controller
 
-        if not Path(args.controller).is_dir():
+        if not Path(args.controller).exists():
             raise UsageError(f"controller folder not found: {args.controller}")
         clip = load_clip(args.clip, max_text_len=args.max_text_len)
         clip.attach_controller(load_controller(args.controller, clip))
@@ -409,7 +411,7 @@ def run_classify(args) -> int:
         check_text_output(args.json, flag="--json")
     for spec in args.spec:
         _spec_kinds(spec)
-    if args.controller and not Path(args.controller).is_dir():
+    if args.controller and not Path(args.controller).exists():
         raise UsageError(f"controller folder not found: {args.controller}")
     clip = load_clip(args.clip)
     assessor = None
