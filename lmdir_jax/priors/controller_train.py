@@ -212,6 +212,9 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
         old_spec = json.loads(spec_file.read_text(encoding="utf-8"))
         check_spec(workdir, old_spec, clip)
         seen = np.array([n in (old_spec.get("kinds") or []) for n in names])
+        if old_spec.get("wiring") != spec["wiring"]:  # resumes keep the wiring they were trained with
+            spec.pop("wiring")
+    reverse = "wiring" in spec
 
     def save_spec() -> None:  # with the kinds it learnt: the only ones it names (DegradationAssessor)
         if jax.process_index() == 0:
@@ -235,7 +238,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
 
     seed = int(config.seed)
     clean_prob = float(config.priors.controller_clean_prob)
-    model_fn = lambda: Controller.from_clip(clip, seed)  # noqa: E731
+    model_fn = lambda: Controller.from_clip(clip, seed, reverse=reverse)  # noqa: E731
     setup = state_lib.make_setup(config, mesh, model_fn)
     manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
     restored = ckpt.restore_latest(manager, setup.abstract, iterator, items=("model", "opt", "data"))

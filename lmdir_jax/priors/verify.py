@@ -12,6 +12,8 @@ pixels and token ids, and reports max |ours - reference| per output. The referen
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import io
 from pathlib import Path
 
@@ -225,11 +227,10 @@ def verify(path: str | Path, model: str | None = None, image: str | Path | None 
     path = Path(path)
     kind = kind_of(path)
     if kind == "sd":
-        try:
-            from lmdir_jax.priors.verify_sd import verify_sd
-        except ImportError:
-            raise UsageError(f"{path} is a Stable Diffusion folder, which this version does not verify") from None
-        return verify_sd(path, photo, prompt)
+        if importlib.util.find_spec("lmdir_jax.priors.verify_sd") is None:
+            raise UsageError(f"{path} is a Stable Diffusion folder, which this version does not verify")
+        verify_sd = importlib.import_module("lmdir_jax.priors.verify_sd").verify_sd
+        return verify_sd(path, Path(image), prompt)  # the photo's path (read and checked above)
     if kind == "hf":
         return verify_hf(path, photo, prompt)
     return verify_openclip(path, model, photo, prompt, tokenizer)
