@@ -215,3 +215,47 @@ def test_bad_folders_are_usage_errors(tmp_path, clip_dir):
         load_clip(noweights)
     with pytest.raises(UsageError, match="max_text_len"):
         load_clip(clip_dir, max_text_len=500)
+
+
+@pytest.mark.parametrize("act, eos", [("quick_gelu", 98), ("gelu", 2)])
+def test_nnx_clip_equals_transformers_in_both_variants(tmp_path, photos, act, eos):
+    """transformers' own CLIPModel (quick_gelu pooling at the end-of-text id; gelu with the old
+    eos_token_id 2, pooling at argmax) saved by transformers loads into our NNX CLIP with the same
+    outputs (1e-4), and its text tower written by save_text_encoder is a CLIPTextModel folder."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+    from lmdir_jax.data.io import read_image
+    from lmdir_jax.priors.clip_model import load_clip_model, load_text_encoder, save_text_encoder
+
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, hidden_act=act, eos_token_id=eos, bos_token_id=97, pad_token_id=0),
+        vision_config=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, hidden_act=act),
+        projection_dim=8)
+    torch.manual_seed(0)
+    ref = CLIPModel(cfg).eval()
+    ref.save_pretrained(str(tmp_path / "hf"))
+    ours, config = load_clip_model(tmp_path / "hf")
+    assert config.text.argmax_pooling == (eos == 2)
+    ids = np.array([[97, 5, 6, 98, 0, 0], [97, 7, 98, 0, 0, 0]])  # 98 is also the largest id
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], bool)
+    photo = read_image(photos[2])[:32, :32]
+    pixels = ((photo - 0.45) / 0.27)[None].astype(np.float32)
+    with torch.no_grad():
+        t = ref.text_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)))
+        v = ref.vision_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+        want_text = ref.text_projection(t.pooler_output).numpy()
+        want_image = ref.visual_projection(v.pooler_output).numpy()
+    assert np.abs(np.asarray(ours.text_embeds(ids, mask)) - want_text).max() <= 1e-4
+    assert np.abs(np.asarray(ours.image_embeds(pixels)) - want_image).max() <= 1e-4
+    assert np.abs(np.asarray(ours.text_states(ids, mask)) - t.last_hidden_state.numpy())[mask].max() <= 1e-4
+    save_text_encoder(ours.text_model, config.text, tmp_path / "te")
+    te = CLIPTextModel.from_pretrained(str(tmp_path / "te")).eval()
+    with torch.no_grad():
+        pooled = te(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).pooler_output
+    np.testing.assert_allclose(pooled.numpy(), t.pooler_output.numpy(), atol=1e-6)
+    back, back_cfg = load_text_encoder(tmp_path / "te")
+    assert back_cfg == config.text
+    np.testing.assert_array_equal(np.asarray(back(ids, mask)[1]), np.asarray(ours.text_model(ids, mask)[1]))
