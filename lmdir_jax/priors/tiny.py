@@ -1,6 +1,6 @@
 """Tiny random CLIP / tokenizer folders in the real Hugging Face on-disk layouts.
 
-The CLIP is our NNX `ClipModel`, initialised like transformers initialises CLIP (from a NumPy
+The CLIP is our NNX `ClipModel`, initialised like transformers' Flax CLIP (from a NumPy
 generator: the same values for a seed on every machine) and written as transformers writes a
 `CLIPModel` (config.json, model.safetensors, preprocessor_config.json, tokenizer files), without torch.
 
@@ -98,15 +98,15 @@ def tiny_clip_config(text_dim: int = 32, vision_dim: int = 32, image_size: int =
 
 
 def init_like_transformers(params: dict, config: ClipConfig, seed: int) -> dict:
-    """transformers' CLIP initialisation of a pure parameter dict (normal weights with its per-layer
-    standard deviations, unit layer-norm scales, zero biases), from a NumPy generator."""
+    """The initialisation of transformers' Flax CLIP, which the tiny CLIP has always had (normal
+    weights of standard deviation 0.01; 0.02 for the class token and the two projections; unit
+    layer-norm scales, zero biases), drawn from a NumPy generator. Small weights keep a tiny random
+    CLIP's text states close to its token embeddings, so different texts stay far apart (a
+    PyTorch-style initialisation mixes the tokens and the restoration network learns less from them)."""
     rng = np.random.default_rng(seed)
     out = {}
     for path, spec in clip_weights.flatten(params):
         shape, leaf = tuple(spec.shape), path[-1]
-        tower = config.text if path[0] == "text_model" else config.vision
-        width, layers = tower.hidden_size, tower.num_layers
-        name = path[-2] if len(path) > 1 else leaf
         if leaf == "bias":
             value = np.zeros(shape)
         elif leaf == "scale":
@@ -114,29 +114,14 @@ def init_like_transformers(params: dict, config: ClipConfig, seed: int) -> dict:
         elif leaf == "logit_scale":
             value = np.full(shape, config.logit_scale_init)
         else:
-            if name in ("q_proj", "k_proj", "v_proj"):
-                std = width**-0.5 * (2 * layers) ** -0.5
-            elif name == "out_proj":
-                std = width**-0.5
-            elif name == "fc1":
-                std = (2 * width) ** -0.5
-            elif name == "fc2":
-                std = width**-0.5 * (2 * layers) ** -0.5
-            elif leaf == "class_embedding":
-                std = width**-0.5
-            elif path[0] == "text_projection":
-                std = config.text.hidden_size**-0.5
-            elif path[0] == "visual_projection":
-                std = config.vision.hidden_size**-0.5
-            else:  # token, position and patch embeddings
-                std = 0.02
-            value = rng.standard_normal(shape) * std
+            wide = leaf == "class_embedding" or path[0] in ("text_projection", "visual_projection")
+            value = rng.standard_normal(shape) * (0.02 if wide else 0.01)
         out[path] = value.astype(np.float32)
     return clip_weights.unflatten(out)
 
 
 def tiny_clip_model(text_dim: int = 32, seed: int = 0) -> ClipModel:
-    """A tiny random `ClipModel` (transformers' initialisation, seeded)."""
+    """A tiny random `ClipModel` (transformers' Flax initialisation, seeded)."""
     config = tiny_clip_config(text_dim=text_dim)
     graphdef, shapes = abstract(lambda: ClipModel(config, rngs=nnx.Rngs(0)))
     return build(graphdef, init_like_transformers(shapes, config, seed))
