@@ -61,6 +61,7 @@ class ClipTextConfig:
 
     @property
     def argmax_pooling(self) -> bool:
+        """Whether the pooled state is taken at argmax(input_ids) (no usable end-of-text id)."""
         return self.eos_token_id is None or self.eos_token_id == 2
 
     @classmethod
@@ -232,6 +233,8 @@ class ClipEncoder(nnx.Module):
 
 
 class ClipTextEmbeddings(nnx.Module):
+    """Token embedding + learnt absolute position embedding."""
+
     def __init__(self, cfg: ClipTextConfig, *, dtype, rngs: nnx.Rngs):
         self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.position_embedding = nnx.Embed(cfg.max_positions, cfg.hidden_size, dtype=dtype, rngs=rngs)
@@ -274,6 +277,8 @@ class ClipTextTransformer(nnx.Module):
 
 
 class ClipVisionEmbeddings(nnx.Module):
+    """Patch convolution (no bias), class token in front, learnt position embedding."""
+
     def __init__(self, cfg: ClipVisionConfig, *, dtype, rngs: nnx.Rngs):
         p, d = cfg.patch_size, cfg.hidden_size
         self.patch_embedding = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", use_bias=False,

@@ -103,10 +103,12 @@ def from_hf(tensors: dict, shapes: dict, prefix: str = "", source: object = "che
 
 
 def has_torch_weights(folder: Path) -> bool:
+    """Whether a Hugging Face folder holds PyTorch-layout weights (safetensors or a pickle)."""
     return any((folder / f).is_file() for f in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN))
 
 
 def has_flax_weights(folder: Path) -> bool:
+    """Whether a Hugging Face folder holds transformers' Flax weights."""
     return (folder / FLAX_MSGPACK).is_file()
 
 
