@@ -1,7 +1,7 @@
 """Tiny random CLIP / tokenizer folders in the real Hugging Face on-disk layouts.
 
-The CLIP is our NNX `ClipModel`, initialised like transformers' Flax CLIP (from a NumPy
-generator: the same values for a seed on every machine) and written as transformers writes a
+The CLIP is our NNX `ClipModel` holding the very weights transformers' Flax CLIP drew for the
+same seed (`init_like_transformers`) and written as transformers writes a
 `CLIPModel` (config.json, model.safetensors, preprocessor_config.json, tokenizer files), without torch.
 
 Tests, benchmarks and `lmdir priors make-tiny` use them: nothing can be downloaded, so the code path
@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core.scope import LazyRng
 
 from lmdir_jax.priors import clip_weights
 from lmdir_jax.priors.clip import CLIP_MEAN, CLIP_STD
@@ -98,12 +101,13 @@ def tiny_clip_config(text_dim: int = 32, vision_dim: int = 32, image_size: int =
 
 
 def init_like_transformers(params: dict, config: ClipConfig, seed: int) -> dict:
-    """The initialisation of transformers' Flax CLIP, which the tiny CLIP has always had (normal
-    weights of standard deviation 0.01; 0.02 for the class token and the two projections; unit
-    layer-norm scales, zero biases), drawn from a NumPy generator. Small weights keep a tiny random
-    CLIP's text states close to its token embeddings, so different texts stay far apart (a
-    PyTorch-style initialisation mixes the tokens and the restoration network learns less from them)."""
-    rng = np.random.default_rng(seed)
+    """The draw of transformers' Flax CLIP (`FlaxCLIPModel(config, seed=seed)`), value for value:
+    normal weights of standard deviation 0.01 (0.02 for the class token and the two projections),
+    each from the key Flax derives from the seed and the parameter's module path; unit layer-norm
+    scales, zero biases. The tiny CLIP is the one this package has always written, so figures
+    measured with it (docs/priors.md, the quick start) stay valid."""
+    params_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+    root = LazyRng.create(params_rng)
     out = {}
     for path, spec in clip_weights.flatten(params):
         shape, leaf = tuple(spec.shape), path[-1]
@@ -114,14 +118,18 @@ def init_like_transformers(params: dict, config: ClipConfig, seed: int) -> dict:
         elif leaf == "logit_scale":
             value = np.full(shape, config.logit_scale_init)
         else:
+            scope = root
+            for name in path[:-1]:
+                scope = LazyRng.create(scope, str(name))
+            key = LazyRng.create(scope, 1).as_jax_rng()  # the first parameter drawn in its module
             wide = leaf == "class_embedding" or path[0] in ("text_projection", "visual_projection")
-            value = rng.standard_normal(shape) * (0.02 if wide else 0.01)
-        out[path] = value.astype(np.float32)
+            value = np.asarray(jax.random.normal(key, shape, jnp.float32)) * (0.02 if wide else 0.01)
+        out[path] = np.asarray(value, np.float32)
     return clip_weights.unflatten(out)
 
 
 def tiny_clip_model(text_dim: int = 32, seed: int = 0) -> ClipModel:
-    """A tiny random `ClipModel` (transformers' Flax initialisation, seeded)."""
+    """A tiny random `ClipModel` (transformers' Flax CLIP's draw for `seed`)."""
     config = tiny_clip_config(text_dim=text_dim)
     graphdef, shapes = abstract(lambda: ClipModel(config, rngs=nnx.Rngs(0)))
     return build(graphdef, init_like_transformers(shapes, config, seed))
