@@ -7,18 +7,10 @@ import re
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from lmdir_jax.cli import main
 from lmdir_jax.data.io import write_image
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from lmdir_jax.priors.tiny import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", text_dim=32)
 
 
 def test_model_summary_prints_the_counts_and_flops(capsys):
@@ -48,8 +40,8 @@ def test_bench_model_times_forward_and_backward(capsys):
     assert re.search(r"config tiny: [\d,]+ params", out)
 
 
-def test_bench_priors_reports_clip_and_sd_rates(tiny_clip_dir, capsys):
-    assert main(["bench", "priors", "--clip", str(tiny_clip_dir), "--batch", "1", "--repeats", "1",
+def test_bench_priors_reports_clip_and_sd_rates(clip_dir, capsys):
+    assert main(["bench", "priors", "--clip", str(clip_dir), "--batch", "1", "--repeats", "1",
                  "--steps", "1", "--size", "32"]) == 0
     out = capsys.readouterr().out
     clip = re.search(r"CLIP .*: ([\d.]+) texts/s, ([\d.]+) images/s, automatic prior ([\d.]+) images/s", out)
@@ -59,7 +51,7 @@ def test_bench_priors_reports_clip_and_sd_rates(tiny_clip_dir, capsys):
     assert main(["bench", "priors", "--batch", "0"]) == 2
 
 
-def test_priors_caption_is_deterministic_and_names_each_file(tiny_clip_dir, tmp_path, capsys):
+def test_priors_caption_is_deterministic_and_names_each_file(clip_dir, tmp_path, capsys):
     from lmdir_jax.priors.cache import clip_input
     from lmdir_jax.priors.clip import load_clip
 
@@ -67,7 +59,7 @@ def test_priors_caption_is_deterministic_and_names_each_file(tiny_clip_dir, tmp_
     a, b = tmp_path / "a.png", tmp_path / "b.jpg"
     write_image(a, rng.random((30, 40, 3)))
     write_image(b, rng.random((50, 20, 3)))
-    assert main(["priors", "caption", str(a), str(b), "--clip", str(tiny_clip_dir)]) == 0
+    assert main(["priors", "caption", str(a), str(b), "--clip", str(clip_dir)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == [str(a), str(b)]
     captions = [ln.split("\t")[1] for ln in lines]
@@ -75,11 +67,11 @@ def test_priors_caption_is_deterministic_and_names_each_file(tiny_clip_dir, tmp_
     # the caption is the library's zero-shot caption of that image
     from lmdir_jax.data.io import read_image
 
-    clip = load_clip(str(tiny_clip_dir))
+    clip = load_clip(str(clip_dir))
     want = clip.caption(np.stack([clip_input(read_image(a), clip.image_size)]), top_k=2)[0]
     assert captions[0] == want
     (tmp_path / "bad.png").write_bytes(b"nope")
-    assert main(["priors", "caption", str(tmp_path / "bad.png"), "--clip", str(tiny_clip_dir)]) == 2
+    assert main(["priors", "caption", str(tmp_path / "bad.png"), "--clip", str(clip_dir)]) == 2
     assert "not a readable image" in capsys.readouterr().err
     assert main(["priors", "caption", str(a), "--clip", str(tmp_path / "no-clip")]) == 2
     err = capsys.readouterr().err.strip()
