@@ -101,7 +101,7 @@ def tiny_clip_config(text_dim: int = 32, vision_dim: int = 32, image_size: int =
 
 
 def init_like_transformers(params: dict, config: ClipConfig, seed: int) -> dict:
-    """The draw of transformers' Flax CLIP (`FlaxCLIPModel(config, seed=seed)`), value for value:
+    """The draw of transformers' Flax CLIP (its model class built with `seed=seed`), value for value:
     normal weights of standard deviation 0.01 (0.02 for the class token and the two projections),
     each from the key Flax derives from the seed and the parameter's module path; unit layer-norm
     scales, zero biases. The tiny CLIP is the one this package has always written, so figures
