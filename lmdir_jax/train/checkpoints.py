@@ -188,19 +188,17 @@ def save(
     iterator: Any = None,
     meta: dict | None = None,
 ) -> None:
-    """Start an (asynchronous) save of the train state and the data-iterator state at `step`."""
+    """Start an (asynchronous) save of the train state (its model, opt and ema entries) and the
+    data-iterator state at `step`."""
     import grain
 
     items: dict[str, Any] = {
-        "model": ocp.args.StandardSave(state["model"]),
-        "opt": ocp.args.StandardSave(state["opt"]),
-        "meta": ocp.args.JsonSave({
-            "step": int(step), "devices": jax.device_count(), "format": FORMAT,
-            "lmdir_jax": __version__, **(meta or {}),
-        }),
+        name: ocp.args.StandardSave(state[name]) for name in ARRAY_ITEMS if name in state
     }
-    if "ema" in state:
-        items["ema"] = ocp.args.StandardSave(state["ema"])
+    items["meta"] = ocp.args.JsonSave({
+        "step": int(step), "devices": jax.device_count(), "format": FORMAT,
+        "lmdir_jax": __version__, **(meta or {}),
+    })
     if iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(iterator)
     manager.save(int(step), args=ocp.args.Composite(**items), force=True)
