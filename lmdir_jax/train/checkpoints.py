@@ -149,18 +149,20 @@ def use_array_handler_for_this_run() -> None:
         absl_logging.set_verbosity(verbosity)
 
 
-def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager on WORKDIR/checkpoints keeping the last `keep` steps, for training.
+def make_manager(
+    workdir: str | Path, keep: int = 3, async_save: bool = True, cleanup: bool = False
+) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager on WORKDIR/checkpoints keeping the last `keep` steps, for writing.
 
-    It removes what saves cut short by a killed process left behind (orbax's temporary folders:
-    never a committed checkpoint).
+    `cleanup` (training) removes what saves cut short by a killed process left behind (orbax's
+    temporary folders, never a committed checkpoint). Reads use `read_only_manager`.
     """
     use_array_handler_for_this_run()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, int(keep)),
         create=True,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=cleanup,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 

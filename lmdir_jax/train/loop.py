@@ -193,7 +193,7 @@ def train(
     setup = state_lib.make_setup(config, mesh)
     if restart:
         set_aside_for_restart(workdir)
-    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
+    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints), cleanup=True)
     try:
         start, state, restored = _restore_or_init(config, setup, manager, iterator, workdir)
     except BaseException:
