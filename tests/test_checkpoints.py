@@ -243,3 +243,36 @@ def test_training_sets_aside_proven_damage_and_never_starts_over_by_itself(tmp_p
     warnings = _lines(err, "warning")
     assert len(warnings) == 1 and "resuming from step 1" in warnings[0] and "moved to" in warnings[0]
     assert (wd / "checkpoints_corrupt" / "2").is_dir()
+
+
+def test_priors_classify_reads_a_controller_workdir_without_changing_it(tmp_path, capsys):
+    """`lmdir priors classify --controller WD` (the priors commands' one read of a run folder) on a
+    controller workdir whose newest step is damaged: step 1 is used, one warning, nothing changes."""
+    from flax import nnx
+
+    from lmdir_jax.data.io import write_image
+    from lmdir_jax.priors.clip import load_clip
+    from lmdir_jax.priors.controller import SPEC_FILE, Controller, controller_spec
+    from lmdir_jax.priors.tiny import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path / "clip", text_dim=32, seed=0)
+    clip = load_clip(clip_dir, max_text_len=16)
+    wd = tmp_path / "controller"
+    wd.mkdir()
+    (wd / SPEC_FILE).write_text(json.dumps(controller_spec(clip)))
+    state = nnx.state(Controller.from_clip(clip))
+    manager = ckpt.make_manager(wd, async_save=False)
+    for step in (1, 2):
+        ckpt.save(manager, step, {"model": state}, meta={"kind": "controller"})
+    manager.wait_until_finished()
+    manager.close()
+    _truncate_arrays(wd / "checkpoints" / "2")
+    write_image(tmp_path / "photos" / "a.png", np.random.default_rng(0).random((32, 32, 3)).astype(np.float32))
+    before = fx.listing(wd)
+    capsys.readouterr()
+    assert main(["priors", "classify", "--clip", str(clip_dir), "--data", str(tmp_path / "photos"),
+                 "--spec", "noise:25", "--controller", str(wd)]) == 0
+    warnings = _lines(capsys.readouterr().err, "warning")
+    assert len(warnings) == 1 and "step 2 (model/" in warnings[0], warnings
+    assert warnings[0].endswith("left in place); using step 1")
+    assert fx.listing(wd) == before
