@@ -480,9 +480,9 @@ def _restore_step(manager, step: int, abstract: dict, items, iterator) -> dict:
             damage = None
         if damage is None:
             raise CheckpointError(
-                f"cannot read the checkpoint at step {step} in {manager.directory} ({failure}); its "
-                "files are complete, so nothing was moved: fix the cause (permissions, memory, the "
-                "orbax version) and rerun"
+                f"cannot read the checkpoint at step {step} in {manager.directory} ({failure}); no "
+                "file of it is shown to be damaged, so nothing was moved: fix the cause (permissions, "
+                "memory, the orbax version) and rerun"
             ) from None
         raise Damaged(damage) from None
     return {k: restored[k] for k in args if k != "data"}
