@@ -206,10 +206,12 @@ def test_read_only_commands_leave_a_workdir_untouched(tmp_path, capsys):
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["1", "2"]
 
 
-def test_training_sets_aside_proven_damage_and_never_starts_over_by_itself(tmp_path, capsys):
+def test_training_sets_aside_proven_damage_and_never_starts_over_by_itself(tmp_path, capsys, monkeypatch):
     """Every step damaged: `lmdir train` moves them to checkpoints_corrupt/ and stops in one line
-    saying how to start again; rerun, it stops again (the set-aside steps were never used). With
-    only the newest damaged, training resumes from the one before."""
+    saying how to start again; rerun, it stops again (the set-aside steps were never used);
+    --restart keeps them in previous_run/ and starts at step 0. With only the newest damaged,
+    training resumes from the one before."""
+    from lmdir_jax.train import loop
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
     from lmdir_jax.train.loop import _restore_or_init, set_aside_for_restart
@@ -225,8 +227,14 @@ def test_training_sets_aside_proven_damage_and_never_starts_over_by_itself(tmp_p
         assert "--restart" in err[0] and "does not start again at step 0 by itself" in err[0]
         assert sorted(p.name for p in (wd / "checkpoints_corrupt").iterdir()) == ["1", "2"]
         assert not any(p.name.isdigit() for p in (wd / "checkpoints").iterdir())
-    assert set_aside_for_restart(wd) == wd / "previous_run"
+    # --restart: the old folders go to previous_run/ and training starts at step 0 (the loop itself
+    # is left out here: it would only compile and run the steps).
+    monkeypatch.setattr(loop, "run_loop", lambda run, step_fn, clip_params=None: None)
+    assert main([*argv, "--restart"]) == 0
+    assert "trained: step=0" in capsys.readouterr().out
     assert sorted(p.name for p in (wd / "previous_run" / "checkpoints_corrupt").iterdir()) == ["1", "2"]
+    assert not (wd / "checkpoints_corrupt").exists()
+    assert set_aside_for_restart(wd) == wd / "previous_run.1"  # a second restart keeps the first
     # A fresh pair of steps, the newest damaged: resume from step 1, step 2 set aside.
     shutil.rmtree(wd / "checkpoints", ignore_errors=True)
     fx.write_workdir(wd, steps=(1, 2))

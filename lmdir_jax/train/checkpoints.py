@@ -227,7 +227,8 @@ def unique_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{k}")
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
+    """With several processes, wait until all reach this point (nothing with one)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -238,10 +239,11 @@ def set_aside(src: Path, dst: Path) -> Path:
     """Move `src` to `dst` (or `dst.1`, ... when taken) on process 0, all processes waiting; never
     deletes. Returns where it went."""
     dst = unique_path(dst)
+    sync(f"lmdir_set_aside_listed_{src.name}")
     if jax.process_index() == 0 and src.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
-    _sync(f"lmdir_set_aside_{src.name}")
+    sync(f"lmdir_set_aside_{src.name}")
     return dst
 
 

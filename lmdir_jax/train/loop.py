@@ -65,9 +65,10 @@ def set_aside_for_restart(workdir: Path) -> Path | None:
     from lmdir_jax.train import checkpoints as ckpt
 
     found = [d for d in (ckpt.checkpoint_dir(workdir), workdir / ckpt.CORRUPT_DIR) if d.exists()]
+    dst = ckpt.unique_path(workdir / "previous_run")
+    ckpt.sync("lmdir_restart_listed")  # every process has looked before process 0 moves anything
     if not found:
         return None
-    dst = ckpt.unique_path(workdir / "previous_run")
     for d in found:
         ckpt.set_aside(d, dst / d.name)
     return dst
