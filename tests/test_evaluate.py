@@ -98,8 +98,7 @@ def test_evaluate_paired_and_synthetic_json_csv(trained_workdir, tmp_path, capsy
     blind = json.loads((tmp_path / "r3.json").read_text())["summary"][0]
     # Blind still denoises; told the true text it gains clearly more (the text matters). The
     # 150-step fixture's numbers move with XLA's code generation (its flags, the host CPU): blind
-    # +0.27..+0.30 dB, told +0.91..+0.95 dB over the input on session 19's box, so the margins
-    # leave room for both.
+    # +0.27..+0.30 dB, told +0.91..+0.95 dB over the input, so the margins leave room for both.
     assert blind["psnr_rgb"] > blind["input_psnr_rgb"] + 0.1
     assert again["psnr_rgb"] > blind["psnr_rgb"] + 0.3
     assert "noise" in json.loads((tmp_path / "r2.json").read_text())["images"][0]["degradation"]
