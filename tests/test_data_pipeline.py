@@ -8,7 +8,7 @@ from lmdir_jax.data.evaluation import iter_eval_pairs
 from lmdir_jax.data.io import write_image
 from lmdir_jax.data.pipeline import make_train_iterator, pad_to
 from lmdir_jax.data.sources import FolderSource, load_source
-from lmdir_jax.degradations import KINDS
+from lmdir_jax.degradations import KINDS, apply_spec, parse_spec
 from lmdir_jax.errors import UsageError
 
 P = 16
@@ -78,8 +78,9 @@ def test_same_seed_same_batches_other_seed_differs(source):
 
 def test_epochs_cover_every_image_and_reshuffle(source):
     it = make_train_iterator(_config(batch_size=6), source=source, process_index=0, process_count=1)
-    e1, e2 = next(it)["key"].tolist(), next(it)["key"].tolist()
-    assert sorted(e1) == sorted(e2) == sorted(source.keys())  # 6 images, batch of 6 = one epoch
+    epochs = [next(it)["key"].tolist() for _ in range(3)]  # 6 images, batch of 6 = one epoch
+    assert all(sorted(e) == sorted(source.keys()) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3  # each epoch in its own order
 
 
 def test_small_images_are_reflect_padded():
@@ -232,8 +233,20 @@ def test_eval_pairs_clean_folder_is_deterministic(folder):
 
 
 def test_eval_pairs_center_crop(folder):
-    _, d, c, _ = next(iter(iter_eval_pairs(folder, "jpeg:30", center_crop=16)))
-    assert d.shape == c.shape == (16, 16, 3)
+    """The clean image is its central window (the whole image when smaller), degraded after cropping."""
+    src = load_source(folder)
+    shapes = []
+    for i, (key, d, c, _) in enumerate(iter_eval_pairs(folder, "jpeg:30", center_crop=16)):
+        full = src[i]["clean"]
+        h, w = full.shape[:2]
+        ch, cw = min(16, h), min(16, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        assert key == src.keys()[i]
+        np.testing.assert_array_equal(c, full[top : top + ch, left : left + cw])
+        want, _ = apply_spec(c, parse_spec("jpeg:30"), np.random.default_rng([0, i]))
+        np.testing.assert_array_equal(d, want)
+        shapes.append(c.shape)
+    assert len(shapes) == len(src) and (16, 16, 3) in shapes and (5, 7, 3) in shapes  # tiny.png whole
 
 
 def test_eval_pairs_paired_and_misuse(tmp_path, folder):
