@@ -1,5 +1,15 @@
-"""Errors that the CLI turns into one clear line and exit status 2."""
+"""Errors that the CLI turns into one clear line: `UsageError` (exit 2) and `DataError` (exit 1)."""
 
 
 class UsageError(Exception):
     """Bad input from the user (missing file, bad spec, empty folder...): exit 2, one line, no traceback."""
+
+
+class DataError(Exception):
+    """A data problem that stops a command (an input it may not read: a permission refused): exit 1,
+    one line naming the file or folder, no traceback."""
+
+
+def permission_error(path, action: str = "read") -> DataError:
+    """The DataError of a refused permission on `path`, worded the same everywhere."""
+    return DataError(f"permission denied: cannot {action} {path}")

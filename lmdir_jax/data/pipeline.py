@@ -333,6 +333,61 @@ def _read_options(data) -> Any:
     return grain.ReadOptions(num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch))
 
 
+def _own_memory(batch: Any) -> Any:
+    """A batch whose arrays live in this process's memory: each shared-memory array from a grain
+    worker is copied, and its block unlinked at once, so none outlives the batch (a block still
+    named at exit is what Python's resource_tracker reports as leaked)."""
+    from grain.multiprocessing import SharedMemoryArray
+
+    if isinstance(batch, dict):
+        return {k: _own_memory(v) for k, v in batch.items()}
+    if isinstance(batch, SharedMemoryArray) and batch.shm is not None:
+        owned = np.array(batch)
+        batch._unlink_on_del = False  # unlinked here; grain's __del__ then only unmaps it
+        batch.shm.unlink()
+        return owned
+    return batch
+
+
+def _wait_for_shared_memory_release() -> None:
+    """Let grain's background deleter finish unlinking the shared-memory blocks dropped so far
+    (it runs on a daemon thread that stops, its queue undone, when the interpreter exits)."""
+    from grain.multiprocessing import SharedMemoryArray
+
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)  # one thread, first in first out: every earlier deletion has run
+
+
+try:
+    from grain import DatasetIterator as _DatasetIterator
+except ImportError:  # grain < 0.2.12 has it under grain.python
+    from grain.python import DatasetIterator as _DatasetIterator
+
+
+class OwnedBatches(_DatasetIterator):
+    """The iterator of a multi-worker pipeline: batches in private memory (`_own_memory`), and a
+    `close` that returns when the workers are joined and their shared memory is released."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self._parent = parent
+
+    def __next__(self) -> dict[str, Any]:
+        return _own_memory(next(self._parent))
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+    def close(self) -> None:
+        """Stop the worker processes and release every shared-memory block they made."""
+        self._parent.close()
+        _wait_for_shared_memory_release()
+
+
 def make_train_iterator(
     config,
     *,
@@ -370,7 +425,7 @@ def make_train_iterator(
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_init_worker
         )
-    it = iter(it_ds)
+    it = iter(it_ds) if workers == 0 else OwnedBatches(iter(it_ds))
     try:
         it.missing_priors = missing
     except AttributeError:
