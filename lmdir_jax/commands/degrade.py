@@ -60,7 +60,7 @@ def run(args) -> int:
 
     from lmdir_jax.data.io import load_image, write_image
     from lmdir_jax.degradations import apply_spec, format_spec, parse_spec
-    from lmdir_jax.errors import UsageError
+    from lmdir_jax.errors import UsageError, warn
     from lmdir_jax.outputs import (
         atomic_write_bytes,
         check_output_folder,
@@ -128,7 +128,7 @@ def run(args) -> int:
     if done:
         print(f"wrote {done} degraded image(s) and labels.jsonl to {out_dir}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
+        warn(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
     if done == 0:
         import sys
 

@@ -369,10 +369,6 @@ class OwnedBatches(_DatasetIterator):
     """The iterator of a multi-worker pipeline: batches in private memory (`_own_memory`), and a
     `close` that returns when the workers are joined and their shared memory is released."""
 
-    def __init__(self, parent):
-        super().__init__(parent)
-        self._parent = parent
-
     def __next__(self) -> dict[str, Any]:
         return _own_memory(next(self._parent))
 

@@ -35,7 +35,12 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import atomic_write_bytes, drop_partial_line, read_journal, remove_stale_temporaries
+from lmdir_jax.outputs import (
+    atomic_write_bytes,
+    drop_partial_line,
+    read_journal,
+    remove_stale_temporaries,
+)
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
