@@ -16,6 +16,7 @@ resumes on exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,8 +356,9 @@ def _wait_for_shared_memory_release() -> None:
     from grain.multiprocessing import SharedMemoryArray
 
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    if pool is not None:
-        pool.apply(int)  # one thread, first in first out: every earlier deletion has run
+    if pool is not None and not sys.is_finalizing():  # at exit its thread no longer runs
+        # one thread, first in first out: once this no-op has run, every earlier deletion has
+        pool.apply_async(int).wait(timeout=60)
 
 
 try:
@@ -379,7 +381,11 @@ class OwnedBatches(_DatasetIterator):
         self._parent.set_state(state)
 
     def close(self) -> None:
-        """Stop the worker processes and release every shared-memory block they made."""
+        """Stop the worker processes and release every shared-memory block they made (once;
+        grain calls it again when the iterator is collected)."""
+        if self._closed:
+            return
+        self._closed = True
         self._parent.close()
         _wait_for_shared_memory_release()
 
