@@ -45,7 +45,12 @@ JOURNAL = "labels.partial.jsonl"  # the records of the images written so far by 
 
 def _input_stamp(path: Path) -> list[int]:
     """(size, mtime_ns) of an input: a resumed run redoes an image whose input has changed."""
-    st = path.stat()
+    from lmdir_jax.errors import permission_error
+
+    try:
+        st = path.stat()
+    except PermissionError:
+        raise permission_error(path) from None
     return [st.st_size, st.st_mtime_ns]
 
 

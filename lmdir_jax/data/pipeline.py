@@ -1,7 +1,7 @@
 """The training input pipeline: grain MapDataset from a source to batches of degraded/clean patches.
 
 source -> [seed, shuffle, repeat] -> random_map(crop, flips/rot90, degradation, priors)
-       -> per-host slice -> batch -> to_iter_dataset -> mp_prefetch (workers > 0)
+       -> per-host slice -> batch -> to_iter_dataset -> mp_prefetch + OwnedBatches (workers > 0)
 
 With `data.sources` (a mixture), each source gets its own seed (from config.seed and its name),
 shuffle, repeat and transform, and grain's `MapDataset.mix` interleaves them by weight before the
@@ -404,7 +404,8 @@ def make_train_iterator(
     str, and with a prior cache scene_states/scene_mask/reference/has_reference. b is the per-host
     batch (config.data.batch_size / process_count); process index/count default to JAX's.
     The iterator supports get_state/set_state and grain.checkpoint.CheckpointSave/Restore; its
-    attribute `missing_priors` lists the source keys absent from the prior cache.
+    attribute `missing_priors` lists the source keys absent from the prior cache. Call its
+    `close()` when done: it joins the worker processes and releases their shared memory.
     """
     import grain
 
