@@ -44,6 +44,17 @@ def align_channels(x: jax.Array, channels: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, channels - c)))
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / ||x|| over the last axis, and 0 with a zero gradient where ||x|| <= 1e-12.
+
+    Equal to torch.nn.functional.normalize (eps 1e-12) but for vectors shorter than eps, which
+    occur as exact zeros: the degradation-aware prompt of an unknown degradation (zero weights)
+    makes the prompt-to-prompt keys zero, and x / eps would pass a 1e12 gradient back."""
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    live = sq > L2_EPS * L2_EPS
+    return jnp.where(live, x * jax.lax.rsqrt(jnp.where(live, sq, 1.0)), 0.0)
+
+
 def topk_mask(logits: jax.Array, k: int) -> jax.Array:
     """True where a logit is among the k largest of its row (last axis); ties at the k-th value are
     all kept."""
@@ -55,8 +66,7 @@ def orthogonality(prompts: jax.Array) -> jax.Array:
     """PIP's cosine regulariser on (T, ...) prompts: sum |cos(p_i, p_j) - [i == j]| over all pairs.
 
     Zero exactly when the prompts are mutually orthogonal (and non-zero)."""
-    p = prompts.reshape(prompts.shape[0], -1).astype(jnp.float32)
-    p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), L2_EPS)
+    p = l2_normalize(prompts.reshape(prompts.shape[0], -1).astype(jnp.float32))
     cos = p @ p.T
     return jnp.sum(jnp.abs(cos - jnp.eye(p.shape[0], dtype=cos.dtype)))
 
@@ -106,8 +116,7 @@ class ChannelCrossAttention(nnx.Module):
             return t.transpose(0, 2, 3, 1)
 
         q, k, v = heads(q), heads(k), heads(v)
-        q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), L2_EPS)
-        k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), L2_EPS)
+        q, k = l2_normalize(q), l2_normalize(k)
         logits = (q @ k.swapaxes(-1, -2)) * self.temperature[...][None, :, None, None]
         out = self.attention(logits, v)  # (B, heads, C/heads, HW)
         out = out.transpose(0, 3, 1, 2).reshape(b, h, w, c).astype(x_q.dtype)
