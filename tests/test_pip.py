@@ -212,3 +212,21 @@ def test_pip_restormer_config_builds_abstractly():
     assert dims == [(8, 256), (8, 128), (8, 64)]
     assert model.skip_prompts[0].basic_prompt.shape == (16, 16, 256)
     assert count_params(model)["PIP prompts"] > 0
+
+
+def test_restore_priors_carry_the_told_kinds():
+    """`lmdir restore --degradation TEXT` on a PIP network weights the kinds TEXT names (no CLIP
+    needed); other networks get no kind weights, and a PIP network told nothing gets none."""
+    from lmdir_jax.degradations.label import KIND_INDEX
+    from lmdir_jax.inference import build_priors
+
+    image = np.full((12, 10, 3), 0.5, np.float32)
+    config = load_config("tiny", PIP)
+    priors, choice = build_priors(image, config, None, degradation="rain streaks and noise")
+    want = np.zeros((1, 8), np.float32)
+    want[0, [KIND_INDEX["rain"], KIND_INDEX["noise"]]] = 0.5
+    np.testing.assert_array_equal(priors.deg_weights, want)
+    assert choice.mode == "text" and not bool(priors.deg_mask.any())
+    assert build_priors(image, config, None)[0].deg_weights is None
+    with pytest.raises(ValueError, match="needs CLIP"):
+        build_priors(image, load_config("tiny", []), None, degradation="rain")
