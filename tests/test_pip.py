@@ -167,12 +167,14 @@ def test_summary_lists_the_pip_parameters(capsys):
     assert rows["PIP prompt-to-feature"] == f"{counts['PIP prompt-to-feature']:,d}"
 
 
-def test_torch_mirror_matches_jax(pip_pair):
+def test_torch_mirror_matches_jax(pip_pair, tmp_path):
     pytest.importorskip("torch")
     from lmdir_jax.export import check
-    from lmdir_jax.export.convert import torch_mirror
+    from lmdir_jax.export.convert import export_torch, self_check, torch_mirror
 
     config, model = pip_pair
+    out = export_torch(model, tmp_path / "export", config=config)  # what `lmdir export torch` writes
+    assert self_check(model, config, out) <= TOL
     tm = torch_mirror(model, config.model)
     for kinds in (8, 0):  # told / mixed weights, and none given (unknown)
         inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
