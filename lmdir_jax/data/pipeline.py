@@ -196,6 +196,7 @@ class TrainTransform:
     def __init__(self, data_config, priors: PriorAttacher | None = None,
                  source: SourceSpec | None = None, source_id: int = 0):
         from lmdir_jax.degradations import parse_spec
+        from lmdir_jax.degradations.label import kinds_in_text
 
         self.patch = int(data_config.patch_size)
         self.augment = bool(data_config.augment)
@@ -213,15 +214,17 @@ class TrainTransform:
             if source.text:
                 self.paired_text = source.text
             self.specs = [parse_spec(x) for x in source.specs]  # UsageError for a bad spec
+        # A pair's label: the kinds its source's text names, at an unknown (moderate) severity.
+        self.paired_vector = kinds_in_text(self.paired_text)
 
     def __call__(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        from lmdir_jax.degradations import KINDS, apply_spec, sample_degradation
+        from lmdir_jax.degradations import apply_spec, sample_degradation
 
         if "degraded" in item:
             lq, gt = random_crop(rng, self.patch, item["degraded"], item["clean"])
             if self.augment:
                 lq, gt = augment(rng, lq, gt)
-            vector, text = np.zeros(len(KINDS), np.float32), self.paired_text
+            vector, text = self.paired_vector.copy(), self.paired_text
         else:
             (gt,) = random_crop(rng, self.patch, item["clean"])
             if self.augment:
