@@ -26,9 +26,8 @@ def get_config():
     c.model.blocks = (1, 1, 1, 1)
     c.model.ref_dim = 16
     c.model.refinement_blocks = 1
-    # One block per level: scanning saves no compile time here, and the scanned layout's initial
-    # draws trained the tiny fixture to no guidance gain (session 9, docs/model.md); the README's
-    # numbers are from this unscanned layout.
+    # One block per level: scanning saves no compile time here. The README's numbers are from this
+    # unscanned layout.
     c.model.scan_blocks = False
     c.model.heads = (1, 2, 4, 8)
     c.model.text_dim = 32

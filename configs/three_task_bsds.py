@@ -7,10 +7,10 @@ Run: lmdir priors build --data ../shared/data/train/bsds --clip CLIP --sd SD --o
 
 Like configs/three_task.py, but every task is synthesised on the fly from one folder of clean photos
 (the BSDS500 training photos beside the repo, `../shared/data/train/bsds`): a denoising source with
-sigma 15/25/50, and the same photos with synthetic rain and with synthetic haze. The result measured in
-docs/benchmarks.md ("Three tasks on one CPU") is this config trained 7000 steps (about an hour on 2
-CPU cores), then evaluated on CBSD68 sigma 15/25/50, Rain100L and the SOTS-outdoor sample. The
-network is a little wider than the quick start's (width 16, blocks 1/1/1/2); the PSNR loss weighs
+sigma 15/25/50, and the same photos with synthetic rain and with synthetic haze. docs/benchmarks.md
+("Three tasks on one CPU") has the commands of its CPU-budget run: 7000 steps (sized for about an
+hour on 2 CPU cores), then evaluation on CBSD68 sigma 15/25/50, Rain100L and the SOTS-outdoor
+sample. The network is a little wider than the quick start's (width 16, blocks 1/1/1/2); the PSNR loss weighs
 each example by its relative error so that the mild noise and rain are learnt beside haze
 (docs/training.md).
 """

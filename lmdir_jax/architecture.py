@@ -58,6 +58,27 @@ def layout(model_config: Any) -> str:
     return name
 
 
+PROMPT_MODULES = ("lmdir", "pip", "none")
+PIP_TOPK = ((1, 2), (2, 3), (3, 4), (4, 5))  # PIP's top-k fractions k/C of the skip attention
+
+
+def prompt_module(model_config: Any) -> str:
+    """`model.prompt_module`: "lmdir" (query prompt encoder feeding DATB/CATB), "pip" (PIP's
+    prompt-in-prompt on the decoder skips) or "none". Raises ValueError for anything else."""
+    c = model_config
+    name = str(c["prompt_module"]) if "prompt_module" in c else "lmdir"
+    if name not in PROMPT_MODULES:
+        raise ValueError(f"model.prompt_module must be one of {', '.join(PROMPT_MODULES)}, "
+                         f"got {name!r}")
+    return name
+
+
+def pip_topk(channels: int) -> tuple[int, ...]:
+    """The k of PIP's four top-k attentions over `channels` keys: int(C/2), int(2C/3), int(3C/4),
+    int(4C/5) (each at least 1)."""
+    return tuple(max(1, channels * a // b) for a, b in PIP_TOPK)
+
+
 def top_width(model_config: Any) -> int:
     """Channels of the level-1 decoder, the refinement and the output conv's input."""
     width = int(model_config["width"])
@@ -73,6 +94,8 @@ def stages(model_config: Any) -> list[Stage]:
         raise ValueError("model.blocks and model.heads need 4 entries (one per U-Net level)")
     widths = level_widths(c)
     catb, rtb = {int(v) for v in c["catb_levels"]}, {int(v) for v in c["rtb_levels"]}
+    if prompt_module(c) != "lmdir":  # content prompts come from the LMDIR prompt encoder only
+        catb = set()
     named = ([(f"encoders.{i}", i + 1, int(blocks[i])) for i in range(3)]
              + [("latent", 4, int(blocks[3]))]
              + [(f"decoders.{k}", lvl, int(blocks[lvl - 1])) for k, lvl in enumerate((3, 2, 1))]

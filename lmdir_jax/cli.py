@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from lmdir_jax.errors import UsageError
+from lmdir_jax.errors import DataError, UsageError
 
 COMMAND_MODULES = (
     "degrade",
@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         sys.stderr.write(f"lmdir: error: {e}\n")
         return 2
+    except DataError as e:
+        sys.stderr.write(f"lmdir: error: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("lmdir: interrupted\n")
         return 130

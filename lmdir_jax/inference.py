@@ -211,10 +211,16 @@ def build_priors(
       `auto_caption`; otherwise masked.
     - reference: `reference` (a clean image of the scene, resized to `config.priors.ref_size`), or
       masked.
+    - PIP's kind weights (`model.prompt_module = "pip"` only): the kinds the told `degradation`
+      names (one-hot, averaged for a mixture; CLIP is then optional), or the automatic mode's
+      probabilities of the vocabulary's kinds; otherwise unknown (zero).
     `config` is the full run config (sections `model` and `priors`).
     """
     import cv2
     import jax.numpy as jnp
+
+    from lmdir_jax.degradations.label import KIND_INDEX, KINDS, kinds_in_text
+    from lmdir_jax.models.priors import kind_weights
 
     text_dim = int(config.model.text_dim)
     text_len = int(config.priors.max_text_len)
@@ -225,13 +231,18 @@ def build_priors(
     deg_states, deg_mask = empty.deg_states, empty.deg_mask
     scene_states, scene_mask = empty.scene_states, empty.scene_mask
 
+    pip = str(config.model.get("prompt_module", "lmdir")) == "pip"
+    deg_weights = None
     if degradation is not None or caption is not None:
-        if clip is None:
+        if clip is None and not (pip and caption is None):
             raise ValueError("text guidance needs CLIP: the checkpoint's config has no CLIP folder")
     if degradation is not None:
-        s, m = clip.encode_text([degradation])
-        deg_states, deg_mask = _fit_text(np.asarray(s), np.asarray(m), text_len)
+        if clip is not None:
+            s, m = clip.encode_text([degradation])
+            deg_states, deg_mask = _fit_text(np.asarray(s), np.asarray(m), text_len)
         choice.mode, choice.degradation = "text", degradation
+        if pip:
+            deg_weights = kind_weights(jnp.asarray(kinds_in_text(degradation)[None]))
     elif clip is not None and auto:
         vocab = clip.degradation_vocab
         if getattr(clip, "controller", None) is not None:  # trained controller: native crops
@@ -246,6 +257,12 @@ def build_priors(
         choice.degradation = clip.conditioning_texts()[best]  # what the network is told
         choice.probability = float(weights[best])
         choice.extra["kind"] = vocab[best][0]
+        if pip:  # the vocabulary's probabilities of the kinds (the mass on 'clean' is dropped)
+            w = np.zeros((1, len(KINDS)), np.float32)
+            for j, (name, _) in enumerate(vocab):
+                if name in KIND_INDEX:
+                    w[0, KIND_INDEX[name]] = weights[j]
+            deg_weights = jnp.asarray(w)
 
     if caption is not None:
         choice.caption = caption
@@ -272,6 +289,7 @@ def build_priors(
         scene_mask=jnp.asarray(scene_mask, bool),
         reference=jnp.asarray(ref, jnp.float32),
         has_reference=jnp.asarray(has_ref, bool),
+        deg_weights=deg_weights,
     )
     return priors, choice
 

@@ -5,11 +5,14 @@
 a file), and `check_text_output` (a report, JSON or CSV) also an existing image; `check_workdir`
 refuses a run folder (new or resumed) that is, or lies under, a file. All raise `UsageError` with
 one line naming the flag. `atomic_write_bytes` writes a file whole or not at all (a killed run
-leaves no half-written image or report). JAX-free.
+leaves no half-written image, report, index or label file); `read_journal`, `drop_partial_line` and
+`remove_stale_temporaries` let a rerun of a killed command resume without counting a partial file
+as done. JAX-free.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -109,3 +112,47 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) ->
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def read_journal(path: str | Path) -> list[dict]:
+    """The complete JSON-object lines of an append-only journal (a run's record of finished work);
+    a partial last line (a run killed mid-append) and an undecodable line are left out."""
+    path = Path(path)
+    records: list[dict] = []
+    if not path.is_file():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def drop_partial_line(path: str | Path) -> None:
+    """Cut a journal's interrupted last line (no newline), so that appends start on a fresh line."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str] | None = None) -> None:
+    """Delete the temporary files a killed `atomic_write_bytes` left in `folder` (all of them, or
+    only those of the files `names`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    wanted = None if names is None else set(names)
+    for tmp in folder.glob(".tmp-*"):
+        pid, _, name = tmp.name[len(".tmp-"):].partition("-")
+        if pid.isdigit() and (wanted is None or name in wanted) and tmp.is_file():
+            tmp.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests compile many small programs and run few steps of them: XLA:CPU's cheaper code generation
-# (docs/benchmarks.md, "Test suite time"). The subprocesses and the notebook kernel get the same
+# (docs/development.md). The subprocesses and the notebook kernel get the same
 # flags (LMDIR_TEST_XLA_FLAGS); users' runs keep XLA's defaults.
 
 

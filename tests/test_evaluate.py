@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import restore_fixtures
 
 from lmdir_jax.cli import main
-from lmdir_jax.data.io import read_image, write_image
+from lmdir_jax.data.io import write_image
 from lmdir_jax.metrics import crop_to_multiple, image_metrics, psnr, rgb_to_y, ssim
 
 tiny_clip = restore_fixtures.tiny_clip  # shared session fixture
@@ -98,16 +99,17 @@ def test_evaluate_paired_and_synthetic_json_csv(trained_workdir, tmp_path, capsy
     blind = json.loads((tmp_path / "r3.json").read_text())["summary"][0]
     # Blind still denoises; told the true text it gains clearly more (the text matters). The
     # 150-step fixture's numbers move with XLA's code generation (its flags, the host CPU): blind
-    # +0.27..+0.30 dB, told +0.91..+0.95 dB over the input on session 19's box, so the margins
-    # leave room for both.
+    # +0.27..+0.30 dB, told +0.91..+0.95 dB over the input, so the margins leave room for both.
     assert blind["psnr_rgb"] > blind["input_psnr_rgb"] + 0.1
     assert again["psnr_rgb"] > blind["psnr_rgb"] + 0.3
     assert "noise" in json.loads((tmp_path / "r2.json").read_text())["images"][0]["degradation"]
 
 
 def test_evaluate_errors(tiny_workdir, tmp_path, capsys):
+    """Each misuse exits 2 with one line naming it, before anything is evaluated or written."""
     paired = tmp_path / "P"
     _sots_like(paired, n=1)
+    before = _files(tmp_path, tiny_workdir)
     for argv, needle in [
         (["evaluate", "--checkpoint", str(tiny_workdir), "--spec", "noise:25", "--data", str(paired)],
          "--spec must follow"),
@@ -134,7 +136,13 @@ def test_evaluate_errors(tiny_workdir, tmp_path, capsys):
         err = captured.err.strip()
         assert err.startswith("lmdir: error:") and needle in err and "\n" not in err, err
         assert "average" not in captured.out and "img" not in captured.err  # failed before evaluating
-    assert read_image(paired / "clean" / "0001.png") is not None
+    # nothing written, replaced or removed: the photos, the run's files, no report anywhere
+    assert _files(tmp_path, tiny_workdir) == before
+
+
+def _files(*roots: Path) -> dict[Path, bytes]:
+    """Every file under `roots` with its bytes."""
+    return {p: p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_evaluate_real_sots_sample(tiny_workdir, shared_data, tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import restore_fixtures
 from flax import nnx
 
-from lmdir_jax.inference import PriorChoice, blend_ramp, build_priors, restore_image, tile_starts
+from lmdir_jax.inference import blend_ramp, build_priors, clip_view, restore_image, tile_starts
 from lmdir_jax.metrics import psnr
 from lmdir_jax.models.priors import Priors
 
@@ -103,24 +103,51 @@ def test_build_priors_modes(tiny_clip):
     told = dict(zip((k for k, _ in clip.degradation_vocab), clip.conditioning_texts(), strict=True))
     assert told["rain"] == "moderate rain streaks" and told["clean"] == "no degradation"
 
-    pri, choice = build_priors(img, c, clip)  # automatic
-    assert choice.mode == "auto" and choice.degradation == told[choice.extra["kind"]]
-    assert 0 < choice.probability <= 1
-    assert choice.caption  # zero-shot caption
-    assert pri.deg_mask.shape == (1, c.priors.max_text_len) and bool(pri.deg_mask.any())
-    assert bool(pri.scene_mask.any()) and not bool(pri.has_reference.any())
+    # automatic: CLIP's zero-shot weights of the image's centre view pick the kind; the degradation
+    # prior is the weighted mixture of the vocabulary's states; the scene prior is CLIP's caption
+    pri, choice = build_priors(img, c, clip)
+    view = clip_view(img, clip.image_size)[None]
+    weights, mixed, mixed_mask = clip.auto_degradation(view)
+    best = int(np.argmax(weights[0]))
+    assert choice.mode == "auto" and choice.extra["kind"] == clip.degradation_vocab[best][0]
+    assert choice.degradation == told[choice.extra["kind"]]
+    assert choice.probability == pytest.approx(float(weights[0, best]))
+    assert pri.deg_mask.shape == (1, c.priors.max_text_len)
+    _assert_states(pri.deg_states, pri.deg_mask, mixed, mixed_mask)
+    assert choice.caption == clip.caption(view)[0]
+    _assert_states(pri.scene_states, pri.scene_mask, *clip.encode_text([choice.caption]))
+    assert not bool(pri.has_reference.any()) and not np.asarray(pri.reference).any()
+    assert choice.describe().startswith(f"degradation '{choice.degradation}' (auto, p=")
 
+    # given texts and a reference: the priors hold exactly those
     ref = _photo(30, 20, seed=1)
     pri2, choice2 = build_priors(img, c, clip, degradation="heavy rain", caption="a city street",
                                  reference=ref)
     assert choice2.mode == "text" and choice2.caption == "a city street" and choice2.reference
+    _assert_states(pri2.deg_states, pri2.deg_mask, *clip.encode_text(["heavy rain"]))
+    _assert_states(pri2.scene_states, pri2.scene_mask, *clip.encode_text(["a city street"]))
     assert pri2.reference.shape == (1, c.priors.ref_size, c.priors.ref_size, 3)
     assert bool(pri2.has_reference.all())
-    assert not np.allclose(np.asarray(pri2.deg_states), np.asarray(pri.deg_states))
+    np.testing.assert_allclose(np.asarray(pri2.reference)[0].mean(axis=(0, 1)), ref.mean(axis=(0, 1)),
+                               atol=0.02)  # the reference photo, resized
+    assert choice2.describe() == "degradation 'heavy rain' (given); caption 'a city street'; reference image"
 
-    pri3, choice3 = build_priors(img, c, None)  # no CLIP: everything masked
+    # no CLIP: every prior masked and zero
+    pri3, choice3 = build_priors(img, c, None)
     assert choice3.mode == "none" and "masked" in choice3.describe()
     assert not bool(pri3.deg_mask.any()) and not bool(pri3.scene_mask.any())
+    assert not bool(pri3.has_reference.any())
+    assert not np.asarray(pri3.deg_states).any() and not np.asarray(pri3.scene_states).any()
     with pytest.raises(ValueError):
         build_priors(img, c, None, degradation="noise")
-    assert isinstance(choice, PriorChoice)
+
+
+def _assert_states(states, mask, want_states, want_mask) -> None:
+    """(1, L, D) prior states and (1, L) mask hold `want_*` (CLIP's encoding), cut or zero-padded to L."""
+    states, mask = np.asarray(states), np.asarray(mask)
+    want_states, want_mask = np.asarray(want_states), np.asarray(want_mask)
+    n = min(states.shape[1], want_states.shape[1])
+    np.testing.assert_allclose(states[0, :n], want_states[0, :n], atol=1e-5)
+    np.testing.assert_array_equal(mask[0, :n], want_mask[0, :n])
+    assert not mask[0, n:].any() and not states[0, n:].any()
+    assert mask.any()

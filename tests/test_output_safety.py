@@ -39,14 +39,14 @@ def test_output_file_checks(tmp_path):
     assert check_output_file(tmp_path / "new" / "deep" / "r.json") == tmp_path / "new" / "deep" / "r.json"
 
 
-def test_degrade_names_every_skipped_file_and_exits_1_when_none_is_read(tmp_path, capsys):
+def test_degrade_names_every_skipped_file_and_exits_1_when_none_is_read(tmp_path, capsys, caplog):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(7):
         (src / f"bad{i}.png").write_bytes(b"not an image")
     assert main(["degrade", str(src), "--spec", "noise:25", "-o", str(tmp_path / "out")]) == 1
     captured = capsys.readouterr()
-    assert all(f"bad{i}.png" in captured.out for i in range(7))  # every one, not the first five
+    assert all(f"bad{i}.png" in caplog.text for i in range(7))  # every one, not the first five
     assert captured.err.strip().splitlines()[-1].startswith("lmdir: error: no input image")
 
 
@@ -185,3 +185,116 @@ def test_console_warnings_read_like_the_cli_errors(capsys):
         assert capsys.readouterr().err == "lmdir: warning: photos: skipped 1 unreadable file(s): b.png\n"
     finally:
         log.handlers[:], log.propagate = handlers, propagate
+
+
+def _lmdir_lines(err: str) -> list[str]:
+    """The command's own lines on stderr (without the progress bar's)."""
+    return [line for line in err.splitlines() if line.startswith("lmdir:")]
+
+
+def _photos(root, n=4):
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        write_image(root / f"p{i}.png", rng.random((16, 12, 3)))
+    return root
+
+
+def test_a_refused_permission_is_reported_as_one_not_as_an_unreadable_image(tmp_path, monkeypatch, capsys):
+    """A file the user may not read stops the command with exit 1 and one line naming the file."""
+    import builtins
+
+    import lmdir_jax.data.io as io_mod
+
+    src = _photos(tmp_path / "in")
+    locked = src / "p2.png"
+
+    def guarded_open(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(io_mod, "open", guarded_open, raising=False)
+    assert main(["degrade", str(src), "--spec", "noise:25", "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert _lmdir_lines(err) == [f"lmdir: error: permission denied: cannot read {locked}"]
+    assert "unreadable" not in err
+
+
+def test_a_folder_that_may_not_be_listed_is_reported_not_left_out(tmp_path, monkeypatch, capsys):
+    import os
+
+    src = _photos(tmp_path / "in")
+    _photos(src / "private", 2)
+    real_scandir = os.scandir
+
+    def guarded_scandir(path="."):
+        if os.fspath(path) == str(src / "private"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    assert main(["degrade", str(src), "--spec", "noise:25", "-o", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"lmdir: error: permission denied: cannot list the folder {src / 'private'}\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root reads any file whatever its mode")
+def test_an_unreadable_mode_is_a_permission_error(tmp_path, capsys):
+    src = _photos(tmp_path / "in")
+    (src / "p1.png").chmod(0)
+    try:
+        assert main(["degrade", str(src), "--spec", "noise:25", "-o", str(tmp_path / "out")]) == 1
+    finally:
+        (src / "p1.png").chmod(0o644)
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_degrade_interrupted_leaves_no_label_file_and_resumes(tmp_path, monkeypatch, capsys):
+    """labels.jsonl is written whole at the end: an interrupted run leaves none (nor an old one);
+    the rerun skips the images already written and ends with the files of an uninterrupted run."""
+    import lmdir_jax.data.io as io_mod
+
+    src = _photos(tmp_path / "in", 5)
+    args = ["degrade", str(src), "--spec", "rain+noise:10", "--seed", "2", "-o"]
+    assert main([*args, str(tmp_path / "once")]) == 0
+    expected = {p.name: p.read_bytes() for p in (tmp_path / "once").iterdir()}
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "labels.jsonl").write_text('{"stale": true}\n')
+    real_write, calls = io_mod.write_image, []
+
+    def write_then_stop(path, *a, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real_write(path, *a, **kw)
+
+    monkeypatch.setattr(io_mod, "write_image", write_then_stop)
+    assert main([*args, str(out)]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["labels.partial.jsonl", "p0.png", "p1.png", "p2.png"]
+    monkeypatch.setattr(io_mod, "write_image", real_write)
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert main([*args, str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == expected
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in written.items())  # not redone
+
+
+def test_package_warnings_are_one_line_on_stderr_under_the_console_script(tmp_path, capsys):
+    """A skipped file in `lmdir degrade` is one `lmdir: warning: ...` line on stderr."""
+    import logging
+
+    from lmdir_jax.cli import log_to_stderr
+
+    src = _photos(tmp_path / "in", 2)
+    (src / "bad.png").write_bytes(b"not an image")
+    log = logging.getLogger("lmdir_jax")
+    handlers, propagate = list(log.handlers), log.propagate
+    try:
+        log_to_stderr()
+        assert main(["degrade", str(src), "--spec", "noise:25", "-o", str(tmp_path / "out")]) == 0
+    finally:
+        log.handlers[:], log.propagate = handlers, propagate
+    err = capsys.readouterr().err  # the progress bar's lines aside
+    assert _lmdir_lines(err) == [f"lmdir: warning: skipped 1 unreadable file(s): {src / 'bad.png'}"]

@@ -117,8 +117,11 @@ def test_promptir_mixture_examples(promptir):
                 assert b["deg_text"][i] == "rain streaks"
                 np.testing.assert_allclose(b["lq"][i], b["gt"][i] * 0.5, atol=1.5 / 255)
                 assert b["key"][i].startswith("rainy/rain-")
+                # a pair's label names its source text's kind (PIP's prompt weights, the controller)
+                assert np.flatnonzero(b["deg_vector"][i]).tolist() == [KINDS.index("rain")]
             elif s == "dehaze":
                 assert b["deg_text"][i] == "haze" and b["key"][i].startswith("synthetic/part1/")
+                assert np.flatnonzero(b["deg_vector"][i]).tolist() == [KINDS.index("haze")]
             else:  # noise only, at one of the three fixed levels
                 vec = b["deg_vector"][i]
                 assert np.flatnonzero(vec).tolist() == [KINDS.index("noise")]

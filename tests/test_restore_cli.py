@@ -63,7 +63,7 @@ def _psnr(path, clean) -> float:
     return psnr(load_image(path).rgb, clean)
 
 
-def test_trained_restore_beats_the_input_and_guidance_beats_blind(trained_workdir, tmp_path, capsys):
+def test_trained_restore_beats_the_input_and_guidance_beats_blind(trained_workdir, tmp_path, capsys, caplog):
     """Noisy crops of photos the network never saw: restored > input (tiled folder run, with an
     unreadable file skipped and named), and told 'noise' > blind."""
     clean_paths = restore_fixtures.heldout_crops(tmp_path / "clean", 2)
@@ -81,7 +81,8 @@ def test_trained_restore_beats_the_input_and_guidance_beats_blind(trained_workdi
                      "--output", str(tmp_path / name), "--tile", "32", "--tile-overlap", "8", *extra])
         assert code == 0
         out = capsys.readouterr().out
-        assert "restored 2 image(s)" in out and f"skipped 1 unreadable file(s): {src / 'broken.png'}" in out
+        assert "restored 2 image(s)" in out and f"skipped 1 unreadable file(s): {src / 'broken.png'}" in caplog.text
+        caplog.clear()
     assert f"'{text}' (given)" not in out and "degradation prior masked" in out
     scores = {name: [_psnr(folder / "sub" / f"p{i}.png", c) for i, c in enumerate(cleans)]
               for name, folder in (("input", src), ("blind", tmp_path / "blind"),

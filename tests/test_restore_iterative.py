@@ -7,7 +7,8 @@ import pytest
 import restore_fixtures
 
 from lmdir_jax.cli import main
-from lmdir_jax.data.io import write_image
+from lmdir_jax.data.io import read_image, write_image
+from lmdir_jax.metrics import psnr
 
 tiny_clip = restore_fixtures.tiny_clip  # shared session fixture
 tiny_workdir = restore_fixtures.tiny_workdir  # shared session fixture
@@ -75,20 +76,35 @@ def test_iterative_never_treats_a_degradation_twice_and_caps_steps(tiny_workdir,
     assert [s["degradation"] for s in chain["steps"]] == ["noise"] and chain["stop"] == "clean"
 
 
-def test_restore_iterative_cli_writes_sidecars(tiny_workdir, controller_wd, tmp_path, capsys):
+def test_restore_iterative_cli_writes_sidecars(tiny_workdir, controller_wd, tmp_path, capsys, monkeypatch):
+    """The sidecar holds the chain the restorer ran (kinds, told texts, probabilities, PSNR before and
+    after each step against --clean, why it stopped), and the written image is its last output."""
     rng = np.random.default_rng(3)
     clean = rng.random((40, 48, 3)).astype(np.float32)
     write_image(tmp_path / "in.png", np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32))
     write_image(tmp_path / "ref.png", clean)
+    r = _restorer(tiny_workdir, controller_wd, monkeypatch,
+                  [{"noise": 0.8}, {"rain": 0.6, "noise": 0.3}, {"clean": 0.9}])
+    texts = dict(zip((n for n, _ in r.clip.degradation_vocab), r.clip.conditioning_texts(), strict=True))
     code = main(["restore", str(tmp_path / "in.png"), "--checkpoint", str(tiny_workdir), "--output",
                  str(tmp_path / "out"), "--iterative", "--max-steps", "2", "--controller", str(controller_wd),
                  "--clean", str(tmp_path / "ref.png")])
     assert code == 0
     chain = json.loads((tmp_path / "out" / "in.json").read_text())
-    kinds = [s["degradation"] for s in chain["steps"]]
-    assert len(kinds) <= 2 and len(set(kinds)) == len(kinds) and chain["stop"] in ("clean", "max_steps", "all_treated")
-    assert all("psnr_change" in s for s in chain["steps"]) and set(chain["final"]) >= {"clean", "noise"}
-    assert (tmp_path / "out" / "in.png").is_file() and "stop:" in capsys.readouterr().out
+    assert chain["input"] == str(tmp_path / "in.png") and chain["output"] == str(tmp_path / "out" / "in.png")
+    assert [(s["degradation"], s["text"], s["probability"]) for s in chain["steps"]] == [
+        ("noise", texts["noise"], 0.8), ("rain", texts["rain"], 0.6)]
+    assert chain["stop"] == "clean" and chain["final"]["clean"] == 0.9
+    ref, noisy = read_image(tmp_path / "ref.png"), read_image(tmp_path / "in.png")
+    first, second = chain["steps"]
+    assert first["psnr_before"] == pytest.approx(psnr(ref, noisy), abs=1e-3)
+    assert second["psnr_before"] == first["psnr_after"]  # each step restores the previous output
+    for st in chain["steps"]:
+        assert st["psnr_change"] == pytest.approx(st["psnr_after"] - st["psnr_before"], abs=2e-3)
+    written = read_image(tmp_path / "out" / "in.png")  # 8 bits, as the input
+    assert psnr(ref, written) == pytest.approx(second["psnr_after"], abs=0.05)
+    out = capsys.readouterr().out
+    assert f"restored noise -> rain (stop: clean) -> {tmp_path / 'out' / 'in.png'}" in out
 
 
 def test_missing_or_foreign_controller_exits_2(tiny_workdir, tmp_path, capsys):
@@ -104,7 +120,12 @@ def test_missing_or_foreign_controller_exits_2(tiny_workdir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_iterative_reports_the_chain(tiny_workdir, controller_wd, tmp_path, capsys):
+def test_evaluate_iterative_reports_the_chain(tiny_workdir, controller_wd, tmp_path, capsys, monkeypatch):
+    """Each image's record names its chain ('noise -> rain', or 'clean' when nothing was treated)
+    and the chain's first probability."""
+    # assessments in call order: c0 before, after step 1, after step 2; c1 before
+    _restorer(tiny_workdir, controller_wd, monkeypatch,
+              [{"noise": 0.8}, {"rain": 0.6, "noise": 0.3}, {"clean": 0.9}, {"clean": 0.9}])
     rng = np.random.default_rng(4)
     (tmp_path / "set").mkdir()
     for i in range(2):
@@ -115,5 +136,7 @@ def test_evaluate_iterative_reports_the_chain(tiny_workdir, controller_wd, tmp_p
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["settings"]["prior"] == "iterative:2"
-    kinds = [img["degradation"] for img in report["images"]]
-    assert len(kinds) == 2 and all(k == "clean" or 1 <= len(k.split(" -> ")) <= 2 for k in kinds)
+    images = report["images"]
+    assert [(img["image"], img["degradation"], img["probability"]) for img in images] == [
+        ("c0.png", "noise -> rain", 0.8), ("c1.png", "clean", None)]
+    assert images[1]["restored"] == images[1]["degraded"]  # judged clean: the input, unchanged

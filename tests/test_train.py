@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faults
 import jax
 import numpy as np
 import pytest
@@ -131,7 +132,8 @@ def OVERRIDES_KEYS() -> list[str]:  # noqa: N802
     return [o[2:] for o in OVERRIDES]
 
 
-def test_corrupt_latest_checkpoint_falls_back(full_run, tmp_path, capfd):
+def test_corrupt_latest_checkpoint_falls_back_and_stays(full_run, tmp_path, capfd):
+    """Loading for inference skips a damaged newest step with one warning line and moves nothing."""
     wd = tmp_path / "corrupt"
     shutil.copytree(full_run, wd)
     for f in (wd / "checkpoints" / "4" / "model").rglob("*"):
@@ -148,18 +150,23 @@ def test_corrupt_latest_checkpoint_falls_back(full_run, tmp_path, capfd):
     got = _params(wd)
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if "lmdir: warning:" in line]
-    assert len(warnings) == 1 and "step 4" in warnings[0], err
+    assert len(warnings) == 1 and "step 4 (model/" in warnings[0] and "using step 2" in warnings[0], err
     assert all(np.array_equal(x, y) for x, y in zip(want, got, strict=True))
-    assert (wd / "checkpoints_corrupt" / "4").is_dir()
+    assert not (wd / "checkpoints_corrupt").exists() and _steps(wd) == [2, 4]
 
 
-def test_nan_loss_stops_cleanly(tmp_path, cache_dir):
+def test_nan_loss_stops_cleanly(tmp_path, monkeypatch, capsys):
+    """`lmdir train` (in this process) whose step-3 inputs the test makes NaN (tests/faults.py)."""
+    from lmdir_jax.cli import main
+
     wd = tmp_path / "nan"
-    r = _cli(wd, cache_dir, LMDIR_DEBUG_NAN_AT_STEP="3")
-    assert r.returncode == 1
-    errors = [line for line in r.stderr.splitlines() if line.startswith("lmdir: error:")]
-    assert len(errors) == 1 and "nan" in errors[0] and "step 3" in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    faults.poison_cli(monkeypatch, 3)
+    code = main(["train", "--config", "tiny", "--workdir", str(wd), "--no-progress", *OVERRIDES])
+    err = capsys.readouterr().err
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("lmdir: error:")]
+    assert len(errors) == 1 and "nan" in errors[0] and "step 3" in errors[0], err[-2000:]
+    assert "Traceback" not in err
     steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
     params = _params(wd)  # the last good checkpoint is intact and finite
@@ -218,13 +225,57 @@ def _steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def _stderr_has(path: Path, text: str):
+    return lambda: path.is_file() and text in path.read_text(errors="replace")
+
+
+def _metrics_lines(workdir: Path) -> int:
+    path = workdir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _metrics_reached(workdir: Path, step: int, skip: int):
+    """True once metrics.jsonl, past its first `skip` lines (earlier runs), logs `step`."""
+
+    def ready() -> bool:
+        path = workdir / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines()[skip:]:
+            try:
+                if json.loads(line).get("step", 0) >= step:
+                    return True
+            except ValueError:  # a line being written
+                pass
+        return False
+
+    return ready
+
+
+def _kill_run(workdir: Path, cache: Path, when, name: str) -> str:
+    """Start `lmdir train`, SIGKILL it from outside once `when(stderr file)` holds; its stderr."""
+    err = workdir.parent / f"{name}.stderr"
+    cmd = [sys.executable, "-m", "lmdir_jax.cli", "train", "--config", "tiny",
+           "--workdir", str(workdir), *OVERRIDES]
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache), stdout=subprocess.DEVNULL, stderr=f,
+                                start_new_session=True)
+        killed = faults.kill_when(proc, when(err))
+    text = err.read_text()
+    assert killed and proc.returncode == -signal.SIGKILL, text[-3000:]
+    return text
+
+
 @pytest.mark.slow
-def test_interrupted_and_killed_runs_resume_bit_identical(full_run, tmp_path, cache_dir):
-    """Real signals to a real `lmdir train`: SIGTERM (what a scheduler sends before preempting)
-    saves the step it finished and exits 130; then a SIGKILL right after step 3 loses that step
-    (last checkpoint: 2). The run resumed after both ends with the uninterrupted run's parameters,
-    bit for bit. (SIGINT goes through the same handler: tests/test_train_actions.py.)"""
+def test_killed_at_any_moment_resumes_bit_identical(full_run, tmp_path, cache_dir):
+    """Real signals to a real `lmdir train` (4 steps, checkpoints at 2 and 4): SIGTERM (what a
+    scheduler sends before preempting) saves the step it finished and exits 130; then three
+    SIGKILLs from outside: while orbax writes step 2 asynchronously (seen by its temporary folder
+    filling, not waited for), during start-up right after the restore, and between saves (step 3
+    done, step 2 committed). The run resumed after all of them ends with the uninterrupted run's
+    parameters, bit for bit. (SIGINT goes through the same handler: tests/test_train_actions.py.)"""
     wd = tmp_path / "signals"
+    ck = wd / "checkpoints"
     proc = _start(wd, cache_dir)
     err = _signal_when_started(proc, signal.SIGTERM)
     assert proc.returncode == 130, err[-3000:]
@@ -232,11 +283,23 @@ def test_interrupted_and_killed_runs_resume_bit_identical(full_run, tmp_path, ca
     assert _steps(wd) == [1]
     records = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1]
-    r = _cli(wd, cache_dir, LMDIR_DEBUG_SIGKILL_AT_STEP="3")
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert _steps(wd)[-1] == 2
+
+    _kill_run(wd, cache_dir, lambda err: faults.saving(ck, 2), "mid_save")
+    assert _steps(wd) == [1] and list(ck.glob("2.orbax-checkpoint-tmp*"))  # half-written, not committed
+
+    err = _kill_run(wd, cache_dir, lambda err: _stderr_has(err, "train: starting at step"), "start_up")
+    assert "train: starting at step 1/4" in err
+    assert _steps(wd) == [1]
+
+    done = _metrics_lines(wd)
+    _kill_run(wd, cache_dir, lambda err: lambda: faults.committed(ck, 2)() and _metrics_reached(wd, 3, done)(),
+              "between_saves")
+    assert _steps(wd) == [1, 2]
+
     r = _cli(wd, cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning" not in r.stderr and not (wd / "checkpoints_corrupt").exists()
+    assert _steps(wd)[-1] == 4 and not list(ck.glob("*.orbax-checkpoint-tmp*"))  # half-saves removed
     assert not (wd / "plots").exists()  # train.plot_every=-1: no plots at all
     a, b = _params(full_run), _params(wd)
     assert len(a) == len(b) > 10
@@ -296,25 +359,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(n: int, workdir: Path, cache: Path, **env: str) -> subprocess.CompletedProcess:
-    """scripts/launch_local.sh: n processes x 4 emulated CPU devices on 127.0.0.1."""
+def _launch_cmd(n: int, workdir: Path, cache: Path) -> tuple[list[str], dict]:
     cmd = ["bash", str(REPO / "scripts" / "launch_local.sh"), str(n), "tiny", str(workdir),
            "--no-progress", *OVERRIDES]
     extra = dict(PYTHON=sys.executable, LMDIR_PORT=str(_free_port()), LMDIR_DEVICES_PER_PROCESS="4",
-                 XLA_FLAGS=_xla_flags(None), **env)
-    return subprocess.run(cmd, cwd=REPO, env=_env(cache, **extra), capture_output=True, text=True,
-                          timeout=1500)
+                 XLA_FLAGS=_xla_flags(None))
+    return cmd, _env(cache, **extra)
+
+
+def _launch(n: int, workdir: Path, cache: Path) -> subprocess.CompletedProcess:
+    """scripts/launch_local.sh: n processes x 4 emulated CPU devices on 127.0.0.1."""
+    cmd, env = _launch_cmd(n, workdir, cache)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
 
 
 @pytest.mark.slow
 def test_two_processes_kill_resume_equal_one_process(full_run, tmp_path, cache_dir):
     """2 processes x 4 CPU devices (jax.distributed, gloo), each reading its own data shard; both
-    killed after step 3 (checkpoint 2), resumed to step 4: the 1-process 8-device run's parameters
-    within 1e-5 (the global batch holds the same examples; reductions may run in another order)."""
+    killed (SIGKILL from outside) once checkpoint 2 is committed, resumed to step 4: the 1-process
+    8-device run's parameters within 1e-5 (the global batch holds the same examples; reductions
+    may run in another order)."""
     wd = tmp_path / "two"
-    r = _launch(2, wd, cache_dir, LMDIR_DEBUG_SIGKILL_AT_STEP="3")
+    cmd, env = _launch_cmd(2, wd, cache_dir)
+    with open(tmp_path / "two.stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        killed = faults.kill_when(proc, faults.committed(wd / "checkpoints", 2))
     log1 = (wd / "logs" / "process_1.log").read_text()
-    assert r.returncode != 0 and _steps(wd) == [2], r.stderr[-3000:] + log1[-3000:]
+    assert killed and _steps(wd) == [2], (tmp_path / "two.stderr").read_text()[-3000:] + log1[-3000:]
     meta = json.loads((wd / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["devices"] == 8
     data = sorted(p.name for p in (wd / "checkpoints" / "2" / "data").glob("process_*.json"))

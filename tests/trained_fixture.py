@@ -36,9 +36,8 @@ OVERRIDES = [
     "--config.train.val_every=150",
     "--config.train.ema_decay=0.9",  # restore uses the EMA parameters
     "--config.model.width=8",
-    # Unscanned blocks (the restore/export CLI tests then cover that layout; tests/test_scale.py
-    # covers the scanned one): with scanned blocks' other initial draws, 150 steps learned no
-    # guidance gain (session 9: blind +0.75 dB, told 'noise' +0.70 dB over the input).
+    # Unscanned blocks: the restore/export CLI tests then cover that layout (tests/test_scale.py
+    # covers the scanned one).
     "--config.model.scan_blocks=False",
     "--config.data.val_source=skimage-heldout",
     "--config.data.val_size=48",

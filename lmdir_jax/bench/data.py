@@ -23,14 +23,17 @@ def run(args) -> int:
     workers = int(config.data.num_workers)
     t0 = time.perf_counter()
     it = make_train_iterator(config, process_index=0, process_count=1)
-    for _ in range(args.warmup):
-        next(it)
-    t_ready = time.perf_counter() - t0
-    n = 0
-    t0 = time.perf_counter()
-    for _ in tqdm(range(args.batches), desc="batches", unit="batch"):
-        n += len(next(it)["key"])
-    dt = time.perf_counter() - t0
+    try:
+        for _ in range(args.warmup):
+            next(it)
+        t_ready = time.perf_counter() - t0
+        n = 0
+        t0 = time.perf_counter()
+        for _ in tqdm(range(args.batches), desc="batches", unit="batch"):
+            n += len(next(it)["key"])
+        dt = time.perf_counter() - t0
+    finally:
+        it.close()  # joins the workers and releases their shared memory
     rate = n / dt
     d = config.data
     print(f"source {d.source}  patch {d.patch_size}  batch {d.batch_size}  workers {workers}")

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from lmdir_jax.commands import seed_type
-from lmdir_jax.errors import UsageError
+from lmdir_jax.errors import UsageError, warn
 from lmdir_jax.outputs import atomic_write_bytes, check_text_output
 
 
@@ -109,7 +109,7 @@ def run_protocol(args) -> int:
         )
         return 1
     for ps in missing:
-        sys.stderr.write(f"lmdir: warning: {ps.label} not found under {args.root}: skipped\n")
+        warn(f"{ps.label} not found under {args.root}: skipped")
     restorer = load_restorer(args.checkpoint, args.clip, args.controller)
     if (args.degradation is not None or args.oracle) and restorer.clip is None:
         raise UsageError("--degradation/--oracle need CLIP: the checkpoint has no priors.clip; pass --clip DIR")

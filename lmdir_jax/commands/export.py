@@ -119,9 +119,9 @@ def run_onnx(args) -> int:
 
     model, config = load_for_inference(workdir, use_ema=not args.no_ema)
     output.parent.mkdir(parents=True, exist_ok=True)
-    graph.export_onnx(torch_mirror(model, config.model), output, args.priors,
-                      int(config.priors.ref_size))
-    names = ", ".join(graph.PRIOR_SETS[args.priors])
+    mirror = torch_mirror(model, config.model)
+    graph.export_onnx(mirror, output, args.priors, int(config.priors.ref_size))
+    names = ", ".join(graph.input_names(mirror, args.priors))
     print(f"exported {config.get('name', 'model')} to {output} (inputs: {names}; output: restored; "
           "dynamic batch, height, width)")
     if args.no_check:

@@ -55,7 +55,8 @@ def summary(args) -> int:
         raise UsageError(f"bad model config: {e}") from None
     counts = count_params(model)
     print(f"LMDIR model of config '{config.name}' (width {config.model.width}, "
-          f"blocks {tuple(config.model.blocks)}, dtype {config.model.dtype})")
+          f"blocks {tuple(config.model.blocks)}, dtype {config.model.dtype}, "
+          f"prompt module {config.model.get('prompt_module', 'lmdir')})")
     for name, n in counts.items():
         print(f"  {name:<22s} {n:>12,d}")
     priors = example_priors(config.model, batch=1)

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import check_output_folder
+from lmdir_jax.errors import UsageError, warn
+from lmdir_jax.outputs import atomic_write_bytes, check_output_folder
 
 
 def register(sub) -> None:
@@ -219,7 +219,8 @@ def run(args) -> int:
             )
             write_image(out, restored, bit_depth=got.bit_depth, alpha=got.alpha, protect=inputs)
             sidecar = out.with_suffix(".json")
-            sidecar.write_text(json.dumps({"input": str(f), "output": str(out), **chain}, indent=2) + "\n")
+            record = {"input": str(f), "output": str(out), **chain}
+            atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
             kinds = " -> ".join(st["degradation"] for st in chain["steps"]) or "nothing"
             write_line(f"{f}: restored {kinds} (stop: {chain['stop']}) -> {out}")
             done += 1
@@ -237,7 +238,7 @@ def run(args) -> int:
         write_line(f"{f}: {choice.describe()} -> {out}")
         done += 1
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
+        warn(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped)}")
     if done == 0:
         sys.stderr.write(f"lmdir: error: no image could be restored (every input was unreadable); "
                          f"nothing written to {output}\n")

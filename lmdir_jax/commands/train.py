@@ -11,13 +11,17 @@ def register(sub) -> None:
         "train",
         help="train LMDIR (rerun the same command to resume)",
         description="Train LMDIR on the config's data; checkpoints, logs and plots go to WORKDIR. "
-        "Running the same command again resumes from the newest readable checkpoint. "
+        "Running the same command again resumes from the newest usable checkpoint; it never starts "
+        "again at step 0 in a workdir that holds checkpoints unless --restart is given. "
         "Started on several hosts (JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, "
         "Slurm, Open MPI, a TPU pod), it trains as one multi-process job.",
     )
     p.add_argument("--config", required=True, help="config file or name in configs/ (tiny, quickstart, ...)")
     p.add_argument("--workdir", required=True, help="run folder (checkpoints, metrics, plots)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--restart", action="store_true",
+                   help="start at step 0 even though WORKDIR holds checkpoints (they are moved to "
+                   "WORKDIR/previous_run/, never deleted)")
     p.set_defaults(func=run)
 
 
@@ -38,9 +42,8 @@ def data_problems(config) -> list[str]:
 
 def run(args) -> int:
     """Check the data, train, print a one-line summary; data problem -> exit 2 (one line each),
-    NaN loss -> exit 1, SIGINT/SIGTERM -> 130."""
+    NaN loss or an unusable checkpoint -> exit 1, SIGINT/SIGTERM -> 130."""
     from lmdir_jax.config import load_config
-    from lmdir_jax.train.actions import fault_actions_from_env
     from lmdir_jax.train.loop import TrainingDiverged, check_workdir, print_summary, train
 
     check_workdir(args.workdir)
@@ -48,8 +51,7 @@ def run(args) -> int:
     if data_problems(config):
         return 2
     try:
-        summary = train(config, args.workdir, progress=not args.no_progress,
-                        actions=fault_actions_from_env())
+        summary = train(config, args.workdir, progress=not args.no_progress, restart=args.restart)
     except TrainingDiverged as e:
         sys.stderr.write(f"lmdir: error: {e}\n")
         return 1

@@ -2,7 +2,8 @@
 
 Images are float32 HxWx3 RGB in [0, 1]. `read_image` never raises on a bad file: it returns None for
 anything that is not a readable image (0-byte, truncated, not an image, a decompression bomb beyond
-PIL's guard), so callers can skip and count bad files. Palette, grayscale, alpha, 16-bit and EXIF
+PIL's guard), so callers can skip and count bad files. A file the user may not read is not a bad
+file: it raises `DataError` ("permission denied", exit 1 in the CLI) naming the file. Palette, grayscale, alpha, 16-bit and EXIF
 orientation are handled here so no caller has to.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmdir_jax.errors import UsageError
+from lmdir_jax.errors import UsageError, permission_error
 from lmdir_jax.outputs import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -137,6 +138,8 @@ def load_image(path: str | Path) -> LoadedImage | None:
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return None
+        with open(path, "rb"):  # a refused permission is the user's to fix, not a bad image
+            pass
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:  # raises DecompressionBombError past PIL's guard
@@ -159,6 +162,8 @@ def load_image(path: str | Path) -> LoadedImage | None:
                     elif im.mode == "F":
                         pass
                     a = np.asarray(im)
+    except PermissionError:
+        raise permission_error(path) from None
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
             EOFError, MemoryError):
         return None

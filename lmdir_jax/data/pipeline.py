@@ -1,7 +1,7 @@
 """The training input pipeline: grain MapDataset from a source to batches of degraded/clean patches.
 
 source -> [seed, shuffle, repeat] -> random_map(crop, flips/rot90, degradation, priors)
-       -> per-host slice -> batch -> to_iter_dataset -> mp_prefetch (workers > 0)
+       -> per-host slice -> batch -> to_iter_dataset -> mp_prefetch + OwnedBatches (workers > 0)
 
 With `data.sources` (a mixture), each source gets its own seed (from config.seed and its name),
 shuffle, repeat and transform, and grain's `MapDataset.mix` interleaves them by weight before the
@@ -16,6 +16,7 @@ resumes on exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ class TrainTransform:
     def __init__(self, data_config, priors: PriorAttacher | None = None,
                  source: SourceSpec | None = None, source_id: int = 0):
         from lmdir_jax.degradations import parse_spec
+        from lmdir_jax.degradations.label import kinds_in_text
 
         self.patch = int(data_config.patch_size)
         self.augment = bool(data_config.augment)
@@ -212,15 +214,17 @@ class TrainTransform:
             if source.text:
                 self.paired_text = source.text
             self.specs = [parse_spec(x) for x in source.specs]  # UsageError for a bad spec
+        # A pair's label: the kinds its source's text names, at an unknown (moderate) severity.
+        self.paired_vector = kinds_in_text(self.paired_text)
 
     def __call__(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        from lmdir_jax.degradations import KINDS, apply_spec, sample_degradation
+        from lmdir_jax.degradations import apply_spec, sample_degradation
 
         if "degraded" in item:
             lq, gt = random_crop(rng, self.patch, item["degraded"], item["clean"])
             if self.augment:
                 lq, gt = augment(rng, lq, gt)
-            vector, text = np.zeros(len(KINDS), np.float32), self.paired_text
+            vector, text = self.paired_vector.copy(), self.paired_text
         else:
             (gt,) = random_crop(rng, self.patch, item["clean"])
             if self.augment:
@@ -333,6 +337,62 @@ def _read_options(data) -> Any:
     return grain.ReadOptions(num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch))
 
 
+def _own_memory(batch: Any) -> Any:
+    """A batch whose arrays live in this process's memory: each shared-memory array from a grain
+    worker is copied, and its block unlinked at once, so none outlives the batch (a block still
+    named at exit is what Python's resource_tracker reports as leaked)."""
+    from grain.multiprocessing import SharedMemoryArray
+
+    if isinstance(batch, dict):
+        return {k: _own_memory(v) for k, v in batch.items()}
+    if isinstance(batch, SharedMemoryArray) and batch.shm is not None:
+        owned = np.array(batch)
+        batch._unlink_on_del = False  # unlinked here; grain's __del__ then only unmaps it
+        batch.shm.unlink()
+        return owned
+    return batch
+
+
+def _wait_for_shared_memory_release() -> None:
+    """Let grain's background deleter finish unlinking the shared-memory blocks dropped so far
+    (it runs on a daemon thread that stops, its queue undone, when the interpreter exits)."""
+    from grain.multiprocessing import SharedMemoryArray
+
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None and not sys.is_finalizing():  # at exit its thread no longer runs
+        # one thread, first in first out: once this no-op has run, every earlier deletion has
+        pool.apply_async(int).wait(timeout=60)
+
+
+try:
+    from grain import DatasetIterator as _DatasetIterator
+except ImportError:  # grain < 0.2.12 has it under grain.python
+    from grain.python import DatasetIterator as _DatasetIterator
+
+
+class OwnedBatches(_DatasetIterator):
+    """The iterator of a multi-worker pipeline: batches in private memory (`_own_memory`), and a
+    `close` that returns when the workers are joined and their shared memory is released."""
+
+    def __next__(self) -> dict[str, Any]:
+        return _own_memory(next(self._parent))
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+    def close(self) -> None:
+        """Stop the worker processes and release every shared-memory block they made (once;
+        grain calls it again when the iterator is collected)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._parent.close()
+        _wait_for_shared_memory_release()
+
+
 def make_train_iterator(
     config,
     *,
@@ -347,7 +407,8 @@ def make_train_iterator(
     str, and with a prior cache scene_states/scene_mask/reference/has_reference. b is the per-host
     batch (config.data.batch_size / process_count); process index/count default to JAX's.
     The iterator supports get_state/set_state and grain.checkpoint.CheckpointSave/Restore; its
-    attribute `missing_priors` lists the source keys absent from the prior cache.
+    attribute `missing_priors` lists the source keys absent from the prior cache. Call its
+    `close()` when done: it joins the worker processes and releases their shared memory.
     """
     import grain
 
@@ -370,7 +431,7 @@ def make_train_iterator(
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_init_worker
         )
-    it = iter(it_ds)
+    it = iter(it_ds) if workers == 0 else OwnedBatches(iter(it_ds))
     try:
         it.missing_priors = missing
     except AttributeError:

@@ -86,10 +86,17 @@ def _check_files(paths: list[Path], root: Path, check: str) -> tuple[list[Path],
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """Image files under `root` (recursive, sorted, hidden files and folders skipped)."""
+    """Image files under `root` (recursive, sorted, hidden files and folders skipped); a folder that
+    may not be listed is a DataError naming it (never silently left out)."""
+    from lmdir_jax.errors import permission_error
+
+    def refused(err: OSError) -> None:
+        if isinstance(err, PermissionError):
+            raise permission_error(err.filename, "list the folder") from None
+
     root = Path(root)
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refused):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out += [Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f)]
     return sorted(out)

@@ -223,6 +223,23 @@ def vocabulary() -> list[tuple[str, str]]:
     return [("clean", DESCRIPTIONS["clean"])] + [(k, DESCRIPTIONS[k]) for k in KINDS]
 
 
+def kinds_in_text(text: str, severity: float = 0.5) -> np.ndarray:
+    """A severity vector (len(KINDS),) for a fixed description of a paired source ('rain streaks',
+    'haze', 'motion blur'): `severity` at every kind one of whose nouns or synonyms appears in the
+    text as whole words, 0 elsewhere (all zero for text naming no kind)."""
+    import re
+
+    words = {k: set() for k in KINDS}
+    for (kind, _), noun in NOUNS.items():
+        words[kind].update((noun, *NOUN_SYNONYMS.get(noun, ())))
+    low = str(text).lower()
+    vector = np.zeros(len(KINDS), np.float32)
+    for kind, names in words.items():
+        if any(re.search(rf"\b{re.escape(n)}\b", low) for n in names):
+            vector[KIND_INDEX[kind]] = severity
+    return vector
+
+
 DEFAULT_VARIANTS: dict[str, str] = {"noise": "gaussian", "blur": "gaussian"}
 
 

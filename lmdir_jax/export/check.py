@@ -23,8 +23,12 @@ def random_inputs(
     deg: bool = True,
     scene: bool = True,
     ref: bool = True,
+    kinds: int = 0,
 ) -> dict[str, np.ndarray]:
     """A random low-quality batch with priors (numpy, float32 / bool), seeded.
+
+    With `kinds` > 0 it has PIP's `deg_weights` (B, kinds) too: one-hot for the first example, the
+    average of two kinds for the others (a mixture).
 
     Priors switched off are all masked; switched-on priors are real for every example except that
     the last example of a batch > 1 has a partly masked text and no reference, so both the masked
@@ -43,7 +47,18 @@ def random_inputs(
     if ref and batch > 1:
         has_ref[-1] = False
     inputs["has_reference"] = has_ref
+    if kinds > 0:
+        weights = np.zeros((batch, kinds), np.float32)
+        picks = rng.permutation(kinds)
+        weights[0, picks[0]] = 1.0
+        weights[1:, picks[:2]] = 1.0 / min(2, kinds)
+        inputs["deg_weights"] = weights
     return inputs
+
+
+def pip_kinds(config_model) -> int:
+    """T of a PIP model (`model.pip_kinds`), 0 for any other prompt module."""
+    return int(config_model.get("pip_kinds", 0)) if config_model.get("prompt_module") == "pip" else 0
 
 
 @functools.cache

@@ -220,7 +220,8 @@ def self_check(model, config, output_dir: str | Path, *, seed: int = 0) -> float
 
     torch_model = load(output_dir)
     inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
-                                 ref_size=int(config.priors.ref_size), seed=seed)
+                                 ref_size=int(config.priors.ref_size), seed=seed,
+                                 kinds=check.pip_kinds(config.model))
     return check.max_abs_diff(check.float32_twin(model, config.model), torch_model, inputs)
 
 
@@ -230,8 +231,9 @@ def onnx_self_check(model, config, path: str | Path, priors: str, *, seed: int =
 
     on = {"none": {"deg": False, "scene": False, "ref": False}, "text": {"ref": False},
           "all": {}}[priors]
+    kinds = 0 if priors == "none" else check.pip_kinds(config.model)
     inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
-                                 ref_size=int(config.priors.ref_size), seed=seed, **on)
+                                 ref_size=int(config.priors.ref_size), seed=seed, kinds=kinds, **on)
     a = check.run_jax(check.float32_twin(model, config.model), inputs)
     b = graph.run_onnx(path, inputs)
     return float(np.max(np.abs(a - b)))

@@ -11,6 +11,8 @@ signatures an export can have:
 Dynamic: batch, height and width of `lq` (height and width >= MIN_SIZE: torch.export guards on
 the 1/8-resolution level being larger than one pixel), the text length (>= 2; CLIP always emits
 BOS and EOS). The reference keeps the export's `ref_size` (its batch is dynamic).
+A PIP model (`prompt_module` "pip") takes `deg_weights` (B, T) after the priors of the text and all
+sets; without it (the none set) the degradation is unknown (zero weights).
 """
 
 from __future__ import annotations
@@ -44,12 +46,21 @@ class Positional(nn.Module):
         if priors not in PRIOR_SETS:
             raise ValueError(f"priors must be one of {', '.join(PRIOR_SETS)}, got {priors!r}")
         self.model = model
-        self.names = PRIOR_SETS[priors]
+        self.names = input_names(model, priors)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Inputs in the order of `self.names`; returns the restored NHWC batch."""
         kwargs = dict(zip(self.names, inputs, strict=True))
         return self.model(**kwargs)
+
+
+def input_names(model: LMDIRTorch, priors: str) -> tuple[str, ...]:
+    """The graph inputs of `model` for a prior set: `PRIOR_SETS[priors]`, plus `deg_weights` for a
+    PIP model when the set has priors."""
+    names = PRIOR_SETS[priors]
+    if getattr(model, "prompt_module", "lmdir") == "pip" and priors != "none":
+        names = (*names, "deg_weights")
+    return names
 
 
 def dynamic_shapes(names: tuple[str, ...]) -> dict:
@@ -64,7 +75,7 @@ def dynamic_shapes(names: tuple[str, ...]) -> dict:
         "lq": {0: batch, 1: height, 2: width},
         "deg_states": {0: batch, 1: deg_len}, "deg_mask": {0: batch, 1: deg_len},
         "scene_states": {0: batch, 1: scene_len}, "scene_mask": {0: batch, 1: scene_len},
-        "reference": {0: batch}, "has_reference": {0: batch},
+        "reference": {0: batch}, "has_reference": {0: batch}, "deg_weights": {0: batch},
     }
     return {"inputs": tuple(spec[n] for n in names)}
 
@@ -83,6 +94,8 @@ def example_inputs(model: LMDIRTorch, names: tuple[str, ...], ref_size: int, *, 
         "scene_mask": torch.ones(batch, text_len + 1, dtype=torch.bool),
         "reference": torch.rand(batch, ref_size, ref_size, 3, generator=g),
         "has_reference": torch.ones(batch, dtype=torch.bool),
+        "deg_weights": torch.softmax(torch.randn(batch, max(1, getattr(model, "num_kinds", 0)),
+                                                 generator=g), dim=-1),
     }
     return tuple(tensors[n] for n in names)
 

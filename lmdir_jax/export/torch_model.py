@@ -190,27 +190,31 @@ class TransformerBlock(nn.Module):
     """DATB block with optional CATB (content) and RTB (reference) cross-attention."""
 
     def __init__(self, dim: int, heads: int, expansion: float, prompt_dim: int, ref_dim: int,
-                 *, catb: bool, rtb: bool, layernorm: str = "with_bias"):
+                 *, catb: bool, rtb: bool, layernorm: str = "with_bias", modulated: bool = True):
         super().__init__()
         self.norm1 = block_norm(dim, layernorm)
         self.attn = ChannelAttention(dim, heads)
         self.norm2 = block_norm(dim, layernorm)
         self.ffn = GatedFeedForward(dim, expansion)
-        self.modulation = Modulation(prompt_dim, dim)
+        self.modulation = Modulation(prompt_dim, dim) if modulated else None
         self.content_attn = SpatialCrossAttention(dim, prompt_dim, heads) if catb else None
         self.ref_attn = SpatialCrossAttention(dim, ref_dim, heads) if rtb else None
 
     def forward(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W) conditioned on prompts and reference tokens."""
-        s1, a1, g1, s2, a2, g2 = self.modulation(cond["deg_pooled"])
-        x = x + (1 + g1) * self.attn(_channel_norm(self.norm1, x) * (1 + a1) + s1)
+        if self.modulation is None:
+            x = x + self.attn(_channel_norm(self.norm1, x))
+        else:
+            s1, a1, g1, s2, a2, g2 = self.modulation(cond["deg_pooled"])
+            x = x + (1 + g1) * self.attn(_channel_norm(self.norm1, x) * (1 + a1) + s1)
         if self.content_attn is not None:
             x = x + self.content_attn(x, cond["content"])
         if self.ref_attn is not None and cond["ref_tokens"] is not None:
             updated = x + self.ref_attn(x, cond["ref_tokens"])
             x = torch.where(cond["has_reference"][:, None, None, None], updated, x)
-        x = x + (1 + g2) * self.ffn(_channel_norm(self.norm2, x) * (1 + a2) + s2)
-        return x
+        if self.modulation is None:
+            return x + self.ffn(_channel_norm(self.norm2, x))
+        return x + (1 + g2) * self.ffn(_channel_norm(self.norm2, x) * (1 + a2) + s2)
 
 
 class BlockStack(nn.Module):
@@ -265,6 +269,137 @@ class PromptEncoder(nn.Module):
         q = q + self.mlp_out(_gelu(self.mlp_in(self.norm_mlp(q))))
         q = self.norm_out(q)
         return q[:, : self.num_deg], q[:, self.num_deg :]
+
+
+def _bilinear(x: torch.Tensor, height, width) -> torch.Tensor:
+    """Bilinear resize of NCHW x (half-pixel centres, no anti-aliasing), as the JAX model."""
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _align_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The first `channels` channels of NCHW x, zero-padded when x has fewer."""
+    c = x.shape[1]
+    if c >= channels:
+        return x[:, :channels]
+    return F.pad(x, (0, 0, 0, 0, 0, channels - c))
+
+
+class ChannelCrossAttention(nn.Module):
+    """Channel cross-attention, with PIP's top-k selection when `topk` (`models.pip`)."""
+
+    def __init__(self, dim: int, heads: int, *, topk: bool):
+        super().__init__()
+        self.heads = heads
+        self.topk = architecture.pip_topk(dim // heads) if topk else ()
+        self.temperature = nn.Parameter(torch.ones(heads))
+        self.q = _conv(dim, dim, 1, bias=False)
+        self.q_dw = _conv(dim, dim, 3, groups=dim, bias=False)
+        self.kv = _conv(dim, 2 * dim, 1, bias=False)
+        self.kv_dw = _conv(2 * dim, 2 * dim, 3, groups=2 * dim, bias=False)
+        self.out = _conv(dim, dim, 1, bias=False)
+        self.mix = nn.Parameter(torch.full((len(self.topk),), 0.2)) if topk else None
+
+    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B, C, H, W) -> (B, C, H, W)."""
+        b, c, h, w = x_q.shape
+        q = self.q_dw(self.q(x_q))
+        k, v = self.kv_dw(self.kv(x_kv)).chunk(2, dim=1)
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))
+        q = F.normalize(q, dim=-1, eps=L2_EPS)
+        k = F.normalize(k, dim=-1, eps=L2_EPS)
+        logits = (q @ k.transpose(-1, -2)) * self.temperature[None, :, None, None]
+        if not self.topk:
+            out = torch.softmax(logits, dim=-1) @ v
+        else:
+            out = 0.0
+            for i, n in enumerate(self.topk):
+                kth = torch.topk(logits, n, dim=-1).values[..., -1:]
+                masked = logits.masked_fill(logits < kth, float("-inf"))
+                out = out + (torch.softmax(masked, dim=-1) @ v) * self.mix[i]
+        return self.out(out.reshape(b, c, h, w))
+
+
+class PromptToPrompt(nn.Module):
+    """PIP's prompt-to-prompt block: the basic prompt attends to the degradation-aware one."""
+
+    def __init__(self, dim: int, heads: int, expansion: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm_kv = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = ChannelCrossAttention(dim, heads, topk=False)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.ffn = GatedFeedForward(dim, expansion)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """NCHW (B, P, S, S) twice -> (B, P, S, S)."""
+        x = q + self.attn(_channel_norm(self.norm_q, q), _channel_norm(self.norm_kv, kv))
+        return x + self.ffn(_channel_norm(self.norm2, x))
+
+
+class DualGatedFeedForward(nn.Module):
+    """1x1 conv, 3x3 depth-wise, gelu(b) * a + gelu(a) * b, 1x1 conv; no biases."""
+
+    def __init__(self, dim: int, expansion: float):
+        super().__init__()
+        hidden = architecture.ffn_hidden(dim, expansion)
+        self.inp = _conv(dim, 2 * hidden, 1, bias=False)
+        self.dw = _conv(2 * hidden, 2 * hidden, 3, groups=2 * hidden, bias=False)
+        self.out = _conv(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        a, g = self.dw(self.inp(x)).chunk(2, dim=1)
+        return self.out(_gelu(g) * a + _gelu(a) * g)
+
+
+class PromptToFeature(nn.Module):
+    """PIP's selective prompt-to-feature block on a skip feature (`models.pip.PromptToFeature`)."""
+
+    def __init__(self, feat_dim: int, prompt_dim: int, heads: int, expansion: float):
+        super().__init__()
+        self.feat_dim, self.prompt_dim = feat_dim, prompt_dim
+        self.norm_x = nn.LayerNorm(feat_dim, eps=LN_EPS)
+        self.norm_p = nn.LayerNorm(prompt_dim, eps=LN_EPS)
+        self.attn = ChannelCrossAttention(prompt_dim, heads, topk=True)
+        self.reduce = (_conv(prompt_dim, feat_dim, 1, bias=False) if feat_dim < prompt_dim
+                       else None)
+        self.norm2 = nn.LayerNorm(feat_dim, eps=LN_EPS)
+        self.ffn = DualGatedFeedForward(feat_dim, expansion)
+
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B, P, H, W) -> (B, C, H, W)."""
+        xq, pk = _channel_norm(self.norm_x, x), _channel_norm(self.norm_p, prompt)
+        xa = _align_channels(xq, self.prompt_dim)
+        y = xa + self.attn(xa, pk)
+        if self.feat_dim > self.prompt_dim:
+            y = torch.cat([y, xq[:, self.prompt_dim:]], dim=1)
+        elif self.reduce is not None:
+            y = self.reduce(y)
+        return y + self.ffn(_channel_norm(self.norm2, y))
+
+
+class PromptInPrompt(nn.Module):
+    """PIP's prompt of one skip level and its prompt-to-feature interaction (`models.pip`)."""
+
+    def __init__(self, feat_dim: int, prompt_dim: int, size: int, kinds: int, *, heads: int,
+                 prompt_heads: int, expansion: float):
+        super().__init__()
+        self.size = size
+        self.degradation_prompts = nn.Parameter(torch.zeros(kinds, prompt_dim))
+        self.basic_prompt = nn.Parameter(torch.zeros(size, size, prompt_dim))
+        self.interaction = PromptToPrompt(prompt_dim, prompt_heads, expansion)
+        self.out = _conv(prompt_dim, prompt_dim, 3, bias=False)
+        self.to_feature = PromptToFeature(feat_dim, prompt_dim, heads, expansion)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The skip feature x (B, C, H, W) after PIP, for prompt weights (B, T)."""
+        b, _, h, w = x.shape
+        p = self.degradation_prompts.shape[-1]
+        deg = (weights[:, :, None] * self.degradation_prompts[None]).mean(dim=1)  # (B, P)
+        feature = _align_channels(_bilinear(x, self.size, self.size), p)
+        basic = self.basic_prompt.permute(2, 0, 1)[None].expand(b, -1, -1, -1)
+        low = self.interaction(basic, deg[:, :, None, None] * feature)
+        return self.to_feature(x, self.out(_bilinear(low, h, w)))
 
 
 class ReferenceEncoder(nn.Module):
@@ -323,7 +458,9 @@ class LMDIRTorch(nn.Module):
     (B, H, W, 3) float32. Priors (all optional; a missing one is masked):
       deg_states (B, Td, text_dim), deg_mask (B, Td) bool (default: all True when states are given);
       scene_states (B, Ts, text_dim), scene_mask (B, Ts) bool;
-      reference (B, Hr, Wr, 3) float32 in [0, 1], has_reference (B,) bool (default True).
+      reference (B, Hr, Wr, 3) float32 in [0, 1], has_reference (B,) bool (default True);
+      deg_weights (B, T) float32, PIP's prompt weights over the degradation kinds (only with
+      prompt_module "pip"; default zeros, an unknown degradation).
     Parameters are float32; the config's `dtype` (the JAX compute dtype) is not used.
     """
 
@@ -341,6 +478,8 @@ class LMDIRTorch(nn.Module):
         layernorm = str(c.get("layernorm", "with_bias"))
         # Restormer layout: the level-1 decoder, refinement and output run at 2C (no reduce conv).
         top = architecture.top_width(c)
+        self.prompt_module = architecture.prompt_module(c)
+        self.num_kinds = int(c.get("pip_kinds", 0))
 
         def stack(name: str) -> BlockStack:
             st = stages[name]
@@ -348,10 +487,12 @@ class LMDIRTorch(nn.Module):
                 st.blocks, dim=st.width, heads=st.heads,
                 expansion=float(c["ffn_expansion"]), prompt_dim=int(c["prompt_dim"]),
                 ref_dim=self.ref_dim, catb=st.catb, rtb=st.rtb, layernorm=layernorm,
+                modulated=self.prompt_module == "lmdir",
             )
 
-        self.prompt = PromptEncoder(self.text_dim, int(c["prompt_dim"]), int(c["prompt_heads"]),
-                                    int(c["num_deg_queries"]), int(c["num_content_queries"]))
+        self.prompt = (PromptEncoder(self.text_dim, int(c["prompt_dim"]), int(c["prompt_heads"]),
+                                     int(c["num_deg_queries"]), int(c["num_content_queries"]))
+                       if self.prompt_module == "lmdir" else None)
         self.reference = ReferenceEncoder(self.ref_dim, self.ref_tokens)
         self.embed = _conv(3, width, 3, bias=bool(c.get("embed_bias", True)))
         self.encoders = nn.ModuleList([stack(f"encoders.{i}") for i in range(3)])
@@ -363,6 +504,13 @@ class LMDIRTorch(nn.Module):
                                       for i in reduce_levels])
         self.decoders = nn.ModuleList([stack(f"decoders.{k}") for k in range(3)])
         self.refinement = stack("refinement")
+        self.skip_prompts = nn.ModuleList([
+            PromptInPrompt(widths[lvl - 1], int(c["pip_prompt_dims"][lvl - 1]),
+                           int(c["pip_prompt_sizes"][lvl - 1]), self.num_kinds,
+                           heads=int(c["pip_heads"]), prompt_heads=int(c["pip_prompt_heads"]),
+                           expansion=float(c["ffn_expansion"]))
+            for lvl in (3, 2, 1)
+        ]) if self.prompt_module == "pip" else None
         self.output = _conv(top, 3, 3, bias=bool(c.get("output_bias", True)))
 
     def _conditions(self, lq: torch.Tensor, deg_states, deg_mask, scene_states, scene_mask, reference,
@@ -380,7 +528,10 @@ class LMDIRTorch(nn.Module):
 
         deg_states, deg_mask = text(deg_states, deg_mask)
         scene_states, scene_mask = text(scene_states, scene_mask)
-        deg, content = self.prompt(deg_states, deg_mask, scene_states, scene_mask)
+        if self.prompt is None:  # unmodulated blocks without CATB read neither
+            deg, content = lq.new_zeros(b, 1, 1), None
+        else:
+            deg, content = self.prompt(deg_states, deg_mask, scene_states, scene_mask)
         # No reference given: the encoder and the RTB are left out of the graph (the RTB would
         # discard their result). A given reference always runs them; `has_reference` then selects
         # per example with tensor arithmetic, never a Python branch on its values.
@@ -401,6 +552,7 @@ class LMDIRTorch(nn.Module):
         scene_mask: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
         has_reference: torch.Tensor | None = None,
+        deg_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Restore lq (B, H, W, 3) in [0, 1] given the (optional) priors; NHWC float32 output."""
         if lq.ndim != 4 or lq.shape[-1] != 3:
@@ -413,6 +565,9 @@ class LMDIRTorch(nn.Module):
         x_in = x_in.index_select(3, _reflect_index(w, wp, x_in.device))
         cond = self._conditions(lq, deg_states, deg_mask, scene_states, scene_mask, reference,
                                 has_reference)
+        if self.skip_prompts is not None:
+            deg_weights = (x_in.new_zeros(b, self.num_kinds) if deg_weights is None
+                           else deg_weights.float())
         x = self.embed(x_in)
         skips = []
         for enc, down in zip(self.encoders, self.downs, strict=True):
@@ -422,6 +577,8 @@ class LMDIRTorch(nn.Module):
         x = self.latent(x, cond)
         for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, skips[::-1],
                                                 strict=True)):
+            if self.skip_prompts is not None:
+                skip = self.skip_prompts[i](skip, deg_weights)
             x = torch.cat([up(x), skip], dim=1)
             if i < len(self.reduces):
                 x = self.reduces[i](x)

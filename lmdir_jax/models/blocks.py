@@ -2,7 +2,7 @@
 and the transformer block that hosts the DATB / CATB / RTB conditioning.
 
 Block (width C, heads h), in order:
-  s1, a1, g1, s2, a2, g2 = modulation(deg_pooled)                   (DATB)
+  s1, a1, g1, s2, a2, g2 = modulation(deg_pooled)                   (DATB; 0 when unmodulated)
   x = x + (1 + g1) * attn(norm1(x) * (1 + a1) + s1)
   x = x + content_attn(x, content_prompts)                          (CATB levels only)
   x = where(has_reference, x + ref_attn(x, ref_tokens), x)          (RTB levels only)
@@ -88,8 +88,9 @@ class GatedFeedForward(nnx.Module):
 class TransformerBlock(nnx.Module):
     """One backbone block: a DATB, optionally with CATB and/or RTB cross-attention (module doc).
 
-    Sub-modules: norm1, attn (ChannelAttention), norm2, ffn (GatedFeedForward), modulation (DATB),
-    content_attn (CATB, or None), ref_attn (RTB, or None).
+    Sub-modules: norm1, attn (ChannelAttention), norm2, ffn (GatedFeedForward), modulation (DATB,
+    or None when `modulated` is False: no LMDIR prompt encoder), content_attn (CATB, or None),
+    ref_attn (RTB, or None).
     """
 
     def __init__(
@@ -105,12 +106,14 @@ class TransformerBlock(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         layernorm: str = "with_bias",
+        modulated: bool = True,
     ):
         self.norm1 = block_norm(dim, layernorm, rngs=rngs, dtype=dtype)
         self.attn = ChannelAttention(dim, heads, rngs=rngs, dtype=dtype)
         self.norm2 = block_norm(dim, layernorm, rngs=rngs, dtype=dtype)
         self.ffn = GatedFeedForward(dim, expansion, rngs=rngs, dtype=dtype)
-        self.modulation = Modulation(prompt_dim, dim, rngs=rngs, dtype=dtype)
+        self.modulation = (Modulation(prompt_dim, dim, rngs=rngs, dtype=dtype) if modulated
+                           else None)
         self.content_attn = (
             SpatialCrossAttention(dim, prompt_dim, heads, rngs=rngs, dtype=dtype) if catb else None
         )
@@ -120,7 +123,10 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, cond: Conditions) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C), conditioned on the prompts and the reference."""
-        s1, a1, g1, s2, a2, g2 = self.modulation(cond.deg_pooled.astype(x.dtype))
+        if self.modulation is None:
+            s1 = a1 = g1 = s2 = a2 = g2 = jnp.zeros((), x.dtype)
+        else:
+            s1, a1, g1, s2, a2, g2 = self.modulation(cond.deg_pooled.astype(x.dtype))
         x = x + (1 + g1) * self.attn(self.norm1(x) * (1 + a1) + s1)
         if self.content_attn is not None:
             x = x + self.content_attn(x, cond.content)

@@ -16,6 +16,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.prompt_heads = 4  # heads of the prompt encoder's attention (prompt_dim % prompt_heads == 0)
     c.num_deg_queries = 4
     c.num_content_queries = 4
+    # Prompt module: "lmdir" (the query prompt encoder feeding DATB and CATB), "pip" (PIP's
+    # prompt-in-prompt on the decoder skips, docs/pip.md) or "none".
+    c.prompt_module = "lmdir"
+    c.pip_kinds = 8  # T degradation-aware prompts: one per kind of degradations.label.KINDS
+    c.pip_prompt_dims = (16, 32, 64)  # PIP prompt width per skip level 1, 2, 3
+    c.pip_prompt_sizes = (16, 8, 4)  # side of the basic restoration prompt per level 1, 2, 3
+    c.pip_heads = 4  # heads of the top-k prompt-to-feature attention (PIP: the level-3 heads)
+    c.pip_prompt_heads = 2  # heads of the prompt-to-prompt attention
     c.catb_levels = (3, 4)  # levels (1..4) whose blocks get content cross-attention
     c.rtb_levels = (3, 4)  # levels whose blocks get reference cross-attention
     c.ref_tokens = 16  # reference tokens after pooling to a sqrt x sqrt grid (a perfect square)

@@ -18,6 +18,11 @@ Level l (1..4) has width C * 2**(l-1) and heads[l-1]; level 4 is the latent (bot
 Blocks on levels in `catb_levels` get CATB content cross-attention, on `rtb_levels` RTB reference
 cross-attention (refinement blocks count as level 1).
 
+`model.prompt_module` picks the prompt module: "lmdir" is the prompt encoder above (DATB, CATB);
+"pip" drops it (blocks unmodulated, no CATB) and runs PIP's prompt-in-prompt on each decoder
+skip before the concatenation, `skip = skip_prompts[i](skip, priors.deg_weights)` (models/pip.py);
+"none" has neither.
+
 `model.layout = "restormer"` is Restormer's layout: there is no reduces[2], and decoders[2],
 refinement and output run at 2C on concat(ups[2](d2), e1). With `layernorm = "bias_free"`,
 `embed_bias = output_bias = False` and the conditioning at zero it is exactly Restormer.
@@ -42,6 +47,7 @@ from lmdir_jax.models.layers import (
     pixel_shuffle,
     pixel_unshuffle,
 )
+from lmdir_jax.models.pip import PromptInPrompt
 from lmdir_jax.models.priors import Priors
 from lmdir_jax.models.prompt import PromptEncoder
 from lmdir_jax.models.reference import ReferenceEncoder
@@ -75,7 +81,8 @@ class LMDIR(nnx.Module):
     """The LMDIR restoration network (module docstring); params float32, compute in config.dtype.
 
     Top-level components: embed, encoders, downs, latent, ups, reduces, decoders, refinement,
-    output, prompt, reference.
+    output, prompt (prompt_module "lmdir", else None), skip_prompts (prompt_module "pip": one
+    PromptInPrompt per decoder skip, levels 3, 2, 1; else None), reference.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -91,6 +98,8 @@ class LMDIR(nnx.Module):
         scan, remat = bool(c.get("scan_blocks", False)), str(c.get("remat", "none"))
         remat_policy(remat)
         unroll = resolve_scan_unroll(str(c.get("scan_unroll", "auto")))
+        self.prompt_module = architecture.prompt_module(c)
+        self.num_kinds = int(c.get("pip_kinds", 0))
 
         def stack(name: str) -> BlockStack:
             st = stages[name]
@@ -109,6 +118,7 @@ class LMDIR(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
                 layernorm=str(c.get("layernorm", "with_bias")),
+                modulated=self.prompt_module == "lmdir",
             )
 
         # eager_sharding off: parameters are created unsharded and only carry logical axis names;
@@ -117,7 +127,7 @@ class LMDIR(nnx.Module):
             self.prompt = PromptEncoder(
                 int(c.text_dim), int(c.prompt_dim), int(c.prompt_heads),
                 int(c.num_deg_queries), int(c.num_content_queries), rngs=rngs, dtype=dtype,
-            )
+            ) if self.prompt_module == "lmdir" else None
             self.reference = ReferenceEncoder(int(c.ref_dim), int(c.ref_tokens), rngs=rngs,
                                               dtype=dtype)
             self.embed = conv(3, width, 3, use_bias=bool(c.get("embed_bias", True)), rngs=rngs,
@@ -132,6 +142,13 @@ class LMDIR(nnx.Module):
             )
             self.decoders = nnx.List([stack(f"decoders.{k}") for k in range(3)])
             self.refinement = stack("refinement")
+            self.skip_prompts = nnx.List([
+                PromptInPrompt(widths[lvl - 1], int(c.pip_prompt_dims[lvl - 1]),
+                               int(c.pip_prompt_sizes[lvl - 1]), self.num_kinds,
+                               heads=int(c.pip_heads), prompt_heads=int(c.pip_prompt_heads),
+                               expansion=float(c.ffn_expansion), rngs=rngs, dtype=dtype)
+                for lvl in (3, 2, 1)
+            ]) if self.prompt_module == "pip" else None
             out_init = (nnx.initializers.zeros_init() if c.zero_init_output
                         else lecun_normal)
             self.output = conv(top, 3, 3, use_bias=bool(c.get("output_bias", True)), rngs=rngs,
@@ -139,10 +156,15 @@ class LMDIR(nnx.Module):
 
     def conditions(self, priors: Priors) -> Conditions:
         """Run the prompt and reference encoders once per batch."""
-        deg, content = self.prompt(priors)
+        b = priors.has_reference.shape[0]
+        if self.prompt is None:  # unmodulated blocks without CATB: nothing reads these
+            deg_pooled, content = jnp.zeros((b, 1), self.dtype), jnp.zeros((b, 1, 1), self.dtype)
+        else:
+            deg, content = self.prompt(priors)
+            deg_pooled = jnp.mean(deg, axis=1)
         ref = self.reference(priors.reference, priors.has_reference)
         return Conditions(
-            deg_pooled=jnp.mean(deg, axis=1),
+            deg_pooled=deg_pooled,
             content=content,
             ref_tokens=ref,
             has_reference=priors.has_reference.astype(bool),
@@ -167,6 +189,8 @@ class LMDIR(nnx.Module):
         x = self.latent(x, cond)
         for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, skips[::-1],
                                                 strict=True)):
+            if self.skip_prompts is not None:
+                skip = self.skip_prompts[i](skip, self.degradation_weights(priors))
             x = jnp.concatenate([up(x), skip], axis=-1)
             if i < len(self.reduces):  # the restormer layout has no level-1 reduce
                 x = self.reduces[i](x)
@@ -174,6 +198,22 @@ class LMDIR(nnx.Module):
         x = self.refinement(x, cond)
         restored = x_in + self.output(x).astype(jnp.float32)
         return restored[:, :h, :w, :]
+
+
+    def degradation_weights(self, priors: Priors) -> jax.Array:
+        """PIP's (B, T) prompt weights: `priors.deg_weights`, zeros when absent (unknown)."""
+        if priors.deg_weights is None:
+            return jnp.zeros((priors.has_reference.shape[0], self.num_kinds), jnp.float32)
+        if priors.deg_weights.shape[-1] != self.num_kinds:
+            raise ValueError(f"deg_weights has {priors.deg_weights.shape[-1]} kinds, the model "
+                             f"{self.num_kinds} (model.pip_kinds)")
+        return priors.deg_weights
+
+    def regulariser(self) -> jax.Array:
+        """PIP's orthogonality regulariser summed over the skip levels (0 without PIP)."""
+        if self.skip_prompts is None:
+            return jnp.zeros((), jnp.float32)
+        return sum(p.regulariser() for p in self.skip_prompts)
 
 
 def build_model(config_model: ml_collections.ConfigDict, seed: int) -> LMDIR:

@@ -21,6 +21,9 @@ class Priors:
     scene_mask:    (B, Ts) bool.
     reference:     (B, Hr, Wr, 3) float32 in [0, 1], a clean image of the scene (Stable Diffusion).
     has_reference: (B,) bool.
+    deg_weights:   (B, T) float32 weights over the degradation kinds (`degradations.label.KINDS`):
+                   one-hot, averaged over the kinds of a mixture, all zero when unknown; None =
+                   unknown. Read by PIP's prompt module (`model.prompt_module = "pip"`) only.
     """
 
     deg_states: jax.Array
@@ -29,6 +32,7 @@ class Priors:
     scene_mask: jax.Array
     reference: jax.Array
     has_reference: jax.Array
+    deg_weights: jax.Array | None = None
 
     @classmethod
     def empty(cls, batch: int, text_dim: int, text_len: int = 1, ref_size: int = 8) -> Priors:
@@ -56,4 +60,13 @@ def drop_priors(
         deg_mask=priors.deg_mask & keep_d[:, None],
         scene_mask=priors.scene_mask & keep_s[:, None],
         has_reference=priors.has_reference & keep_r,
+        deg_weights=(None if priors.deg_weights is None
+                     else priors.deg_weights * keep_d[:, None].astype(priors.deg_weights.dtype)),
     )
+
+
+def kind_weights(deg_vector: jax.Array) -> jax.Array:
+    """PIP's prompt weights (B, T) from label severity vectors (B, T): 1/n on each of the n kinds
+    present (one-hot for a single kind, the average for a mixture), zero for a clean image."""
+    present = (deg_vector > 0).astype(jnp.float32)
+    return present / jnp.maximum(jnp.sum(present, axis=-1, keepdims=True), 1.0)

@@ -16,20 +16,27 @@ BACKBONE = ("embed", "encoders", "downs", "latent", "ups", "reduces", "decoders"
 EXTRAS = {"modulation": "DATB modulation", "content_attn": "CATB cross-attention",
           "ref_attn": "RTB cross-attention"}
 
+PIP = {"prompt": "PIP prompts", "to_feature": "PIP prompt-to-feature"}
+
 
 def count_params(model: nnx.Module) -> OrderedDict[str, int]:
     """Parameter counts: backbone (without conditioning), prompt encoder, DATB/CATB/RTB extras,
-    reference encoder and total.
+    PIP's prompts and interactions (only with model.prompt_module "pip"), reference encoder, total.
     """
     counts: OrderedDict[str, int] = OrderedDict(
         [("backbone", 0), ("prompt encoder", 0), *[(v, 0) for v in EXTRAS.values()],
          ("reference encoder", 0), ("total", 0)]
     )
+    if getattr(model, "skip_prompts", None) is not None:
+        counts = OrderedDict([*list(counts.items())[:-2], *[(v, 0) for v in PIP.values()],
+                              *list(counts.items())[-2:]])
     for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         n = int(leaf.get_value().size)
         names = [str(p) for p in path]
         extra = next((EXTRAS[p] for p in names if p in EXTRAS), None)
-        if names[0] == "prompt":
+        if names[0] == "skip_prompts":
+            key = next((PIP[p] for p in names if p in PIP), PIP["prompt"])
+        elif names[0] == "prompt":
             key = "prompt encoder"
         elif names[0] == "reference":
             key = "reference encoder"

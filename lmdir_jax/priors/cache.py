@@ -9,12 +9,14 @@ Built once per training set by `build_cache` (`lmdir priors build`), read by the
                          has_reference, entry (the index line, for re-indexing)
     references/<h>.png   the Stable Diffusion reference at ref_size (written before the .npz)
 
-Every item file is written to a temporary name and `os.replace`d into place, then its index line is
-appended; a build that is interrupted (exception, Ctrl-C, kill) continues where it stopped, and a
-half-written item is never read: temporary files are ignored, a truncated last index line is
-dropped, and an item file without its index line is re-indexed on resume. Items are processed in
-fixed batches of the source order (the last one padded), so a resumed build writes exactly what an
-uninterrupted one would.
+The manifest is written first; every item file is written to a temporary name and `os.replace`d
+into place, then its index line is appended; a build that is interrupted (exception, Ctrl-C,
+kill -9 at any moment) continues where it stopped, and a half-written item is never read:
+temporary files are ignored (and removed on resume), a truncated last index line is dropped, and
+an item file without its index line is re-indexed on resume. Items are processed in fixed batches
+of the source order (the last one padded) and item files carry no timestamps, so a resumed build
+writes the same bytes as an uninterrupted one (index, items, references; the manifest's summary
+differs only in `resumed_items` and `seconds`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import io
 import json
 import threading
 import time
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,12 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.errors import UsageError
-from lmdir_jax.outputs import atomic_write_bytes
+from lmdir_jax.outputs import (
+    atomic_write_bytes,
+    drop_partial_line,
+    read_journal,
+    remove_stale_temporaries,
+)
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
@@ -64,30 +72,7 @@ def reference_seed(seed: int, key: str) -> int:
 
 def _read_index(path: Path) -> dict[str, dict]:
     """Entries of index.jsonl by key; a truncated or corrupt line (interrupted append) is skipped."""
-    entries: dict[str, dict] = {}
-    if not path.is_file():
-        return entries
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # partial last line
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(e, dict) and "key" in e and "file" in e:
-                entries[e["key"]] = e
-    return entries
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cut an interrupted last index line (no newline) so later appends start on a fresh line."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    return {e["key"]: e for e in read_journal(path) if "key" in e and "file" in e}
 
 
 class PriorCache:
@@ -229,6 +214,18 @@ def _write_reference(path: Path, image: np.ndarray, size: int) -> None:
     write_image(path, np.clip(image, 0.0, 1.0))  # whole or not at all (outputs.atomic_write_bytes)
 
 
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """An uncompressed .npz (what `np.savez` writes) with fixed member timestamps, so the same
+    arrays give the same bytes: a resumed build's item files equal an uninterrupted build's."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
 def _sha1_file(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
@@ -312,13 +309,14 @@ def build_cache(
                 f"{out} holds a cache built with other settings ({', '.join(diff)}): "
                 "use another --output or delete it"
             )
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not p.name.startswith(".tmp-") for p in out.iterdir()):
         raise UsageError(f"output folder exists and is not a prior cache: {out}")
-    for sub in (ITEMS, REFERENCES):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for stale in (out / sub).glob(".tmp-*"):
-            stale.unlink()
+    # The manifest first: a build killed at any later point leaves a folder that resumes.
+    out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, manifest)
+    for folder in (out, out / ITEMS, out / REFERENCES):
+        folder.mkdir(exist_ok=True)
+        remove_stale_temporaries(folder)  # left by a killed atomic write
 
     if hasattr(source, "keys"):
         keys = list(source.keys())
@@ -326,7 +324,7 @@ def build_cache(
         keys = [source[i]["key"] for i in range(len(source))]
     if max_items is not None:
         keys = keys[: int(max_items)]
-    _drop_partial_line(out / INDEX)
+    drop_partial_line(out / INDEX)
     index = _read_index(out / INDEX)
     # Items whose file landed but whose index line did not (killed in between): re-index them.
     orphans = [k for k in keys if k not in index and (out / ITEMS / item_file(k)).is_file()]
@@ -416,15 +414,13 @@ def _build_batch(
         }
         if refs is not None:
             _write_reference(out / REFERENCES / reference_file(key), refs[j], ref_size)
-        buf = io.BytesIO()
-        np.savez(
-            buf,
+        data = npz_bytes(
             scene_states=states[j, :n].astype(np.float32),
             scene_mask=mask[j],
             has_reference=np.asarray(refs is not None),
             entry=np.asarray(json.dumps(entry)),
         )
-        atomic_write_bytes(out / ITEMS / entry["file"], buf.getvalue(), fsync=True)
+        atomic_write_bytes(out / ITEMS / entry["file"], data, fsync=True)
         index_f.write(json.dumps(entry) + "\n")
         index_f.flush()
         index[key] = entry

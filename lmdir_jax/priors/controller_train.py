@@ -316,6 +316,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
         bar.close()
         manager.wait_until_finished()
         manager.close()
+        iterator.close()  # joins the grain workers and releases their shared memory
     if jax.process_index() == 0 and confusion.sum():
         plot_confusion(confusion, names, names, workdir / "plots" / "confusion.png",
                        f"controller training crops, steps {start + 1}-{step}")

@@ -1,5 +1,5 @@
 """Periodic actions of the training loop: logging, NaN stop, progress, checkpoints, validation,
-plots, signals, and the fault injections the tests use.
+plots, signals.
 
 `loop.run_loop` calls, for every action in order:
 - `start(run)` once before the first step,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
@@ -26,9 +25,6 @@ import numpy as np
 
 from lmdir_jax.progress import is_terminal
 from lmdir_jax.train import monitor
-
-DEBUG_SIGKILL_ENV = "LMDIR_DEBUG_SIGKILL_AT_STEP"  # fault injection: SIGKILL self right after step N
-DEBUG_NAN_ENV = "LMDIR_DEBUG_NAN_AT_STEP"  # fault injection: poison the batch of step N with NaN
 
 Record = tuple[int, dict]  # (step, {metric name: float})
 
@@ -326,33 +322,6 @@ class StopOnSignal(Action):
         self._old = {}
 
 
-class KillAtStep(Action):
-    """Fault injection: SIGKILL this process right after step `step` (earlier saves committed)."""
-
-    every = 1
-
-    def __init__(self, step: int):
-        self.step = int(step)
-
-    def __call__(self, run: Run) -> None:
-        if run.step == self.step:
-            if run.manager is not None:
-                run.manager.wait_until_finished()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class PoisonBatchAtStep(Action):
-    """Fault injection: the inputs of step `step` become NaN."""
-
-    def __init__(self, step: int):
-        self.step = int(step)
-
-    def before_step(self, run: Run, batch: dict) -> dict:
-        if run.step + 1 == self.step:
-            return dict(batch, lq=np.full_like(batch["lq"], np.nan))
-        return batch
-
-
 def default_actions(config, progress: bool = True) -> list[Action]:
     """The actions of `train(config, ...)`, in order, from the `train` config section."""
     tc = config.train
@@ -365,14 +334,3 @@ def default_actions(config, progress: bool = True) -> list[Action]:
         Validate(int(tc.val_every)),
         Plot(int(tc.plot_every)),
     ]
-
-
-def fault_actions_from_env(environ=None) -> list[Action]:
-    """Fault injections asked for by LMDIR_DEBUG_SIGKILL_AT_STEP / LMDIR_DEBUG_NAN_AT_STEP."""
-    environ = os.environ if environ is None else environ
-    out: list[Action] = []
-    for name, cls in ((DEBUG_NAN_ENV, PoisonBatchAtStep), (DEBUG_SIGKILL_ENV, KillAtStep)):
-        value = environ.get(name, "").strip()
-        if value:
-            out.append(cls(int(value)))
-    return out

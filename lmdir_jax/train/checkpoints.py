@@ -5,17 +5,24 @@ Each checkpoint step is an `ocp.args.Composite` of items:
   opt    nnx.State of the nnx.Optimizer (step counter and optax state)
   ema    nnx.State of the EMA parameters (only when train.ema_decay > 0)
   data   the grain iterator state (grain.checkpoint.CheckpointSave), per process
-  meta   JSON: step, device count, mesh shape
+  meta   JSON: step, device count, mesh shape, checkpoint `format` number, lmdir-jax version
 Restoring takes abstract targets (jax.ShapeDtypeStruct with the *current* NamedSharding), so a run
-saved on 8 devices resumes on 1 (or on another mesh shape). A checkpoint whose parameter shapes do
-not fit the config is a UsageError (never "corruption"); a checkpoint that cannot be read is
-reported in one warning line saying what is used instead, and moved to WORKDIR/checkpoints_corrupt/.
+saved on 8 devices resumes on 1 (or on another mesh shape).
+
+What a step that cannot be restored leads to:
+- a readable checkpoint whose parameter shapes do not fit the config: UsageError (exit 2);
+- a format number this version does not know, or a read that fails while every file is present
+  and decodes (permissions, memory, another orbax): CheckpointError (exit 1), nothing moved;
+- a step shown to be damaged by `find_damage` (a missing, truncated or undecodable file): skipped
+  for the next older step, with one warning line. Only training (`set_aside=True`) moves it to
+  WORKDIR/checkpoints_corrupt/; inference reads leave every file where it is.
 On resume, `check_resume_config` compares the config with WORKDIR/config.json before anything is
 written.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import sys
@@ -25,9 +32,26 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lmdir_jax.errors import UsageError
+from lmdir_jax import __version__
+from lmdir_jax.errors import DataError, UsageError
 
 ITEMS = ("model", "opt", "ema", "data", "meta")
+ARRAY_ITEMS = ("model", "opt", "ema")
+
+FORMAT = 1
+"""The checkpoint layout (the items above and what they hold), recorded in each step's meta item as
+`format`. A change that older lmdir-jax versions cannot read raises it; steps written before the
+number was recorded have no `format` key and are format 1."""
+
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be used, for a reason other than proven damage: one line, exit 1."""
+
+
+class Damaged(Exception):
+    """A checkpoint step shown to be damaged: a file missing, truncated or undecodable."""
 
 # Config keys that may change when a run resumes (they alter neither parameter shapes nor the data
 # order); everything else under FIXED_PREFIXES needs --config.train.allow_config_change=True.
@@ -125,15 +149,38 @@ def use_array_handler_for_this_run() -> None:
         absl_logging.set_verbosity(verbosity)
 
 
-def make_manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager on WORKDIR/checkpoints keeping the last `keep` steps."""
+def make_manager(
+    workdir: str | Path, keep: int = 3, async_save: bool = True, cleanup: bool = False
+) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager on WORKDIR/checkpoints keeping the last `keep` steps, for writing.
+
+    `cleanup` (training) removes what saves cut short by a killed process left behind (orbax's
+    temporary folders, never a committed checkpoint). Reads use `read_only_manager`.
+    """
     use_array_handler_for_this_run()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, int(keep)),
         create=True,
         enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=cleanup,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def read_only_manager(workdir: str | Path) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager that only reads WORKDIR/checkpoints: it creates, deletes and
+    cleans up nothing (restore, evaluate, export, model convert, the priors' controller)."""
+    from absl import logging as absl_logging
+
+    use_array_handler_for_this_run()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # not "Given directory is read only" and such
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                               save_interval_steps=0, enable_async_checkpointing=False)
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def save(
@@ -143,41 +190,67 @@ def save(
     iterator: Any = None,
     meta: dict | None = None,
 ) -> None:
-    """Start an (asynchronous) save of the train state and the data-iterator state at `step`."""
+    """Start an (asynchronous) save of the train state (its model, opt and ema entries) and the
+    data-iterator state at `step`."""
     import grain
 
     items: dict[str, Any] = {
-        "model": ocp.args.StandardSave(state["model"]),
-        "opt": ocp.args.StandardSave(state["opt"]),
-        "meta": ocp.args.JsonSave(
-            {"step": int(step), "devices": jax.device_count(), **(meta or {})}
-        ),
+        name: ocp.args.StandardSave(state[name]) for name in ARRAY_ITEMS if name in state
     }
-    if "ema" in state:
-        items["ema"] = ocp.args.StandardSave(state["ema"])
+    items["meta"] = ocp.args.JsonSave({
+        "step": int(step), "devices": jax.device_count(), "format": FORMAT,
+        "lmdir_jax": __version__, **(meta or {}),
+    })
     if iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(iterator)
     manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """One `lmdir: warning: ...` line on stderr."""
     sys.stderr.write(f"lmdir: warning: {message}\n")
     sys.stderr.flush()
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> Path:
-    """Move an unreadable step folder out of the manager's directory (never silently deleted)."""
-    src = Path(manager.directory) / str(step)
-    dst = Path(manager.directory).parent / "checkpoints_corrupt" / str(step)
-    if jax.process_index() == 0 and src.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.move(str(src), str(dst))
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def unique_path(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... whichever does not exist yet (nothing is replaced)."""
+    if not path.exists():
+        return path
+    k = 1
+    while path.with_name(f"{path.name}.{k}").exists():
+        k += 1
+    return path.with_name(f"{path.name}.{k}")
+
+
+def sync(name: str) -> None:
+    """With several processes, wait until all reach this point (nothing with one)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"lmdir_quarantine_{step}")
+        multihost_utils.sync_global_devices(name)
+
+
+def set_aside(src: Path, dst: Path) -> Path:
+    """Move `src` to `dst` (or `dst.1`, ... when taken) on process 0, all processes waiting; never
+    deletes. Returns where it went."""
+    dst = unique_path(dst)
+    sync(f"lmdir_set_aside_listed_{src.name}")
+    if jax.process_index() == 0 and src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dst))
+    sync(f"lmdir_set_aside_{src.name}")
+    return dst
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Move a step folder shown to be damaged to WORKDIR/checkpoints_corrupt/ (never deleted)."""
+    directory = Path(manager.directory)
+    dst = set_aside(directory / str(step), directory.parent / CORRUPT_DIR / str(step))
     manager.reload()
     return dst
 
@@ -217,57 +290,256 @@ def check_shapes(manager: ocp.CheckpointManager, step: int, name: str, abstract)
             raise ShapeMismatch(f"{name}/{key} is {got} in the checkpoint but {exp} in the config")
 
 
+# tensorstore reports a missing, short or undecodable file with these (absl status codes and the
+# decoders' own words); PERMISSION_DENIED, RESOURCE_EXHAUSTED and the rest prove nothing.
+_DAMAGE_MARKERS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "Error decoding", "corrupt")
+
+
+def _read_json(path: Path, step_dir: Path):
+    """The JSON in `path`; Damaged when it is missing, empty or does not decode. Other OSErrors
+    (a permission problem) pass through: they prove nothing about the file."""
+    where = path.relative_to(step_dir)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise Damaged(f"{where} is missing") from None
+    except IsADirectoryError:
+        raise Damaged(f"{where} is a folder") from None
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Damaged(f"{where} does not decode ({_first_line(e)})") from None
+
+
+def read_meta(step_dir: str | Path) -> dict:
+    """The meta item of a checkpoint step (step, devices, format, lmdir_jax, ...); Damaged when it
+    is missing or undecodable."""
+    step_dir = Path(step_dir)
+    meta = _read_json(step_dir / "meta" / "metadata", step_dir)
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise Damaged("meta/metadata holds no step")
+    return meta
+
+
+def check_format(meta: dict, step_dir: str | Path) -> None:
+    """CheckpointError (one line) when the step's format number is not one this version reads."""
+    fmt = meta.get("format", 1)  # (no number: written before it was recorded, format 1)
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and 1 <= fmt <= FORMAT:
+        return
+    writer = meta.get("lmdir_jax", "an unknown version")
+    raise CheckpointError(
+        f"checkpoint {step_dir} has format {fmt!r} (written by lmdir-jax {writer}); lmdir-jax "
+        f"{__version__} reads checkpoint format {FORMAT} and older: use the lmdir-jax that wrote it "
+        "(nothing was moved)"
+    )
+
+
+def _array_names(item_dir: Path, step_dir: Path) -> tuple[list[str], bool]:
+    """(array names as orbax stores them, uses OCDBT?) from an item's _METADATA."""
+    meta = _read_json(item_dir / "_METADATA", step_dir)
+    tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
+    if not isinstance(tree, dict):
+        raise Damaged(f"{(item_dir / '_METADATA').relative_to(step_dir)} holds no tree")
+    names = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value.get("value_metadata", {}).get("skip_deserialize"):
+            continue
+        try:
+            parts = ast.literal_eval(key)
+        except (ValueError, SyntaxError):
+            raise Damaged(f"{(item_dir / '_METADATA').relative_to(step_dir)} does not decode") from None
+        names.append(".".join(str(p) for p in parts))
+    return names, bool(meta.get("use_ocdbt", True))
+
+
+def _read_arrays(item_dir: Path, step_dir: Path) -> None:
+    """Read and decode every array of an orbax item with tensorstore; Damaged when a file is
+    missing, short or undecodable; other failures (permissions, memory) pass through."""
+    import tensorstore as ts
+
+    names, ocdbt = _array_names(item_dir, step_dir)
+    if ocdbt and not (item_dir / "manifest.ocdbt").is_file():
+        raise Damaged(f"{item_dir.name}/manifest.ocdbt is missing")
+    context = ts.Context()
+    for name in names:
+        if ocdbt:
+            kvstore = {"driver": "ocdbt", "base": f"file://{item_dir}/", "path": f"{name}/"}
+        else:
+            kvstore = {"driver": "file", "path": f"{item_dir / name}/"}
+        try:
+            array = ts.open({"driver": "zarr", "kvstore": kvstore}, open=True, read=True,
+                            context=context).result()
+            array.read().result()
+        except ValueError as e:
+            text = str(e)
+            if any(m in text for m in _DAMAGE_MARKERS):
+                raise Damaged(f"{item_dir.name}/{name}: {_tensorstore_damage(text, step_dir)}") from None
+            raise
+
+
+def _tensorstore_damage(text: str, step_dir: Path) -> str:
+    """'truncated: model/d/123 (Requested byte range ...)' from a tensorstore error message."""
+    import re
+
+    text = text.split(" [tensorstore_spec")[0]
+    status = re.match(r"([A-Z_]+): ", text)
+    what = {"NOT_FOUND": "missing", "OUT_OF_RANGE": "truncated"}.get(status and status.group(1),
+                                                                      "undecodable")
+    files = re.findall(r'local file "([^"]+)"', text)
+    where = files[-1] if files else ""
+    try:
+        where = str(Path(where).relative_to(step_dir))
+    except ValueError:
+        pass
+    detail = text.rsplit('": ', 1)[-1] if '": ' in text else ""
+    detail = f" ({detail[:120]})" if detail and "local file" not in detail else ""
+    return f"{what}: {where}{detail}" if where else f"{what}{detail}"
+
+
+def find_damage(step_dir: str | Path, items: tuple[str, ...] = ("model", "opt", "meta")) -> str | None:
+    """What is damaged in a checkpoint step folder, or None when every file of `items` is present
+    and decodes.
+
+    Checked explicitly: the item folders exist, the JSON files (meta, orbax's _METADATA, the grain
+    iterator states) decode, every array of the model/opt/ema items reads through tensorstore
+    (OCDBT checksums and zstd framing catch truncated and altered files). A permission problem or
+    a MemoryError is raised, never reported as damage.
+    """
+    step_dir = Path(step_dir)
+    try:
+        if not step_dir.is_dir():
+            return "the step folder is missing"
+        for item in items:
+            item_dir = step_dir / item
+            if not item_dir.is_dir():
+                return f"item {item} is missing"
+            if item == "meta":
+                read_meta(step_dir)
+            elif item == "data":
+                states = sorted(item_dir.glob("*.json"))
+                if not states:
+                    return "data/ holds no iterator state"
+                for f in states:
+                    _read_json(f, step_dir)
+            elif item in ARRAY_ITEMS:
+                _read_arrays(item_dir, step_dir)
+    except Damaged as e:
+        return str(e)
+    return None
+
+
+def _restore_args(manager, step: int, abstract: dict, items, iterator) -> dict[str, Any]:
+    import grain
+
+    args: dict[str, Any] = {}
+    for name in items:
+        if name == "data":
+            if iterator is not None and _has_item(manager, step, "data"):
+                args["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        elif name in abstract and (name != "ema" or _has_item(manager, step, "ema")):
+            # (EMA switched on after this checkpoint was written: EMA starts from the params.)
+            args[name] = ocp.args.StandardRestore(abstract[name])
+    return args
+
+
+def _restore_step(manager, step: int, abstract: dict, items, iterator) -> dict:
+    """Restore one step; Damaged when it is shown to be damaged, CheckpointError when it cannot be
+    read for another reason, UsageError when it does not fit `abstract`."""
+    from lmdir_jax.models.stacking import check_layout
+
+    step_dir = Path(manager.directory) / str(step)
+    args = _restore_args(manager, step, abstract, items, iterator)
+    names = tuple(["meta", *args])
+    try:
+        check_format(read_meta(step_dir), step_dir)
+        missing = [n for n in args if not _has_item(manager, step, n)]
+        if missing:
+            raise Damaged(f"item {', '.join(missing)} is missing")
+        if "model" in abstract:  # scanned blocks into an unscanned model or back: one clear line
+            check_layout(step_dir, abstract["model"])
+        for name in args:
+            if name in ("model", "ema"):
+                check_shapes(manager, step, name, abstract[name])
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except ShapeMismatch as e:
+        raise UsageError(
+            f"the checkpoint at step {step} in {manager.directory} does not fit the config ({e}); "
+            "use a new --workdir for another model"
+        ) from None
+    except (Damaged, CheckpointError, UsageError):
+        raise
+    except MemoryError:
+        raise CheckpointError(f"out of memory while reading the checkpoint at step {step} in "
+                              f"{manager.directory} (nothing was moved)") from None
+    except Exception as e:
+        failure = f"{type(e).__name__}: {_first_line(e)}"
+        try:
+            damage = find_damage(step_dir, names)
+        except MemoryError:
+            damage = None
+        except Exception as check:  # e.g. PermissionError: says what is wrong better than orbax
+            failure = f"{type(check).__name__}: {_first_line(check)}"
+            damage = None
+        if damage is None:
+            raise CheckpointError(
+                f"cannot read the checkpoint at step {step} in {manager.directory} ({failure}); no "
+                "file of it is shown to be damaged, so nothing was moved: fix the cause (permissions, "
+                "memory, the orbax version) and rerun"
+            ) from None
+        raise Damaged(damage) from None
+    return {k: restored[k] for k in args if k != "data"}
+
+
+def restore_newest(
+    manager: ocp.CheckpointManager,
+    abstract: dict,
+    iterator: Any = None,
+    items: tuple[str, ...] = ("model", "opt", "ema", "data"),
+    set_aside: bool = False,
+) -> tuple[tuple[int, dict] | None, list[tuple[int, str, Path | None]]]:
+    """((step, state) of the newest usable checkpoint or None, [(step, damage, moved to)] of the
+    newer steps shown to be damaged), without a word on stderr.
+
+    Damaged steps stay in place unless `set_aside` (training), which moves them to
+    WORKDIR/checkpoints_corrupt/. Anything else stops with an exception, nothing moved.
+    """
+    damaged: list[tuple[int, str, Path | None]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = _restore_step(manager, step, abstract, items, iterator)
+        except Damaged as e:
+            damaged.append((int(step), str(e), _quarantine(manager, step) if set_aside else None))
+            continue
+        return (int(step), state), damaged
+    return None, damaged
+
+
+def describe_damage(damaged: list[tuple[int, str, Path | None]]) -> str:
+    """'step 4 (model/w: ...; moved to ...), step 2 (...)' for messages."""
+    return ", ".join(f"step {s} ({why}; " + (f"moved to {dst})" if dst else "left in place)")
+                     for s, why, dst in damaged)
+
+
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract: dict,
     iterator: Any = None,
     items: tuple[str, ...] = ("model", "opt", "ema", "data"),
+    set_aside: bool = False,
 ) -> tuple[int, dict] | None:
-    """Restore the newest readable checkpoint onto the shardings in `abstract`.
+    """Restore the newest usable checkpoint onto the shardings in `abstract`.
 
-    Returns (step, state) or None when there is no checkpoint. `iterator` (a grain iterator) gets
-    its saved state set in place. Unreadable checkpoints are reported, moved aside and skipped; a
-    readable one that does not fit `abstract` (another model config) is a UsageError.
+    Returns (step, state) or None when there is none. `iterator` (a grain iterator) gets its saved
+    state set in place. Steps shown to be damaged are skipped with one warning line (and moved to
+    WORKDIR/checkpoints_corrupt/ only when `set_aside`); a readable one that does not fit
+    `abstract` is a UsageError; any other failure a CheckpointError. Nothing is written unless
+    `set_aside`.
     """
-    import grain
-
-    from lmdir_jax.models.stacking import check_layout
-
-    steps = sorted(manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-        if "model" in abstract:  # scanned blocks into an unscanned model or back: one clear line
-            check_layout(Path(manager.directory) / str(step), abstract["model"])
-        args: dict[str, Any] = {}
-        for name in items:
-            if name == "data":
-                if iterator is not None and _has_item(manager, step, "data"):
-                    args["data"] = grain.checkpoint.CheckpointRestore(iterator)
-            elif name in abstract and (name != "ema" or _has_item(manager, step, "ema")):
-                # (EMA switched on after this checkpoint was written: EMA starts from the params.)
-                args[name] = ocp.args.StandardRestore(abstract[name])
-        try:
-            missing = [n for n in args if n != "data" and not _has_item(manager, step, n)]
-            if missing:
-                raise FileNotFoundError(f"item(s) {', '.join(missing)} missing")
-            for name in args:
-                if name in ("model", "ema"):
-                    check_shapes(manager, step, name, abstract[name])
-            restored = manager.restore(step, args=ocp.args.Composite(**args))
-        except ShapeMismatch as e:
-            raise UsageError(
-                f"the checkpoint at step {step} in {manager.directory} does not fit the config ({e}); "
-                "use a new --workdir for another model"
-            ) from None
-        except Exception as e:  # a truncated / corrupt checkpoint: report, fall back
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            dst = _quarantine(manager, step)
-            later = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier checkpoint is left"
-            _warn(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {first}); "
-                  f"moved to {dst}; {later}")
-            continue
-        state = {k: restored[k] for k in args if k != "data"}
-        return int(step), state
-    return None
+    restored, damaged = restore_newest(manager, abstract, iterator, items, set_aside)
+    if damaged:
+        then = f"using step {restored[0]}" if restored else "no earlier checkpoint is left"
+        warn(f"damaged checkpoint(s) in {manager.directory}: {describe_damage(damaged)}; {then}")
+    return restored
 
 
 def load_config(workdir: str | Path):
@@ -287,10 +559,11 @@ def load_config(workdir: str | Path):
 
 
 def load_for_inference(workdir: str | Path, use_ema: bool = True, step: int | None = None):
-    """(model, config) from a training workdir: config.json + the latest readable checkpoint.
+    """(model, config) from a training workdir: config.json + the newest usable checkpoint.
 
     Builds the network from the saved config and restores its parameters only (EMA parameters when
-    present and `use_ema`), on one device. Used by restore, evaluate and export.
+    present and `use_ema`), on one device. Used by restore, evaluate and export. Writes nothing:
+    a newer step shown to be damaged is skipped with one warning line and left where it is.
     """
     from flax import nnx
 
@@ -310,22 +583,29 @@ def load_for_inference(workdir: str | Path, use_ema: bool = True, step: int | No
     abstract = {"model": target(nnx.state(model))}
     if use_ema:
         abstract["ema"] = target(nnx.state(model, nnx.Param))
-    manager = make_manager(workdir, keep=1_000_000, async_save=False)
+    manager = read_only_manager(workdir)
     try:
         if step is not None:
             if step not in manager.all_steps():
                 raise UsageError(f"no checkpoint at step {step} in {workdir}")
-            args = {"model": ocp.args.StandardRestore(abstract["model"])}
-            if use_ema and _has_item(manager, step, "ema"):
-                args["ema"] = ocp.args.StandardRestore(abstract["ema"])
-            got = manager.restore(step, args=ocp.args.Composite(**args))
-            restored = (step, {k: got[k] for k in args})
+            try:
+                state = _restore_step(manager, step, abstract, ("model", "ema"), None)
+            except Damaged as e:
+                raise CheckpointError(f"the checkpoint at step {step} in {workdir} is damaged "
+                                      f"({e}); nothing was moved") from None
+            restored = (step, state)
         else:
-            restored = restore_latest(manager, abstract, items=("model", "ema"))
+            restored, damaged = restore_newest(manager, abstract, items=("model", "ema"))
     finally:
         manager.close()
-    if restored is None:
-        raise UsageError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+    if step is None and restored is None:
+        if not damaged:
+            raise UsageError(f"no checkpoint in {checkpoint_dir(workdir)}")
+        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}: "
+                              f"{describe_damage(damaged)}")
+    if step is None and damaged:
+        warn(f"damaged checkpoint(s) in {checkpoint_dir(workdir)}: {describe_damage(damaged)}; "
+              f"using step {restored[0]}")
     _, state = restored
     nnx.update(model, state["model"])
     if use_ema and "ema" in state:

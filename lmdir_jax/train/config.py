@@ -21,6 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.weight_decay = 1e-4
     c.clip_norm = 1.0
     c.loss = "l1"  # "l1", or "psnr" (minus per-example PSNR: balances tasks of unequal error size)
+    # Weight of PIP's orthogonality regulariser (model.prompt_module="pip"): PIP trains with
+    # 0.002 x its 0.01-scaled cosine loss, i.e. 2e-5 x models.pip.orthogonality.
+    c.pip_orthogonality = 2e-5
     c.ema_decay = 0.0  # 0 = no EMA parameters
     c.mesh_data = -1  # -1 = all devices (divided by mesh_fsdp)
     c.mesh_fsdp = 1

@@ -2,8 +2,9 @@
 
 Data (grain) -> global sharded batch -> jitted step -> periodic actions (train/actions.py: logs,
 NaN stop, progress, checkpoints, validation, plots, signals). Rerunning the same command on the
-same workdir resumes from the newest readable checkpoint (model, optimizer, EMA, data position),
+same workdir resumes from the newest usable checkpoint (model, optimizer, EMA, data position),
 after checking that the config still describes the same run (checkpoints.check_resume_config).
+A run starts at step 0 only in a workdir without checkpoints, or when asked to (`restart`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir  # noqa: F401  (re-exported)
 from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
-    DEBUG_NAN_ENV,
-    DEBUG_SIGKILL_ENV,
     Action,
     Run,
     TrainingDiverged,
@@ -59,15 +58,46 @@ def _prior_cache(config):
     return PriorCache(str(config.priors.cache))
 
 
-def _restore_or_init(config, setup, manager, iterator) -> tuple[int, dict, bool]:
-    """(start step, state, restored?) from the newest readable checkpoint, or a fresh state."""
+def set_aside_for_restart(workdir: Path) -> Path | None:
+    """Move WORKDIR/checkpoints and WORKDIR/checkpoints_corrupt into WORKDIR/previous_run[.N]/
+    (nothing is deleted), so that a run can start again at step 0. Returns that folder, or None
+    when there was nothing to move."""
+    from lmdir_jax.train import checkpoints as ckpt
+
+    found = [d for d in (ckpt.checkpoint_dir(workdir), workdir / ckpt.CORRUPT_DIR) if d.exists()]
+    dst = ckpt.unique_path(workdir / "previous_run")
+    ckpt.sync("lmdir_restart_listed")  # every process has looked before process 0 moves anything
+    if not found:
+        return None
+    for d in found:
+        ckpt.set_aside(d, dst / d.name)
+    return dst
+
+
+def _restore_or_init(config, setup, manager, iterator, workdir: Path) -> tuple[int, dict, bool]:
+    """(start step, state, restored?) from the newest usable checkpoint, or a fresh state when
+    the workdir holds no checkpoint at all. Steps shown to be damaged are moved to
+    WORKDIR/checkpoints_corrupt/ (one warning line); when none is usable the run stops
+    (CheckpointError) instead of starting again at step 0."""
     import jax
 
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import state as state_lib
 
-    restored = ckpt.restore_latest(manager, setup.abstract, iterator)
+    restored, damaged = ckpt.restore_newest(manager, setup.abstract, iterator, set_aside=True)
+    if damaged and restored is not None:
+        ckpt.warn(f"damaged checkpoint(s) in {manager.directory}: {ckpt.describe_damage(damaged)}; "
+                   f"resuming from step {restored[0]}")
     if restored is None:
+        corrupt = workdir / ckpt.CORRUPT_DIR
+        if damaged or (corrupt.is_dir() and any(corrupt.iterdir())):
+            now = f": {ckpt.describe_damage(damaged)}" if damaged else ""
+            raise ckpt.CheckpointError(
+                f"no usable checkpoint in {manager.directory} (damaged steps are in {corrupt}{now}); "
+                "training does not start again at step 0 by itself: rerun with --restart (train(..., "
+                "restart=True)) to start at step 0, keeping the old checkpoints in "
+                f"{workdir / 'previous_run'}, or use a new --workdir"
+            )
         return 0, state_lib.init_state(config, setup), False
     start, state = restored
     if setup.use_ema and "ema" not in state:  # EMA switched on since: it starts from the params
@@ -83,12 +113,12 @@ def _restore_or_init(config, setup, manager, iterator) -> tuple[int, dict, bool]
 
 def _compile(step_fn, *args):
     """The step compiled for these arguments; with several processes, all wait until all have
-    compiled (see distributed.barrier). A plain function (tests' stand-ins) is used as it is."""
+    compiled (see distributed.barrier)."""
     import jax
 
     from lmdir_jax.train import distributed
 
-    if jax.process_count() == 1 or not hasattr(step_fn, "lower"):
+    if jax.process_count() == 1:
         return step_fn
     compiled = step_fn.lower(*args).compile()
     distributed.barrier("lmdir_train_step_compiled")
@@ -127,11 +157,13 @@ def run_loop(run: Run, step_fn, clip_params=None) -> None:
 
 
 def train(
-    config, workdir: str | Path, *, progress: bool = True, actions: Sequence[Action] = ()
+    config, workdir: str | Path, *, progress: bool = True, actions: Sequence[Action] = (),
+    restart: bool = False,
 ) -> dict:
     """Train `config` in `workdir` (resuming when it holds checkpoints); returns a summary dict.
 
-    `actions` run after the default ones (train/actions.py), e.g. fault injections in tests.
+    `actions` run after the default ones (train/actions.py). `restart`: start at step 0 even when
+    the workdir holds checkpoints; they are moved to WORKDIR/previous_run/ first (never deleted).
     Summary keys: step, start_step, loss, images_per_s, seconds, params, checkpoint_step,
     interrupted, workdir, and the last validation scalars when validation ran.
     """
@@ -160,9 +192,11 @@ def train(
     iterator = make_train_iterator(config, prior_cache=_prior_cache(config))
     clip, clip_params = _load_clip(config)
     setup = state_lib.make_setup(config, mesh)
-    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
+    if restart:
+        set_aside_for_restart(workdir)
+    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints), cleanup=True)
     try:
-        start, state, restored = _restore_or_init(config, setup, manager, iterator)
+        start, state, restored = _restore_or_init(config, setup, manager, iterator, workdir)
     except BaseException:
         manager.close()
         raise

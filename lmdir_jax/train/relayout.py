@@ -46,7 +46,7 @@ def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
     mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
     src_setup = state_lib.make_setup(configs["src"], mesh)
     dst_setup = state_lib.make_setup(configs["dst"], mesh)
-    manager = ckpt.make_manager(src, keep=1_000_000, async_save=False)
+    manager = ckpt.read_only_manager(src)
     try:
         restored = ckpt.restore_latest(manager, src_setup.abstract, items=("model", "opt", "ema"))
     finally:

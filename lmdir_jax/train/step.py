@@ -5,6 +5,9 @@ Degradation prior: the batch's label text is tokenized on the host (`deg_ids`, `
 frozen CLIP text tower runs inside the step on `clip_params` (an argument that is never
 differentiated); with `priors.auto_ratio > 0` that fraction of examples uses the CLIP image tower's
 zero-shot weighted states instead. Without CLIP the degradation and scene priors are masked.
+The labels' kind weights (`deg_vector`) enter as `Priors.deg_weights` (PIP's prompt weights), and
+with `model.prompt_module = "pip"` the loss adds `train.pip_orthogonality` times PIP's
+orthogonality regulariser on its degradation prompts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lmdir_jax.models.priors import Priors, drop_priors
+from lmdir_jax.models.priors import Priors, drop_priors, kind_weights
 from lmdir_jax.train.state import TrainSetup, learning_rate_schedule
 
 
@@ -62,6 +65,7 @@ def build_priors(config, batch: dict, clip: Any, clip_params: Any, key: jax.Arra
         scene_mask=scene_mask,
         reference=reference.astype(jnp.float32),
         has_reference=has_reference,
+        deg_weights=kind_weights(batch["deg_vector"]) if "deg_vector" in batch else None,
     )
 
 
@@ -124,6 +128,8 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
         raise ValueError(f"train.loss must be one of {sorted(LOSSES)}, got {config.train.loss!r}")
     loss_of = LOSSES[config.train.loss]
     schedule = learning_rate_schedule(config.train)
+    orthogonality = (float(config.train.get("pip_orthogonality", 0.0))
+                     if str(config.model.get("prompt_module", "lmdir")) == "pip" else 0.0)
     if clip is not None and float(pc.auto_ratio) > 0:
         clip.degradation_bank()  # computed eagerly once; enters the step as a constant
 
@@ -139,7 +145,10 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
 
         def loss_fn(m):
             restored = m(batch["lq"], priors)
-            return loss_of(restored, batch["gt"]), restored
+            loss = loss_of(restored, batch["gt"])
+            if orthogonality:
+                loss = loss + orthogonality * m.regulariser()
+            return loss, restored
 
         (loss, restored), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
