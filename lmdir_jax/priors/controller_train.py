@@ -241,7 +241,9 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     model_fn = lambda: Controller.from_clip(clip, seed, reverse=reverse)  # noqa: E731
     setup = state_lib.make_setup(config, mesh, model_fn)
     manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
-    restored = ckpt.restore_latest(manager, setup.abstract, iterator, items=("model", "opt", "data"))
+    restored = ckpt.restore_latest(
+        manager, setup.abstract, iterator, items=("model", "opt", "data"), set_aside=True
+    )
     start, state = (0, state_lib.init_state(config, setup, model_fn)) if restored is None else restored
     rep = mesh_lib.replicated(mesh)
     frozen = jax.device_put(frozen_params(clip), rep)
