@@ -389,20 +389,22 @@ TINY_TEXT_LEN = 16
 def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> Path:
     """Write a tiny random SD folder in the real diffusers layout (images 16-32 px, latent /2).
 
-    UNet (32, 64) channels, VAE (32, 64), CLIP text tower of width 32, H4's tiny tokenizer, an SD-style
+    UNet (32, 64) channels, VAE (32, 64), our NNX CLIP text tower of width 32 (written as transformers
+    writes a CLIPTextModel), H4's tiny tokenizer, an SD-style
     DDIM config and model_index.json, each written by `save_pretrained`, so `load_sd` reads it back
     through the path real weights take. `pytorch=True` writes the UNet and VAE as PyTorch safetensors
     instead (needs torch), to exercise the conversion path.
     """
     import jax
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from flax import nnx
 
+    from lmdir_jax.priors.clip_model import ClipTextTransformer, save_text_encoder
     from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    text_cfg = tiny_clip_config(text_dim=32).text_config.to_dict()
+    text_cfg = tiny_clip_config(text_dim=32).text_config
     with quiet_hf():
         unet = FlaxUNet2DConditionModel(
             sample_size=8,
@@ -432,9 +434,6 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
                 _save_diffusers_as_pytorch(model, params, root / name)
             else:
                 model.save_pretrained(str(root / name), params=params)
-        text = FlaxCLIPTextModel(CLIPTextConfig(**text_cfg), _do_init=False)
-        shapes = jax.eval_shape(lambda k: text.init_weights(k, (1, 1)), key)
-        text.save_pretrained(str(root / "text_encoder"), params=random_params(shapes, seed * 3 + 2))
         FlaxDDIMScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -443,6 +442,8 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
             set_alpha_to_one=False,
             steps_offset=1,
         ).save_pretrained(str(root / "scheduler"))
+    text = ClipTextTransformer(text_cfg, rngs=nnx.Rngs(seed * 3 + 2))
+    save_text_encoder(text, text_cfg, root / "text_encoder")
     save_tiny_tokenizer(root / "tokenizer", model_max_length=TINY_TEXT_LEN)
     (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
     return root
@@ -480,7 +481,7 @@ def _model_index() -> dict[str, Any]:
         "safety_checker": [None, None],
         "requires_safety_checker": False,
         "scheduler": ["diffusers", "FlaxDDIMScheduler"],
-        "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "FlaxUNet2DConditionModel"],
         "vae": ["diffusers", "FlaxAutoencoderKL"],

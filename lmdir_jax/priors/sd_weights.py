@@ -146,16 +146,30 @@ def load_diffusers_model(cls: type, folder: Path, dtype: Any) -> tuple[Any, Any]
     return model, cast_floats(params, dtype)
 
 
-def load_text_encoder(folder: Path, dtype: Any) -> tuple[Any, Any]:
-    """Load the Flax CLIP text tower from `folder` (Flax weights or PyTorch safetensors/bin)."""
-    from transformers import FlaxCLIPTextModel
+class TextEncoder:
+    """Our Flax NNX CLIP text tower (`priors.clip_model`) as a pure function of its parameters:
+    `encoder(ids, params=p)` -> (last hidden states (B, T, D), pooled (B, D)), like the SD pipelines
+    call it (no attention mask: prompts are padded to the tokenizer's length)."""
+
+    def __init__(self, graphdef: Any, config: Any):
+        self.graphdef, self.config = graphdef, config
+
+    def __call__(self, ids: Any, params: Any) -> Any:
+        from lmdir_jax.priors.clip_model import build
+
+        return build(self.graphdef, params)(ids)
+
+
+def load_text_encoder(folder: Path, dtype: Any) -> tuple[TextEncoder, Any]:
+    """Load SD's text_encoder/ (a transformers CLIPTextModel folder, safetensors or .bin) into our NNX
+    CLIP text tower -> (encoder, params in `dtype`)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lmdir_jax.priors import clip_model
 
     if not (folder / "config.json").is_file():
         raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
-    from_pt = not (folder / "flax_model.msgpack").is_file()
-    with quiet_hf():
-        try:
-            model, params = from_pretrained(FlaxCLIPTextModel, folder, from_pt=from_pt, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load the text encoder in {folder}: {e}") from e
-    return model, cast_floats(params, dtype)
+    module, config = clip_model.load_text_encoder(folder, jnp.dtype(dtype).name)
+    graphdef, state = nnx.split(module)
+    return TextEncoder(graphdef, config), cast_floats(nnx.to_pure_dict(state), dtype)
