@@ -52,7 +52,7 @@ def test_folder_layout(tiny_sd_dir):
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (tiny_sd_dir / part).is_dir()
     assert (tiny_sd_dir / "unet" / "diffusion_flax_model.msgpack").is_file()
-    assert (tiny_sd_dir / "text_encoder" / "flax_model.msgpack").is_file()
+    assert (tiny_sd_dir / "text_encoder" / "model.safetensors").is_file()  # as transformers writes it
     assert (tiny_sd_dir / "model_index.json").is_file()
 
 

@@ -404,7 +404,7 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    text_cfg = tiny_clip_config(text_dim=32).text_config
+    text_cfg = tiny_clip_config(text_dim=32).text
     with quiet_hf():
         unet = FlaxUNet2DConditionModel(
             sample_size=8,
