@@ -1,8 +1,8 @@
 """Our priors against the PyTorch references on a real photo: `lmdir priors verify` and `embed`.
 
 `verify` loads a checkpoint into our NNX model and into the reference implementation (transformers'
-`CLIPModel`, open_clip's `CLIP` / `CustomTextCLIP`, DA-CLIP's controlled tower on open_clip's blocks,
-diffusers for a Stable Diffusion folder through `verify_sd`), feeds both the same preprocessed
+`CLIPModel`, open_clip's `CLIP` / `CustomTextCLIP`, DA-CLIP's controlled tower on open_clip's blocks),
+feeds both the same preprocessed
 pixels and token ids, and reports max |ours - reference| per output. The references come from the
 `verify` extra (torch, transformers, open_clip, diffusers), imported here only.
 
@@ -12,8 +12,6 @@ pixels and token ids, and reports max |ours - reference| per output. The referen
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import io
 from pathlib import Path
 
@@ -227,10 +225,10 @@ def verify(path: str | Path, model: str | None = None, image: str | Path | None 
     path = Path(path)
     kind = kind_of(path)
     if kind == "sd":
-        if importlib.util.find_spec("lmdir_jax.priors.verify_sd") is None:
-            raise UsageError(f"{path} is a Stable Diffusion folder, which this version does not verify")
-        verify_sd = importlib.import_module("lmdir_jax.priors.verify_sd").verify_sd
-        return verify_sd(path, Path(image), prompt)  # the photo's path (read and checked above)
+        raise UsageError(
+            f"{path} is a Stable Diffusion folder: verify checks CLIP, OpenCLIP and DA-CLIP weights "
+            "(SD's UNet and VAE run on diffusers' own Flax modules)"
+        )
     if kind == "hf":
         return verify_hf(path, photo, prompt)
     return verify_openclip(path, model, photo, prompt, tokenizer)
