@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors import sd_weights
 from lmdir_jax.priors.diffusion import StableDiffusion, benchmark_sd, load_sd, save_tiny_sd
 
 STEPS, SIZE = 2, 16
@@ -51,7 +52,8 @@ def pair(sd, mesh1):
 def test_folder_layout(tiny_sd_dir):
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (tiny_sd_dir / part).is_dir()
-    assert (tiny_sd_dir / "unet" / "diffusion_flax_model.msgpack").is_file()
+    assert (tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # as diffusers writes it
+    assert (tiny_sd_dir / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tiny_sd_dir / "text_encoder" / "model.safetensors").is_file()  # as transformers writes it
     assert (tiny_sd_dir / "model_index.json").is_file()
 
@@ -121,18 +123,18 @@ def test_bfloat16(tiny_sd_dir, mesh1, pair):
     assert np.abs(out - pair).mean() < 0.1  # bf16 stays close to float32
 
 
-def test_pytorch_safetensors_folder_loads_same_weights(tmp_path, sd):
-    pytest.importorskip("torch")
-    folder = save_tiny_sd(tmp_path / "pt", seed=0, pytorch=True)
-    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert not (folder / "unet" / "diffusion_flax_model.msgpack").exists()
-    sd_pt = load_sd(folder)
-    for part in ("unet", "vae"):
+def test_parts_round_trip_through_their_files(tmp_path, sd):
+    """save_part writes what load_unet / load_vae read back, value for value."""
+    for part, load in (("unet", sd_weights.load_unet), ("vae", sd_weights.load_vae)):
+        cfg = sd.unet_config if part == "unet" else sd.vae_config
+        folder = sd_weights.save_part(cfg, sd.params[part], tmp_path / part)
+        cfg2, _, params = load(folder)
+        assert cfg2 == cfg
         a = jax.tree_util.tree_leaves_with_path(sd.params[part])
-        b = dict(jax.tree_util.tree_leaves_with_path(sd_pt.params[part]))
+        b = dict(jax.tree_util.tree_leaves_with_path(params))
         assert len(a) == len(b)
         for path, leaf in a:
-            np.testing.assert_allclose(np.asarray(b[path]), np.asarray(leaf), atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(b[path]), np.asarray(leaf))
 
 
 def test_missing_or_incomplete_folder_is_a_usage_error(tmp_path, tiny_sd_dir):

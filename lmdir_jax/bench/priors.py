@@ -98,14 +98,12 @@ def run(args) -> int:
         if args.no_sd:
             return 0
         from lmdir_jax.priors.diffusion import benchmark_sd, load_sd, save_tiny_sd
-        from lmdir_jax.priors.sd_weights import quiet_hf
 
-        with quiet_hf():
-            if not sd_dir:
-                sd_dir = str(save_tiny_sd(Path(tmp) / "sd"))
-            sd = load_sd(sd_dir, dtype=args.dtype)
-            s = benchmark_sd(sd, batch=args.batch, steps=args.steps, size=args.size or None,
-                             repeats=args.repeats)
+        if not sd_dir:
+            sd_dir = str(save_tiny_sd(Path(tmp) / "sd"))
+        sd = load_sd(sd_dir, dtype=args.dtype)
+        s = benchmark_sd(sd, batch=args.batch, steps=args.steps, size=args.size or None,
+                         repeats=args.repeats)
         print(
             f"SD {'tiny' if not args.sd else sd_dir} ({s['platform']}, {s['dtype']}, batch {s['batch']}, "
             f"{s['steps']} steps, {s['size']}px): {s['images_per_s']:.3f} images/s, "

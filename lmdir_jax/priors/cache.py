@@ -392,13 +392,10 @@ def _build_batch(
     refs = None
     if sd is not None:
         seeds = [reference_seed(seed, k) for k in bkeys]
-        from lmdir_jax.priors.sd_weights import quiet_hf
-
-        with quiet_hf():
-            refs = sd.text_to_image(
-                texts, seed=seeds, steps=steps, guidance=guidance, height=sd_size, width=sd_size,
-                negative_prompt=negative_prompt or None,
-            )
+        refs = sd.text_to_image(
+            texts, seed=seeds, steps=steps, guidance=guidance, height=sd_size, width=sd_size,
+            negative_prompt=negative_prompt or None,
+        )
     for j, i in enumerate(batch):
         key = keys[i]
         if key in index:

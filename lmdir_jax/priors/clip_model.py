@@ -376,8 +376,9 @@ def _read_config(folder: Path) -> dict:
 
 def load_text_encoder(folder: str | Path, dtype: str = "float32") -> tuple[ClipTextTransformer, ClipTextConfig]:
     """A transformers `CLIPTextModel` folder (config.json with model_type 'clip_text_model', weights
-    `text_model.*` in model.safetensors, or pytorch_model.bin when torch is installed) as our text
-    tower. What a Stable Diffusion folder holds in text_encoder/."""
+    `text_model.*` (transformers 4) or without the prefix (transformers 5) in model.safetensors, or
+    pytorch_model.bin when torch is installed) as our text tower. What a Stable Diffusion folder
+    holds in text_encoder/."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"text encoder folder not found: {folder}")
@@ -388,7 +389,8 @@ def load_text_encoder(folder: str | Path, dtype: str = "float32") -> tuple[ClipT
     dt = _jnp_dtype(dtype)
     graphdef, shapes = abstract(lambda: ClipTextTransformer(cfg, dtype=dt, rngs=nnx.Rngs(0)))
     tensors = clip_weights.read_tensors(folder)
-    params = clip_weights.from_hf(tensors, shapes, prefix="text_model.", source=folder)
+    prefix = "" if "embeddings.token_embedding.weight" in tensors else "text_model."
+    params = clip_weights.from_hf(tensors, shapes, prefix=prefix, source=folder)
     return build(graphdef, params), cfg
 
 

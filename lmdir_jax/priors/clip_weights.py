@@ -114,12 +114,12 @@ def has_flax_weights(folder: Path) -> bool:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as float32 numpy arrays (bf16/fp16 files included)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="flax") as f:
             return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
 
 

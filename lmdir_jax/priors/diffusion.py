@@ -1,9 +1,8 @@
-"""Frozen Stable Diffusion (diffusers' Flax UNet/VAE/DDIM) driven by our own jitted sampling loop.
+"""Frozen Stable Diffusion (our NNX UNet, VAE and CLIP text tower) driven by a jitted DDIM loop.
 
 LMDIR's third prior is a clean *reference image* of the scene, synthesised from its caption
-(text-to-image) or from the image itself (image-to-image). diffusers 0.39's Flax pipelines are partly
-broken on current jax (bf16 casting, non-pmap img2img with batch > 1), so only its modules and the
-DDIM scheduler are used here; the loop is ours:
+(text-to-image) or from the image itself (image-to-image). The weights are a local diffusers folder
+(`sd_weights`); the sampling loop:
 
 - one `jax.jit` per (batch, size, steps, start step), `lax.fori_loop` over the DDIM timesteps;
 - classifier-free guidance with the unconditional and conditional halves in one UNet call;
@@ -15,15 +14,21 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmdir_jax.errors import UsageError
-from lmdir_jax.priors.sd_weights import quiet_hf
+from lmdir_jax.priors import sd_weights
+from lmdir_jax.priors.ddim import DDIM, DDIMConfig, load_ddim
+from lmdir_jax.priors.unet import UNet2DConditionModel, UNetConfig
+from lmdir_jax.priors.vae import AutoencoderKL, VAEConfig
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = ("float32", "bfloat16")
@@ -38,42 +43,48 @@ class StableDiffusion:
     def __init__(
         self,
         *,
-        unet: Any,
+        unet: tuple[UNetConfig, nnx.GraphDef],
         unet_params: Any,
-        vae: Any,
+        vae: tuple[VAEConfig, nnx.GraphDef],
         vae_params: Any,
         text_encoder: Any,
         text_params: Any,
         tokenizer: Any,
-        scheduler: Any,
-        scheduler_state: Any,
+        scheduler: DDIMConfig,
         dtype: str = "float32",
     ):
-        import jax
-
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        self.tokenizer, self.scheduler, self.scheduler_state = tokenizer, scheduler, scheduler_state
+        (self.unet_config, self._unet_def), (self.vae_config, self._vae_def) = unet, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler = DDIM(scheduler)
         self.dtype = dtype
         self.params = {"unet": unet_params, "vae": vae_params, "text": text_params}
         self._placed: dict[Any, Any] = {}
         self._round_trip_jit = jax.jit(self._round_trip)
         self._sample_jit = jax.jit(self._sample, static_argnames=("latent_hw", "steps", "use_cfg"))
 
+    def unet(self, params: Any) -> UNet2DConditionModel:
+        """Our NNX UNet holding `params` (e.g. `sd.params['unet']`)."""
+        return nnx.merge(self._unet_def, params)
+
+    def vae(self, params: Any) -> AutoencoderKL:
+        """Our NNX VAE holding `params` (e.g. `sd.params['vae']`)."""
+        return nnx.merge(self._vae_def, params)
+
     # ----------------------------------------------------------------------------- sizes
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for SD 1.x/2.x)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this (VAE factor x UNet down-sampling)."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.vae_scale_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
 
     @property
     def default_size(self) -> int:
         """The side the UNet was trained at, in pixels (512 for SD 1.5, 768 for SD 2.1)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return int(self.unet_config.sample_size) * self.vae_scale_factor
 
     # ----------------------------------------------------------------------------- public API
     def text_to_image(
@@ -134,11 +145,8 @@ class StableDiffusion:
 
     def vae_round_trip(self, images: np.ndarray) -> np.ndarray:
         """decode(encode(images)) with the latent mean: what image_to_image gives at strength 0."""
-        import jax
-
-        x = jax.numpy.asarray(np.asarray(images, np.float32))
-        with quiet_hf():
-            return np.asarray(self._round_trip_jit(self.params["vae"], x))
+        x = jnp.asarray(np.asarray(images, np.float32))
+        return np.asarray(self._round_trip_jit(self.params["vae"], x))
 
     def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids (B, L) int32 padded/truncated to the tokenizer's model_max_length."""
@@ -161,9 +169,6 @@ class StableDiffusion:
 
     def _mesh_and_params(self, mesh: Any) -> tuple[Any, Any]:
         """The mesh to use (default: all local devices on 'data') and the params replicated on it."""
-        import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
         if mesh is None:
             mesh = Mesh(np.array(jax.local_devices()), ("data",))
         if "data" not in mesh.axis_names:
@@ -185,9 +190,6 @@ class StableDiffusion:
         t_start: int,
         mesh: Any,
     ) -> np.ndarray:
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec
-
         _check_steps(steps)
         n = len(prompts)
         if n == 0:
@@ -210,16 +212,15 @@ class StableDiffusion:
             }
         batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
         shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        with quiet_hf():  # diffusers warns "deprecated" each time a Flax module is traced
-            out = self._sample_jit(
-                params,
-                batch,
-                np.float32(guidance),
-                latent_hw=shape,
-                steps=steps,
-                t_start=np.int32(t_start),
-                use_cfg=float(guidance) != 1.0,
-            )
+        out = self._sample_jit(
+            params,
+            batch,
+            np.float32(guidance),
+            latent_hw=shape,
+            steps=steps,
+            t_start=np.int32(t_start),
+            use_cfg=float(guidance) != 1.0,
+        )
         return np.asarray(out)[:n]
 
     def _round_trip(self, vae_params: Any, images: Any) -> Any:
@@ -227,24 +228,17 @@ class StableDiffusion:
 
     def _encode(self, vae_params: Any, images: Any) -> Any:
         """Images (B,H,W,3) in [0,1] -> scaled latent means (B,C,h,w) float32."""
-        import jax.numpy as jnp
-
-        x = jnp.transpose(images * 2.0 - 1.0, (0, 3, 1, 2)).astype(self.vae.dtype)
-        dist = self.vae.apply({"params": vae_params}, x, method=self.vae.encode).latent_dist
-        return jnp.transpose(dist.mean, (0, 3, 1, 2)).astype(jnp.float32) * self._scaling
+        mean = self.vae(vae_params).encode(images * 2.0 - 1.0)
+        return jnp.transpose(mean.astype(jnp.float32), (0, 3, 1, 2)) * self._scaling
 
     def _decode(self, vae_params: Any, latents: Any) -> Any:
         """Scaled latents (B,C,h,w) -> images (B,H,W,3) float32 in [0,1]."""
-        import jax.numpy as jnp
-
-        z = (latents / self._scaling).astype(self.vae.dtype)
-        x = self.vae.apply({"params": vae_params}, z, method=self.vae.decode).sample
-        x = jnp.transpose(x.astype(jnp.float32), (0, 2, 3, 1))
-        return jnp.clip(x / 2.0 + 0.5, 0.0, 1.0)
+        x = self.vae(vae_params).decode(jnp.transpose(latents / self._scaling, (0, 2, 3, 1)))
+        return jnp.clip(x.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
 
     @property
     def _scaling(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return float(self.vae_config.scaling_factor)
 
     def _sample(
         self,
@@ -257,10 +251,9 @@ class StableDiffusion:
         t_start: Any,
         use_cfg: bool,
     ) -> Any:
-        """The whole pipeline for one padded batch: text states, noise, DDIM loop, VAE decode."""
-        import jax
-        import jax.numpy as jnp
+        """The whole pipeline for one padded batch: text states, noise, DDIM loop, VAE decode.
 
+        Latents are (B, C, h, w), as diffusers draws its noise, so a seed gives diffusers' noise."""
         b = batch["seeds"].shape[0]
         cond = self.text_encoder(batch["ids"], params=params["text"])[0]
         if use_cfg:
@@ -269,35 +262,30 @@ class StableDiffusion:
             context = jnp.stack([uncond, cond], axis=1).reshape(2 * b, *cond.shape[1:])
         else:
             context = cond
-        channels = self.unet.config.in_channels
+        channels = self.unet_config.in_channels
         noise = jax.vmap(
             lambda s: jax.random.normal(jax.random.key(s), (channels, *latent_hw), jnp.float32)
         )(batch["seeds"])
-        state = self.scheduler.set_timesteps(self.scheduler_state, steps)
-        timesteps = state.timesteps.astype(jnp.int32)
+        timesteps = jnp.asarray(self.scheduler.timesteps(steps))
+        unet = self.unet(params["unet"])
         if "images" not in batch:
-            latents = noise * state.init_noise_sigma
+            latents = noise
         else:
             latents = self._encode(params["vae"], batch["images"])
             # t_start is traced (one program for every strength); t_start == steps: no noise.
             t0 = jnp.full((b,), timesteps[jnp.minimum(t_start, steps - 1)])
-            noised = self.scheduler.add_noise(state, latents, noise, t0)
+            noised = self.scheduler.add_noise(latents, noise, t0)
             latents = jnp.where(t_start < steps, noised, latents)
 
         def denoise(i: Any, lat: Any) -> Any:
             t = timesteps[i]
             x = jnp.repeat(lat, 2, axis=0) if use_cfg else lat
-            x = self.scheduler.scale_model_input(state, x, t)
-            eps = self.unet.apply(
-                {"params": params["unet"]},
-                x,
-                jnp.full((x.shape[0],), t),
-                encoder_hidden_states=context,
-            ).sample.astype(jnp.float32)
+            out = unet(jnp.transpose(x, (0, 2, 3, 1)), jnp.full((x.shape[0],), t), context)
+            out = jnp.transpose(out.astype(jnp.float32), (0, 3, 1, 2))
             if use_cfg:
-                eps = eps.reshape(b, 2, *eps.shape[1:])
-                eps = eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0])
-            return self.scheduler.step(state, eps, t, lat).prev_sample.astype(jnp.float32)
+                out = out.reshape(b, 2, *out.shape[1:])
+                out = out[:, 0] + guidance * (out[:, 1] - out[:, 0])
+            return self.scheduler.step(out, t, lat, steps).astype(jnp.float32)
 
         latents = jax.lax.fori_loop(t_start, steps, denoise, latents)
         return self._decode(params["vae"], latents)
@@ -336,17 +324,13 @@ def _negatives(negative: str | Sequence[str] | None, n: int) -> list[str]:
 
 # --------------------------------------------------------------------------------- loading
 def load_sd(path: str | Path, dtype: str = "float32") -> StableDiffusion:
-    """Load a local diffusers-layout SD 1.x/2.x folder (Flax weights or PyTorch safetensors).
+    """Load a local diffusers-layout SD 1.x/2.x folder (safetensors, or .bin with torch).
 
-    The scheduler config is read into diffusers' FlaxDDIMScheduler whatever its class was (SD 1.5
-    ships PNDM's config: same betas). dtype 'bfloat16' casts all weights and computes in bf16; the
-    latents and the DDIM arithmetic stay float32.
+    The scheduler config is read as DDIM's whatever its class was (SD 1.5 ships PNDM's config: same
+    betas). dtype 'bfloat16' casts all weights and computes in bf16; the latents and the DDIM
+    arithmetic stay float32.
     """
-    import jax.numpy as jnp
-    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizer
-
-    from lmdir_jax.priors.sd_weights import load_diffusers_model, load_text_encoder
 
     root = Path(path)
     if not root.is_dir():
@@ -358,90 +342,60 @@ def load_sd(path: str | Path, dtype: str = "float32") -> StableDiffusion:
         )
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    unet, unet_params = load_diffusers_model(FlaxUNet2DConditionModel, root / "unet", jdtype)
-    vae, vae_params = load_diffusers_model(FlaxAutoencoderKL, root / "vae", jdtype)
-    text_encoder, text_params = load_text_encoder(root / "text_encoder", jdtype)
-    with quiet_hf():
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
-            scheduler, state = FlaxDDIMScheduler.from_pretrained(str(root / "scheduler"))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load the tokenizer/scheduler of {root}: {e}") from e
+    unet_cfg, unet_def, unet_params = sd_weights.load_unet(root / "unet", dtype)
+    vae_cfg, vae_def, vae_params = sd_weights.load_vae(root / "vae", dtype)
+    text_encoder, text_params = sd_weights.load_text_encoder(root / "text_encoder", dtype)
+    scheduler = load_ddim(root / "scheduler")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of {root}: {e}") from None
     return StableDiffusion(
-        unet=unet,
+        unet=(unet_cfg, unet_def),
         unet_params=unet_params,
-        vae=vae,
+        vae=(vae_cfg, vae_def),
         vae_params=vae_params,
         text_encoder=text_encoder,
         text_params=text_params,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        scheduler_state=state,
         dtype=dtype,
     )
 
 
 # --------------------------------------------------------------------------------- tiny model
 TINY_TEXT_LEN = 16
+TINY_UNET = UNetConfig(
+    sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+    heads=(8, 8), cross_attention_dim=32,
+)
+TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=16)
 
 
-def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> Path:
+def save_tiny_sd(path: str | Path, seed: int = 0, *, unet: UNetConfig = TINY_UNET,
+                 vae: VAEConfig = TINY_VAE, scheduler: DDIMConfig | None = None) -> Path:
     """Write a tiny random SD folder in the real diffusers layout (images 16-32 px, latent /2).
 
     UNet (32, 64) channels, VAE (32, 64), our NNX CLIP text tower of width 32 (written as transformers
-    writes a CLIPTextModel), H4's tiny tokenizer, an SD-style
-    DDIM config and model_index.json, each written by `save_pretrained`, so `load_sd` reads it back
-    through the path real weights take. `pytorch=True` writes the UNet and VAE as PyTorch safetensors
-    instead (needs torch), to exercise the conversion path.
+    writes a CLIPTextModel), H4's tiny tokenizer, an SD-style DDIM config and model_index.json: the
+    files diffusers' `StableDiffusionPipeline.from_pretrained` reads, and that `load_sd` reads back
+    through the path real weights take. Weights are drawn with NumPy from `seed` (no XLA compile).
     """
-    import jax
-    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
-    from flax import nnx
-
-    from lmdir_jax.priors.clip_model import ClipTextTransformer, save_text_encoder
+    from lmdir_jax.priors.clip_model import ClipTextTransformer, abstract, save_text_encoder
     from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    text_cfg = tiny_clip_config(text_dim=32).text
-    with quiet_hf():
-        unet = FlaxUNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            attention_head_dim=8,
-            cross_attention_dim=32,
-        )
-        vae = FlaxAutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            sample_size=16,
-        )
-        key = jax.random.PRNGKey(0)
-        for i, (name, model) in enumerate((("unet", unet), ("vae", vae))):
-            params = random_params(jax.eval_shape(model.init_weights, key), seed * 3 + i)
-            if pytorch:
-                _save_diffusers_as_pytorch(model, params, root / name)
-            else:
-                model.save_pretrained(str(root / name), params=params)
-        FlaxDDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ).save_pretrained(str(root / "scheduler"))
+    text_cfg = tiny_clip_config(text_dim=unet.cross_attention_dim).text
+    parts = (("unet", unet, lambda: UNet2DConditionModel(unet, rngs=nnx.Rngs(0))),
+             ("vae", vae, lambda: AutoencoderKL(vae, rngs=nnx.Rngs(0))))
+    for i, (name, cfg, build) in enumerate(parts):
+        sd_weights.save_part(cfg, random_params(abstract(build)[1], seed * 3 + i), root / name)
+    sched = scheduler or DDIMConfig()
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(sched.to_diffusers(), indent=2) + "\n", encoding="utf-8")
     text = ClipTextTransformer(text_cfg, rngs=nnx.Rngs(seed * 3 + 2))
     save_text_encoder(text, text_cfg, root / "text_encoder")
     save_tiny_tokenizer(root / "tokenizer", model_max_length=TINY_TEXT_LEN)
@@ -452,10 +406,8 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, pytorch: bool = False) -> P
 def random_params(shapes: Any, seed: int) -> Any:
     """Random weights for a pytree of shapes, drawn with numpy (no XLA compile, unlike `init`).
 
-    Kernels ~ N(0, 1/fan_in) (LeCun, Flax's default), embeddings ~ N(0, 0.02), norm scales 1, biases 0.
+    Kernels ~ N(0, 1/fan_in) (LeCun, Flax's default), norm scales 1, biases 0.
     """
-    import jax
-
     rng = np.random.default_rng(seed)
 
     def draw(path: tuple, leaf: Any) -> np.ndarray:
@@ -472,51 +424,18 @@ def random_params(shapes: Any, seed: int) -> Any:
 
 
 def _model_index() -> dict[str, Any]:
-    import diffusers
-
     return {
-        "_class_name": "FlaxStableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.39.0",
         "feature_extractor": [None, None],
         "safety_checker": [None, None],
         "requires_safety_checker": False,
-        "scheduler": ["diffusers", "FlaxDDIMScheduler"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-        "vae": ["diffusers", "FlaxAutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
     }
-
-
-_PT_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
-
-
-def _vae_attention_to_pytorch_names(params: Any) -> Any:
-    """Rename the VAE's Flax attention params (query...) to current PyTorch names (to_q...).
-
-    diffusers' Flax->PyTorch converter predates the rename and would silently leave them random.
-    """
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    out = {}
-    for key, value in flatten_dict(params).items():
-        if len(key) >= 3 and key[-3].startswith("attentions_") and key[-2] in _PT_ATTENTION:
-            key = (*key[:-2], _PT_ATTENTION[key[-2]], key[-1])
-        out[key] = value
-    return unflatten_dict(out)
-
-
-def _save_diffusers_as_pytorch(flax_model: Any, params: Any, folder: Path) -> None:
-    """Save a diffusers Flax model as its PyTorch twin in safetensors (needs torch)."""
-    import diffusers
-    from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
-
-    pt_cls = getattr(diffusers, type(flax_model).__name__.removeprefix("Flax"))
-    pt = pt_cls.from_config(dict(flax_model.config))
-    with warnings.catch_warnings():  # torch: "The given NumPy array is not writable"
-        warnings.simplefilter("ignore", UserWarning)
-        pt = load_flax_weights_in_pytorch_model(pt, _vae_attention_to_pytorch_names(params))
-    pt.save_pretrained(str(folder), safe_serialization=True)
 
 
 # --------------------------------------------------------------------------------- benchmark
@@ -530,8 +449,6 @@ def benchmark_sd(
     mesh: Any = None,
 ) -> dict[str, Any]:
     """Time text_to_image: compile+first call, then `repeats` timed calls -> a dict of numbers."""
-    import jax
-
     size = size or sd.default_size
     prompts = [f"a photo of a city street {i}" for i in range(batch)]
     kwargs = dict(seed=0, steps=steps, height=size, width=size, mesh=mesh)

@@ -1,149 +1,122 @@
-"""Loading the parts of a diffusers-layout Stable Diffusion folder into Flax modules and params.
+"""The parts of a diffusers-layout Stable Diffusion folder <-> our NNX UNet, VAE and CLIP text tower.
 
-diffusers 0.39's Flax `from_pretrained(from_pt=True)` only reads `diffusion_pytorch_model.bin` and
-needs torch, while current SD downloads ship `.safetensors`; this module reads Flax msgpack weights,
-PyTorch safetensors (converted without torch) or `.bin` (converted by diffusers, needs torch), and
-casts the parameters to the requested dtype (diffusers' own `to_bf16` is broken on current jax).
+unet/ and vae/ hold a diffusers config.json and `diffusion_pytorch_model.safetensors` (or its
+`.fp16` variant, a sharded index, or `.bin` when torch is installed); text_encoder/ is a transformers
+`CLIPTextModel` folder. Our modules carry diffusers' names, so `clip_weights`' name and layout
+mapping (PyTorch (out, in) <-> our kernels) reads and writes them both ways, without torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
+import json
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors import clip_model, clip_weights
+from lmdir_jax.priors.unet import UNet2DConditionModel, UNetConfig
+from lmdir_jax.priors.vae import AutoencoderKL, VAEConfig
 
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHT_FILES = (WEIGHTS, "diffusion_pytorch_model.fp16.safetensors")
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+TORCH_BIN = "diffusion_pytorch_model.bin"
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
-PT_SAFETENSORS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-PT_BIN = "diffusion_pytorch_model.bin"
-
-
-@contextlib.contextmanager
-def quiet_hf():
-    """Silence the 'Flax classes are deprecated' warnings of diffusers/transformers while loading."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    old_d, old_t = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity(logging.ERROR)
-    tlog.set_verbosity(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        dlog.set_verbosity(old_d)
-        tlog.set_verbosity(old_t)
+# The VAE attention's names before diffusers 0.14 (still in some SD 1.x downloads).
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def cast_floats(params: Any, dtype: Any) -> Any:
     """Cast every floating-point leaf of a params pytree to `dtype` (integer leaves untouched)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-    )
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def check_complete(params: Any, expected: Any, source: Any) -> Any:
-    """`params` restricted to the keys of `expected` (the model's parameter shapes); a UsageError
-    naming the first missing weight when `source` (a weights file or folder) lacks some.
-
-    Needed wherever weights are read without a random initialisation to fall back on (transformers'
-    `_do_init=False`, the safetensors conversion): a missing weight would otherwise surface as a
-    KeyError deep inside the first call."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    want, got = flatten_dict(expected), flatten_dict(params)
-    missing = sorted("/".join(map(str, k)) for k in want if k not in got)
-    if missing:
-        raise UsageError(f"{source} does not match its config.json: {len(missing)} weights missing "
-                         f"(first: {missing[0]})")
-    return unflatten_dict({k: got[k] for k in want})
+def read_config(folder: Path) -> dict:
+    """A part's config.json as a dict (one clear line when missing or unreadable)."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise UsageError(f"incomplete Stable Diffusion folder: {f} is missing")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {f}: {e}") from None
 
 
-def from_pretrained(cls: type, folder: Path, *, from_pt: bool, **kwargs: Any) -> tuple[Any, Any]:
-    """(model, params) of a transformers Flax model class from a local folder.
-
-    Flax weights are read with `_do_init=False`: as they are, without first drawing (and
-    compiling the draw of) a random set that they replace: 13.6 s for even the tiny test CLIP on a
-    CPU, 0.2 s this way. transformers' PyTorch converter needs those random parameters, so PyTorch
-    weights take the slow path."""
-    if from_pt:
-        model = cls.from_pretrained(str(folder), from_pt=True, **kwargs)
-        return model, model.params
-    model, params = cls.from_pretrained(str(folder), _do_init=False, **kwargs)
-    return model, check_complete(params, model.params_shape_tree, folder)
-
-
-class _AsTorch:
-    """A numpy array seen through the one method diffusers' converter calls (`.numpy()`)."""
-
-    def __init__(self, array: Any):
-        self._array = array
-
-    def numpy(self) -> Any:
-        return self._array
-
-
-class _ShapesOnly:
-    """Stands in for a diffusers Flax model whose `init_weights` the converter calls for shapes."""
-
-    def __init__(self, shapes: Any):
-        self._shapes = shapes
-
-    def init_weights(self, rng: Any) -> Any:
-        return self._shapes
-
-
-def _read_safetensors(file: Path) -> dict[str, Any]:
-    """Read a safetensors file as float32 numpy arrays (bf16 too, which numpy cannot hold)."""
-    import numpy as np
-    from safetensors import safe_open
-
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """{diffusers name: float32 array} of a unet/ or vae/ folder; old VAE attention names renamed."""
+    folder = Path(folder)
+    file = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if file is not None:
+        tensors = clip_weights.read_safetensors(file)
+    elif (folder / WEIGHTS_INDEX).is_file():
+        try:
+            index = json.loads((folder / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot read {folder / WEIGHTS_INDEX}: {e}") from None
+        tensors = {}
+        for shard in sorted(set(index.values())):
+            tensors.update(clip_weights.read_safetensors(folder / shard))
+    elif (folder / TORCH_BIN).is_file():
+        tensors = clip_weights.read_torch_file(folder / TORCH_BIN)
+    elif (folder / FLAX_WEIGHTS).is_file():
+        raise UsageError(
+            f"{folder} has only {FLAX_WEIGHTS} (diffusers' removed Flax format): save it as safetensors "
+            "with diffusers <= 0.39 (e.g. UNet2DConditionModel.from_pretrained(folder, from_flax=True)"
+            ".save_pretrained(folder)), or use the PyTorch weights of the same model")
+    else:
+        raise UsageError(f"no weights in {folder}: expected {WEIGHTS}")
     out = {}
-    with safe_open(str(file), framework="flax") as f:
-        for key in f.keys():
-            out[key] = np.asarray(f.get_tensor(key).astype("float32"))
+    for name, a in tensors.items():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _OLD_VAE_ATTENTION:
+            name = ".".join([*parts[:-2], _OLD_VAE_ATTENTION[parts[-2]], parts[-1]])
+            if a.ndim == 4:  # 1x1 convolutions in the oldest conversions
+                a = a[:, :, 0, 0]
+        out[name] = a
     return out
 
 
-def load_diffusers_model(cls: type, folder: Path, dtype: Any) -> tuple[Any, Any]:
-    """Load a diffusers Flax model class (UNet, VAE) from `folder` -> (module, params in `dtype`).
+def _load(module_fn, folder: Path, dtype: str) -> tuple[nnx.GraphDef, Any]:
+    graphdef, shapes = clip_model.abstract(module_fn)
+    params = clip_weights.from_hf(read_weights(folder), shapes, source=folder)
+    return graphdef, cast_floats(jax.tree.map(jnp.asarray, params), getattr(jnp, dtype))
 
-    Prefers Flax msgpack weights; otherwise converts PyTorch safetensors (no torch needed) or `.bin`.
-    """
-    import jax
-    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
-    with quiet_hf():
-        if (folder / FLAX_WEIGHTS).is_file():
-            model, params = cls.from_pretrained(str(folder), dtype=dtype)
-        elif any((folder / n).is_file() for n in PT_SAFETENSORS):
-            file = next(folder / n for n in PT_SAFETENSORS if (folder / n).is_file())
-            model = cls.from_config(cls.load_config(str(folder)), dtype=dtype)
-            expected = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
-            state = {k: _AsTorch(v) for k, v in _read_safetensors(file).items()}
-            # The converter only needs the parameter shapes: skip its (slow, eager) random init.
-            params = check_complete(
-                convert_pytorch_state_dict_to_flax(state, _ShapesOnly(expected)), expected, file)
-        elif (folder / PT_BIN).is_file():
-            try:
-                model, params = cls.from_pretrained(str(folder), dtype=dtype, from_pt=True)
-            except OSError as e:  # diffusers raises EnvironmentError when torch is missing
-                raise UsageError(f"cannot read {folder / PT_BIN}: {e}") from e
-        else:
-            raise UsageError(
-                f"no weights in {folder}: expected {FLAX_WEIGHTS} or {PT_SAFETENSORS[0]}"
-            )
-    return model, cast_floats(params, dtype)
+def load_unet(folder: str | Path, dtype: str = "float32") -> tuple[UNetConfig, nnx.GraphDef, Any]:
+    """A diffusers unet/ folder -> (config, graphdef, params in `dtype`) of our NNX UNet."""
+    folder = Path(folder)
+    cfg = UNetConfig.from_diffusers(read_config(folder))
+    graphdef, params = _load(lambda: UNet2DConditionModel(cfg, dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0)),
+                             folder, dtype)
+    return cfg, graphdef, params
+
+
+def load_vae(folder: str | Path, dtype: str = "float32") -> tuple[VAEConfig, nnx.GraphDef, Any]:
+    """A diffusers vae/ folder -> (config, graphdef, params in `dtype`) of our NNX VAE."""
+    folder = Path(folder)
+    cfg = VAEConfig.from_diffusers(read_config(folder))
+    graphdef, params = _load(lambda: AutoencoderKL(cfg, dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0)),
+                             folder, dtype)
+    return cfg, graphdef, params
+
+
+def save_part(config: UNetConfig | VAEConfig, params: Any, folder: str | Path) -> Path:
+    """Write a UNet or VAE as diffusers writes it (config.json + diffusion_pytorch_model.safetensors),
+    so diffusers' `from_pretrained` and `load_unet`/`load_vae` both read it."""
+    import lmdir_jax
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(
+        json.dumps({**config.to_diffusers(), "_diffusers_version": "0.39.0",
+                    "_lmdir_jax_version": lmdir_jax.__version__}, indent=2) + "\n", encoding="utf-8")
+    clip_weights.write_safetensors(clip_weights.to_hf(params), folder / WEIGHTS)
+    return folder
 
 
 class TextEncoder:
@@ -155,21 +128,14 @@ class TextEncoder:
         self.graphdef, self.config = graphdef, config
 
     def __call__(self, ids: Any, params: Any) -> Any:
-        from lmdir_jax.priors.clip_model import build
-
-        return build(self.graphdef, params)(ids)
+        return clip_model.build(self.graphdef, params)(ids)
 
 
-def load_text_encoder(folder: Path, dtype: Any) -> tuple[TextEncoder, Any]:
+def load_text_encoder(folder: Path, dtype: str = "float32") -> tuple[TextEncoder, Any]:
     """Load SD's text_encoder/ (a transformers CLIPTextModel folder, safetensors or .bin) into our NNX
     CLIP text tower -> (encoder, params in `dtype`)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lmdir_jax.priors import clip_model
-
-    if not (folder / "config.json").is_file():
+    if not (Path(folder) / "config.json").is_file():
         raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
-    module, config = clip_model.load_text_encoder(folder, jnp.dtype(dtype).name)
+    module, config = clip_model.load_text_encoder(folder, dtype)
     graphdef, state = nnx.split(module)
-    return TextEncoder(graphdef, config), cast_floats(nnx.to_pure_dict(state), dtype)
+    return TextEncoder(graphdef, config), cast_floats(nnx.to_pure_dict(state), getattr(jnp, dtype))

@@ -225,13 +225,69 @@ def verify(path: str | Path, model: str | None = None, image: str | Path | None 
     path = Path(path)
     kind = kind_of(path)
     if kind == "sd":
-        raise UsageError(
-            f"{path} is a Stable Diffusion folder: verify checks CLIP, OpenCLIP and DA-CLIP weights "
-            "(SD's UNet and VAE run on diffusers' own Flax modules)"
-        )
+        return verify_sd(path, photo, prompt)
     if kind == "hf":
         return verify_hf(path, photo, prompt)
     return verify_openclip(path, model, photo, prompt, tokenizer)
+
+
+def _square(photo: np.ndarray, size: int) -> np.ndarray:
+    """The photo's centre square resized to size x size (area interpolation), in [0, 1]."""
+    import cv2
+
+    h, w = photo.shape[:2]
+    s = min(h, w)
+    crop = photo[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return np.clip(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA), 0.0, 1.0)
+
+
+def verify_sd(folder: Path, photo: np.ndarray, prompt: str, timestep: int = 500) -> dict[str, float]:
+    """Our Stable Diffusion against diffusers' PyTorch `UNet2DConditionModel` and `AutoencoderKL` and
+    transformers' `CLIPTextModel` of a diffusers folder, at the UNet's own resolution: text states,
+    VAE encode (latent mean) and decode, and the UNet's prediction at `timestep` of the photo's
+    latent noised with a seeded draw, conditioned on the prompt."""
+    torch = _require("torch")
+    _require("diffusers")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as dlog
+    from transformers import CLIPTextModel
+    from transformers.utils import logging as tlog
+
+    from lmdir_jax.priors.diffusion import load_sd
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    sd = load_sd(folder)
+    x = _square(photo, sd.default_size)[None] * 2.0 - 1.0  # (1, S, S, 3) in [-1, 1]
+    ids = sd.encode_prompts([prompt])
+    text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32).eval()
+    p = sd.params
+    states = np.asarray(sd.text_encoder(jnp.asarray(ids), params=p["text"])[0])
+    mean = np.asarray(sd.vae(p["vae"]).encode(jnp.asarray(x)))
+    noise = np.random.default_rng(0).standard_normal(mean.shape).astype(np.float32)
+    t = np.array([timestep], np.int32)
+    latents = np.asarray(sd.scheduler.add_noise(jnp.asarray(mean * sd.vae_config.scaling_factor),
+                                                jnp.asarray(noise), jnp.asarray(t)))
+    ours = {
+        "text_states": states,
+        "vae_encode": mean,
+        "vae_decode": np.asarray(sd.vae(p["vae"]).decode(jnp.asarray(mean))),
+        "unet": np.asarray(sd.unet(p["unet"])(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(states))),
+    }
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    nhwc = lambda a: a.numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    with torch.no_grad():
+        theirs = {
+            "text_states": text(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy(),
+            "vae_encode": nhwc(vae.encode(nchw(x)).latent_dist.mean),
+            "vae_decode": nhwc(vae.decode(nchw(mean)).sample),
+            "unet": nhwc(unet(nchw(latents), torch.from_numpy(t.astype(np.int64)),
+                              encoder_hidden_states=torch.from_numpy(np.array(states))).sample),
+        }
+    return {k: _diff(ours[k], theirs[k]) for k in ours}
 
 
 def list_images(items: list[str]) -> list[Path]:
