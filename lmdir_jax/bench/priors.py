@@ -6,6 +6,7 @@ the numbers mean something with real weights on an accelerator).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,12 @@ def register(bsub) -> None:
     p.add_argument("--size", type=int, default=0, help="SD image side (default: the model's own)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after warm-up (default 3)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--against-torch", action="store_true",
+                   help="instead: random full-size ViT-B/32 image embeddings (batch 32) and one SD-1.5 UNet "
+                   "step (64x64 latents), ours vs transformers / diffusers on this machine")
+    p.add_argument("--cache-memory", metavar="PHOTOS",
+                   help="instead: peak RSS of `lmdir priors build` on PHOTOS with a random ViT-L/14-sized "
+                   "CLIP and SD-1.5-sized SD (--dtype, --size default 256, --steps)")
     p.set_defaults(func=run)
 
 
@@ -77,6 +84,8 @@ def run(args) -> int:
     """Measure and print the numbers (one block for CLIP, one for SD)."""
     if args.batch < 1 or args.repeats < 1 or args.steps < 1:
         raise UsageError("--batch, --repeats and --steps must be >= 1")
+    if args.against_torch or args.cache_memory:
+        return run_reference(args)
     from lmdir_jax.priors.clip import load_clip
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,4 +119,25 @@ def run(args) -> int:
             f"{s['s_per_step_per_image'] * 1000:.1f} ms per step per image "
             f"(first call {s['first_call_s']:.1f} s)"
         )
+    return 0
+
+
+def run_reference(args) -> int:
+    """`--against-torch` / `--cache-memory`: full-size random priors (bench/priors_reference.py)."""
+    import jax
+
+    from lmdir_jax.bench import priors_reference as ref
+
+    machine = f"{jax.devices()[0].platform}, {os.cpu_count()} CPU threads"
+    if args.against_torch:
+        for r in (ref.clip_against_torch(batch=32, repeats=args.repeats),
+                  ref.unet_against_torch(latent=64, repeats=args.repeats)):
+            print(f"{r['what']} ({machine}, float32): ours {r['ours_s'] * 1000:.0f} ms, PyTorch "
+                  f"{r['torch_s'] * 1000:.0f} ms -> {r['speedup']:.2f}x (first calls {r['ours_first_s']:.1f} / "
+                  f"{r['torch_first_s']:.1f} s; max |ours - PyTorch| {r['max_diff']:.1e})")
+    if args.cache_memory:
+        r = ref.cache_memory(args.cache_memory, dtype=args.dtype, sd_size=args.size or 256, steps=args.steps)
+        print(f"prior cache with ViT-L/14-sized CLIP + SD-1.5-sized UNet/VAE ({machine}, {r['dtype']}, "
+              f"{r['items']} images, SD {r['sd_size']} px, {r['steps']} steps): peak RSS {r['peak_rss_gib']:.2f} GiB "
+              f"({r['build_s']:.0f} s)")
     return 0

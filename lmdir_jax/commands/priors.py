@@ -55,6 +55,8 @@ def register(sub) -> None:
     b.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     b.add_argument("--max-items", type=int, default=None, help="only the first N images")
     b.add_argument("--seed", type=seed_type, default=0)
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and compute of CLIP and SD (bfloat16: half the memory)")
     b.add_argument("--controller", metavar="WD",
                    help="trained controller workdir or DA-CLIP checkpoint: zero-shot captions from the controlled "
                    "image tower")
@@ -221,7 +223,7 @@ def run_build(args) -> int:
 
         if not Path(args.controller).exists():
             raise UsageError(f"controller folder not found: {args.controller}")
-        clip = load_clip(args.clip, max_text_len=args.max_text_len)
+        clip = load_clip(args.clip, max_text_len=args.max_text_len, dtype=args.dtype)
         clip.attach_controller(load_controller(args.controller, clip))
     summary = build_cache(
         args.data,
@@ -239,6 +241,7 @@ def run_build(args) -> int:
         max_text_len=args.max_text_len,
         top_k=args.top_k,
         max_items=args.max_items,
+        dtype=args.dtype,
     )
     print(
         f"prior cache {args.output}: {summary['items']} items "

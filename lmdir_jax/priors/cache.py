@@ -51,8 +51,10 @@ _NPZ_LOCK = threading.Lock()  # see PriorCache.get
 # Settings that must match when a build resumes into an existing cache.
 _RESUME_KEYS = (
     "version", "clip", "sd", "captions_sha1", "max_text_len", "text_dim", "ref_size", "seed",
-    "steps", "guidance", "sd_size", "top_k", "negative_prompt",
+    "steps", "guidance", "sd_size", "top_k", "negative_prompt", "dtype",
 )
+# What a manifest without the key was built with.
+_RESUME_DEFAULTS = {"dtype": "float32"}
 
 
 def item_file(key: str) -> str:
@@ -255,6 +257,7 @@ def build_cache(
     sd=None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Build (or resume) the prior cache of every clean image of a source; returns the summary.
 
@@ -262,7 +265,8 @@ def build_cache(
     text states of the caption, and with `sd_path` a Stable Diffusion reference (text-to-image from
     the caption, per-image seed from (seed, key), `sd_size` pixels, stored at `ref_size`). Already
     built items are skipped. `clip`/`sd` may be passed pre-loaded; `on_batch(n_done)` is called
-    after each written batch (progress hooks, tests).
+    after each written batch (progress hooks, tests). `dtype` 'bfloat16' loads CLIP and SD in bf16
+    (half the weight memory; the cache records it and a resume must use the same).
     """
     from lmdir_jax.data.sources import load_source
     from lmdir_jax.progress import progress_bar
@@ -277,11 +281,11 @@ def build_cache(
     if clip is None:
         from lmdir_jax.priors.clip import load_clip
 
-        clip = load_clip(clip_path, max_text_len=max_text_len)
+        clip = load_clip(clip_path, max_text_len=max_text_len, dtype=dtype)
     if sd is None and sd_path:
         from lmdir_jax.priors.diffusion import load_sd
 
-        sd = load_sd(sd_path)
+        sd = load_sd(sd_path, dtype=dtype)
     if sd is not None:
         sd_size = int(sd_size or sd.default_size)
     out = Path(output)
@@ -299,11 +303,12 @@ def build_cache(
         "sd_size": sd_size if sd is not None else 0,
         "top_k": int(top_k),
         "negative_prompt": negative_prompt if sd is not None else "",
+        "dtype": dtype,
         "source": str(source_spec) if isinstance(source_spec, str | Path) else repr(source_spec),
     }
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        diff = [k for k in _RESUME_KEYS if old.get(k) != manifest[k]]
+        diff = [k for k in _RESUME_KEYS if old.get(k, _RESUME_DEFAULTS.get(k)) != manifest[k]]
         if diff:
             raise UsageError(
                 f"{out} holds a cache built with other settings ({', '.join(diff)}): "

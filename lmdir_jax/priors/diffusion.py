@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import sd_weights
+from lmdir_jax.priors.clip_model import ClipTextConfig
 from lmdir_jax.priors.ddim import DDIM, DDIMConfig, load_ddim
 from lmdir_jax.priors.unet import UNet2DConditionModel, UNetConfig
 from lmdir_jax.priors.vae import AutoencoderKL, VAEConfig
@@ -374,20 +375,26 @@ TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_siz
 
 
 def save_tiny_sd(path: str | Path, seed: int = 0, *, unet: UNetConfig = TINY_UNET,
-                 vae: VAEConfig = TINY_VAE, scheduler: DDIMConfig | None = None) -> Path:
+                 vae: VAEConfig = TINY_VAE, text: ClipTextConfig | None = None,
+                 scheduler: DDIMConfig | None = None) -> Path:
     """Write a tiny random SD folder in the real diffusers layout (images 16-32 px, latent /2).
 
     UNet (32, 64) channels, VAE (32, 64), our NNX CLIP text tower of width 32 (written as transformers
     writes a CLIPTextModel), H4's tiny tokenizer, an SD-style DDIM config and model_index.json: the
     files diffusers' `StableDiffusionPipeline.from_pretrained` reads, and that `load_sd` reads back
     through the path real weights take. Weights are drawn with NumPy from `seed` (no XLA compile).
+    `unet`, `vae`, `text` (its width = the UNet's cross-attention width) and `scheduler` give other
+    shapes (e.g. SD 1.5's, for memory measurements).
     """
     from lmdir_jax.priors.clip_model import ClipTextTransformer, abstract, save_text_encoder
     from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    text_cfg = tiny_clip_config(text_dim=unet.cross_attention_dim).text
+    text_cfg = text or tiny_clip_config(text_dim=unet.cross_attention_dim).text
+    if text_cfg.hidden_size != unet.cross_attention_dim:
+        raise UsageError(f"text width {text_cfg.hidden_size} != the UNet's cross-attention width "
+                         f"{unet.cross_attention_dim}")
     parts = (("unet", unet, lambda: UNet2DConditionModel(unet, rngs=nnx.Rngs(0))),
              ("vae", vae, lambda: AutoencoderKL(vae, rngs=nnx.Rngs(0))))
     for i, (name, cfg, build) in enumerate(parts):
@@ -396,8 +403,9 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, unet: UNetConfig = TINY_UNE
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(sched.to_diffusers(), indent=2) + "\n", encoding="utf-8")
-    text = ClipTextTransformer(text_cfg, rngs=nnx.Rngs(seed * 3 + 2))
-    save_text_encoder(text, text_cfg, root / "text_encoder")
+    text_def, text_shapes = abstract(lambda: ClipTextTransformer(text_cfg, rngs=nnx.Rngs(0)))
+    text_model = nnx.merge(text_def, jax.tree.map(jnp.asarray, random_params(text_shapes, seed * 3 + 2)))
+    save_text_encoder(text_model, text_cfg, root / "text_encoder")
     save_tiny_tokenizer(root / "tokenizer", model_max_length=TINY_TEXT_LEN)
     (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
     return root
