@@ -182,3 +182,19 @@ def test_unsupported_or_broken_parts_are_one_line(diffusers_sd, tmp_path):
     (part / sd_weights.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(UsageError, match="cannot read"):
         sd_weights.load_unet(part)
+
+
+@pytest.mark.parametrize("t, s", [(2048, 2048), (1536, 1024), (64, 77)])
+def test_blocked_attention_equals_the_plain_form(t, s):
+    """The CPU form (per image, head and block of queries) computes the same attention."""
+    from lmdir_jax.priors.attention import attention, attention_blocked, attention_fn
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, t, 64)).astype(np.float32)
+    k, v = (rng.standard_normal((2, s, 64)).astype(np.float32) for _ in range(2))
+    want = np.asarray(attention(q, k, v, 4))
+    np.testing.assert_allclose(np.asarray(attention_blocked(q, k, v, 4)), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(attention_fn("cpu"), static_argnums=3)(q, k, v, 4)), want,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="kernels"):
+        attention_fn("gpu")

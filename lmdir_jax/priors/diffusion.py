@@ -324,12 +324,13 @@ def _negatives(negative: str | Sequence[str] | None, n: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------- loading
-def load_sd(path: str | Path, dtype: str = "float32") -> StableDiffusion:
+def load_sd(path: str | Path, dtype: str = "float32", kernels: str = "auto") -> StableDiffusion:
     """Load a local diffusers-layout SD 1.x/2.x folder (safetensors, or .bin with torch).
 
     The scheduler config is read as DDIM's whatever its class was (SD 1.5 ships PNDM's config: same
     betas). dtype 'bfloat16' casts all weights and computes in bf16; the latents and the DDIM
-    arithmetic stay float32.
+    arithmetic stay float32. `kernels` (auto / xla / cpu) picks the attention's form
+    (`priors.attention`; auto: blocked on CPUs).
     """
     from transformers import CLIPTokenizer
 
@@ -343,8 +344,8 @@ def load_sd(path: str | Path, dtype: str = "float32") -> StableDiffusion:
         )
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    unet_cfg, unet_def, unet_params = sd_weights.load_unet(root / "unet", dtype)
-    vae_cfg, vae_def, vae_params = sd_weights.load_vae(root / "vae", dtype)
+    unet_cfg, unet_def, unet_params = sd_weights.load_unet(root / "unet", dtype, kernels)
+    vae_cfg, vae_def, vae_params = sd_weights.load_vae(root / "vae", dtype, kernels)
     text_encoder, text_params = sd_weights.load_text_encoder(root / "text_encoder", dtype)
     scheduler = load_ddim(root / "scheduler")
     try:

@@ -87,21 +87,26 @@ def _load(module_fn, folder: Path, dtype: str) -> tuple[nnx.GraphDef, Any]:
     return graphdef, cast_floats(jax.tree.map(jnp.asarray, params), getattr(jnp, dtype))
 
 
-def load_unet(folder: str | Path, dtype: str = "float32") -> tuple[UNetConfig, nnx.GraphDef, Any]:
-    """A diffusers unet/ folder -> (config, graphdef, params in `dtype`) of our NNX UNet."""
+def load_unet(folder: str | Path, dtype: str = "float32",
+              kernels: str = "auto") -> tuple[UNetConfig, nnx.GraphDef, Any]:
+    """A diffusers unet/ folder -> (config, graphdef, params in `dtype`) of our NNX UNet, its attention
+    computed by `kernels` (auto / xla / cpu: `priors.attention`)."""
     folder = Path(folder)
     cfg = UNetConfig.from_diffusers(read_config(folder))
-    graphdef, params = _load(lambda: UNet2DConditionModel(cfg, dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0)),
-                             folder, dtype)
+    graphdef, params = _load(
+        lambda: UNet2DConditionModel(cfg, dtype=getattr(jnp, dtype), kernels=kernels, rngs=nnx.Rngs(0)),
+        folder, dtype)
     return cfg, graphdef, params
 
 
-def load_vae(folder: str | Path, dtype: str = "float32") -> tuple[VAEConfig, nnx.GraphDef, Any]:
+def load_vae(folder: str | Path, dtype: str = "float32",
+             kernels: str = "auto") -> tuple[VAEConfig, nnx.GraphDef, Any]:
     """A diffusers vae/ folder -> (config, graphdef, params in `dtype`) of our NNX VAE."""
     folder = Path(folder)
     cfg = VAEConfig.from_diffusers(read_config(folder))
-    graphdef, params = _load(lambda: AutoencoderKL(cfg, dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0)),
-                             folder, dtype)
+    graphdef, params = _load(
+        lambda: AutoencoderKL(cfg, dtype=getattr(jnp, dtype), kernels=kernels, rngs=nnx.Rngs(0)),
+        folder, dtype)
     return cfg, graphdef, params
 
 

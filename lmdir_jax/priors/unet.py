@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.attention import attention_fn, kernels
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -173,22 +174,12 @@ class Upsample2D(nnx.Module):
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Multi-head scaled dot-product attention of (B, T, C) projections; softmax in float32."""
-    b, t, c = q.shape
-    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, c // heads)  # noqa: E731
-    q, k, v = split(q), split(k), split(v)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (c // heads) ** -0.5
-    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, c)
-
-
 class Attention(nnx.Module):
     """diffusers' `Attention`: to_q, to_k, to_v (biased in the VAE only), to_out.0; cross-attention when
     `context_dim` is given."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, *, dtype, rngs):
-        self.heads = heads
+        self.heads, self.kernels = heads, "xla"  # set_kernels chooses, once, for the whole network
         kv = context_dim or dim
         self.to_q = nnx.Linear(dim, dim, use_bias=bias, dtype=dtype, rngs=rngs)
         self.to_k = nnx.Linear(kv, dim, use_bias=bias, dtype=dtype, rngs=rngs)
@@ -197,7 +188,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         c = x if context is None else context
-        return self.to_out[0](attention(self.to_q(x), self.to_k(c), self.to_v(c), self.heads))
+        attend = attention_fn(self.kernels)
+        return self.to_out[0](attend(self.to_q(x), self.to_k(c), self.to_v(c), self.heads))
+
+
+def set_kernels(network: nnx.Module, name: str) -> None:
+    """Every attention of `network` computed by the kernels `name` (auto / xla / cpu, see
+    `priors.attention`), resolved here once."""
+    chosen = kernels(name)
+    for _, m in nnx.iter_graph(network):
+        if isinstance(m, Attention):
+            m.kernels = chosen
 
 
 class NoParams(nnx.Module):
@@ -361,7 +362,7 @@ class UNet2DConditionModel(nnx.Module):
     """SD's noise-prediction UNet: (noisy latents (B, h, w, C) NHWC, timesteps (B,), text states
     (B, T, D)) -> the prediction (B, h, w, C) (epsilon or v, as the model was trained)."""
 
-    def __init__(self, cfg: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: UNetConfig, *, dtype=jnp.float32, kernels: str = "auto", rngs: nnx.Rngs):
         cfg.check()
         self.config, self.dtype = cfg, dtype
         c0, temb = cfg.block_out_channels[0], 4 * cfg.block_out_channels[0]
@@ -378,6 +379,7 @@ class UNet2DConditionModel(nnx.Module):
                                    for i in range(len(rev))])
         self.conv_norm_out = group_norm(c0, cfg.norm_num_groups, cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.conv_out = conv(c0, cfg.out_channels, dtype=dtype, rngs=rngs)
+        set_kernels(self, kernels)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
         cfg = self.config

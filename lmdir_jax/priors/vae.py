@@ -25,6 +25,7 @@ from lmdir_jax.priors.unet import (
     Upsample2D,
     conv,
     group_norm,
+    set_kernels,
 )
 
 EPS = 1e-6
@@ -180,13 +181,14 @@ class AutoencoderKL(nnx.Module):
     """SD's VAE: `encode` gives the latent mean (the deterministic latent SD's image-to-image uses),
     `decode` the image; both unscaled (multiply latents by `config.scaling_factor` for the UNet)."""
 
-    def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, kernels: str = "auto", rngs: nnx.Rngs):
         self.config, self.dtype = cfg, dtype
         lat = cfg.latent_channels
         self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
         self.decoder = Decoder(cfg, dtype=dtype, rngs=rngs)
         self.quant_conv = conv(2 * lat, 2 * lat, 1, dtype=dtype, rngs=rngs) if cfg.use_quant_conv else None
         self.post_quant_conv = conv(lat, lat, 1, dtype=dtype, rngs=rngs) if cfg.use_post_quant_conv else None
+        set_kernels(self, kernels)
 
     @property
     def scale_factor(self) -> int:
