@@ -25,9 +25,9 @@ _CBSD68 = ("test/denoise/bsd68", "test/denoise/cbsd68", "test/denoise/CBSD68", "
 _RAIN = ("test/derain/Rain100L", "test/Rain100L", "Rain100L")
 _SOTS = ("test/dehaze", "test/SOTS-outdoor", "test/SOTS/outdoor", "test/SOTS-outdoor-sample",
          "SOTS/outdoor", "SOTS")
-_GOPRO = ("test/deblur/GoPro", "test/deblur", "test/GoPro", "GoPro/test", "GoPro")
-_LOL = ("test/lowlight/LOL", "test/lowlight", "test/enhance/LOL", "test/enhance", "test/LOL",
-        "LOL/eval15", "LOL/test")
+_GOPRO = ("test/deblur/gopro", "test/deblur/GoPro", "test/deblur", "test/GoPro", "GoPro/test", "GoPro")
+_LOL = ("test/enhance/lol", "test/enhance/LOL", "test/enhance", "test/lowlight/lol", "test/lowlight/LOL",
+        "test/lowlight", "test/LOL", "LOL/eval15", "LOL/test")
 
 
 @dataclass(frozen=True)
