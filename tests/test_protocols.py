@@ -1,5 +1,6 @@
-"""All-in-one protocols: data.sources mixtures, PromptIR's layout, `lmdir data check`, and
-`lmdir evaluate --protocol` from a tiny trained workdir (fixtures are generated images)."""
+"""All-in-one protocols: data.sources mixtures, PromptIR's layout and AdaIR's five-task layout,
+`lmdir data check`, the published rows, and `lmdir evaluate --protocol` from tiny trained workdirs
+(fixtures are generated images)."""
 
 from __future__ import annotations
 
@@ -296,6 +297,7 @@ def test_evaluate_protocol_table(trained, promptir, tmp_path, capsys, caplog):
         (["--protocol", "nine-task", "--root", "."], 2, "unknown protocol 'nine-task'"),
         (["--protocol", "three-task"], 2, "--protocol needs --root"),
         (["--protocol", "three-task", "--root", "EMPTY"], 1, "no three-task test set under"),
+        (["--protocol", "five-task", "--root", "EMPTY"], 1, "no five-task test set under"),
     ],
 )
 def test_evaluate_protocol_misuse(argv, code, message, tmp_path, capsys):
