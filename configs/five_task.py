@@ -4,11 +4,13 @@ Run: lmdir data check --config configs/five_task.py --config.data.root=DIR
      lmdir train --config configs/five_task.py --workdir runs/five_task --config.data.root=DIR
      lmdir evaluate --protocol five-task --root DIR --checkpoint runs/five_task
 
-DIR holds PromptIR's layout (configs/three_task.py) plus (see docs/datasets.md):
-  Train/Deblur/{blur,sharp}    GoPro train pairs matched by relative path, e.g. blur/GOPR0372_07_00/
-                               000047.png <-> sharp/GOPR0372_07_00/000047.png (or input/ + target/)
-  Train/Enhance/{low,high}     LOL v1 our485 (low/N.png <-> high/N.png)
-  test/deblur/{input,target} (or test/deblur/GoPro/...), test/lowlight/{low,high} (LOL eval15)
+DIR holds PromptIR's layout (configs/three_task.py) plus AdaIR's (its INSTALL.md; see
+docs/datasets.md):
+  Train/Deblur/{blur,sharp}    GoPro train pairs matched by relative path, e.g. blur/GOPR0372_07_00_
+                               000047.png <-> sharp/GOPR0372_07_00_000047.png (or input/ + target/)
+  Train/Enhance/{low,gt}       LOL v1 our485 (low/N.png <-> gt/N.png; high/ also works)
+  test/deblur/gopro/{input,target}   GoPro test
+  test/enhance/lol/{input,target}    LOL eval15 (test/lowlight/... also works)
 
 The five-task protocol comes from IDR (Zhang et al., CVPR 2023) and InstructIR (Conde et al.,
 ECCV 2024); neither ships a PromptIR-style sampling list. InstructIR subsamples haze to 2,000 OTS

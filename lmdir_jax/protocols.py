@@ -4,7 +4,8 @@
 Rain100L, SOTS outdoor. `five-task` (IDR / InstructIR): SOTS outdoor, Rain100L, CBSD68 sigma 25,
 GoPro (motion blur) and LOL (low light). Images are centre-cropped to a multiple of 16 and scored
 with PSNR/SSIM on RGB. Each test set is looked for at several relative paths (PromptIR's `test/`
-layout first, then the layout of ../shared/data and common dataset folder names); see
+layout first, with AdaIR's `test/deblur/gopro` and `test/enhance/lol`, then the layout of
+../shared/data and common dataset folder names); see
 docs/datasets.md. JAX-free.
 """
 
@@ -25,9 +26,9 @@ _CBSD68 = ("test/denoise/bsd68", "test/denoise/cbsd68", "test/denoise/CBSD68", "
 _RAIN = ("test/derain/Rain100L", "test/Rain100L", "Rain100L")
 _SOTS = ("test/dehaze", "test/SOTS-outdoor", "test/SOTS/outdoor", "test/SOTS-outdoor-sample",
          "SOTS/outdoor", "SOTS")
-_GOPRO = ("test/deblur/GoPro", "test/deblur", "test/GoPro", "GoPro/test", "GoPro")
-_LOL = ("test/lowlight/LOL", "test/lowlight", "test/enhance/LOL", "test/enhance", "test/LOL",
-        "LOL/eval15", "LOL/test")
+_GOPRO = ("test/deblur/gopro", "test/deblur/GoPro", "test/deblur", "test/GoPro", "GoPro/test", "GoPro")
+_LOL = ("test/enhance/lol", "test/enhance/LOL", "test/enhance", "test/lowlight/lol", "test/lowlight/LOL",
+        "test/lowlight", "test/LOL", "LOL/eval15", "LOL/test")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def find_sets(name: str, root: str | Path) -> tuple[list[tuple[ProtocolSet, Path
 
 
 def published(name: str) -> list[dict]:
-    """Published rows of protocol `name`: {'method', 'source', 'results': {key: [psnr, ssim]}}."""
+    """Published rows of protocol `name`: {'method', 'source', 'results': {key: [psnr, ssim]},
+    'average': [psnr, ssim] as printed}."""
     protocol_sets(name)
     text = resources.files("lmdir_jax").joinpath("published_results.json").read_text(encoding="utf-8")
     return json.loads(text)[name]["rows"]
@@ -120,6 +122,8 @@ def format_protocol_table(table: dict, markdown: bool = False) -> str:
         cells = [row["method"]]
         cells += [f"{res[k][0]:.2f}/{res[k][1]:.4f}" if k in res else "-" for k in keys]
         avg = row_average(res, keys)
+        if avg is not None and row.get("average"):
+            avg = row["average"]  # a published row's average as its paper prints it
         cells.append("-" if avg is None else f"{avg[0]:.2f}/{avg[1]:.4f}")
         body.append(cells)
     ssim = {"gaussian": "SSIM 11x11 Gaussian window (BasicSR)",
@@ -127,8 +131,8 @@ def format_protocol_table(table: dict, markdown: bool = False) -> str:
     title = (f"{table['protocol']}: PSNR/SSIM on RGB, images cropped to a multiple of "
              f"{CROP_MULTIPLE}; {ssim[table['ssim']]}; prior: {table['prior']}")
     notes = [f"missing under {table['root']}: {', '.join(table['missing'])} (skipped)"] if table["missing"] else []
-    notes.append("average only over complete rows; published rows as printed in their papers "
-                 "(their SSIM windows may differ)")
+    notes.append("average only over complete rows; published rows and their averages as printed "
+                 "in their papers (their SSIM windows may differ)")
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
                  "|" + "|".join("---" for _ in head) + "|"]

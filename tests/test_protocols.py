@@ -1,5 +1,6 @@
-"""All-in-one protocols: data.sources mixtures, PromptIR's layout, `lmdir data check`, and
-`lmdir evaluate --protocol` from a tiny trained workdir (fixtures are generated images)."""
+"""All-in-one protocols: data.sources mixtures, PromptIR's layout and AdaIR's five-task layout,
+`lmdir data check`, the published rows, and `lmdir evaluate --protocol` from tiny trained workdirs
+(fixtures are generated images)."""
 
 from __future__ import annotations
 
@@ -296,6 +297,7 @@ def test_evaluate_protocol_table(trained, promptir, tmp_path, capsys, caplog):
         (["--protocol", "nine-task", "--root", "."], 2, "unknown protocol 'nine-task'"),
         (["--protocol", "three-task"], 2, "--protocol needs --root"),
         (["--protocol", "three-task", "--root", "EMPTY"], 1, "no three-task test set under"),
+        (["--protocol", "five-task", "--root", "EMPTY"], 1, "no five-task test set under"),
     ],
 )
 def test_evaluate_protocol_misuse(argv, code, message, tmp_path, capsys):
@@ -305,3 +307,150 @@ def test_evaluate_protocol_misuse(argv, code, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out_json.exists()
+
+
+# ---- five tasks: AdaIR's layout (PromptIR's plus GoPro and LOL), the real configs/five_task.py sources
+
+
+def build_five_task(root: Path, seed: int = 2) -> Path:
+    """AdaIR's five-task layout (its INSTALL.md names) from a few generated images."""
+    build_promptir(root, seed)
+    rng = np.random.default_rng(seed + 1)
+    _pairs(root / "Train/Deblur", "blur", "sharp",
+           [(f"GOPR0372_07_00_{i:06d}.png",) * 2 for i in (47, 48)], rng)
+    _pairs(root / "Train/Enhance", "low", "gt", [(f"{i}.png",) * 2 for i in (2, 5)], rng)
+    _pairs(root / "test/deblur/gopro", "input", "target", [("GOPR0384_11_00_000001.png",) * 2], rng,
+           size=(32, 32))
+    _pairs(root / "test/enhance/lol", "input", "target", [(f"{i}.png",) * 2 for i in (1, 22)], rng,
+           size=(32, 32))
+    return root
+
+
+FIVE_CONFIG_FILE = """
+from lmdir_jax.config import load_config
+
+
+def get_config():
+    c = load_config("tiny")  # the tiny network; the data sources are configs/five_task.py's
+    five = load_config("five_task")
+    c.data.sources, c.data.protocol = five.data.sources, five.data.protocol
+    c.data.patch_size, c.data.batch_size, c.data.root = {patch}, 8, {root!r}
+    c.train.steps, c.train.ckpt_every, c.train.plot_every = 3, 3, -1
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def five(tmp_path_factory) -> Path:
+    return build_five_task(tmp_path_factory.mktemp("five"))
+
+
+def _five_config(path: Path, root: Path) -> Path:
+    path.write_text(FIVE_CONFIG_FILE.format(patch=P, root=str(root)))
+    return path
+
+
+def test_five_task_config_sources():
+    c = load_config("five_task")
+    assert c.data.protocol == "five-task"
+    assert source_names(c) == ["deblur", "dehaze", "denoise", "derain", "lowlight"]
+    assert {n: c.data.sources[n].weight for n in source_names(c)} == dict.fromkeys(source_names(c), 1.0)
+    assert c.data.sources.deblur.path == "Train/Deblur" and c.data.sources.deblur.text == "motion blur"
+    assert c.data.sources.lowlight.path == "Train/Enhance" and c.data.sources.lowlight.text == "underexposure"
+
+
+def test_published_rows_match_their_printed_averages():
+    from lmdir_jax.protocols import protocol_sets, published, row_average
+
+    leaders = {"three-task": {"AdaIR", "MoCE-IR", "BioIR-L", "DFPIR", "EvoIR", "DACG-IR"},
+               "five-task": {"PromptIR", "InstructIR-5D", "AdaIR", "MoCE-IR", "DFPIR", "BioIR-L", "DACG-IR"}}
+    for name, methods in leaders.items():
+        keys = [ps.key for ps in protocol_sets(name)]
+        rows = published(name)
+        assert methods <= {r["method"] for r in rows}
+        for r in rows:
+            assert r["source"] and set(r["results"]) == set(keys), r["method"]
+            psnr, ssim_ = row_average(r["results"], keys)
+            # the per-set numbers reproduce the average the paper prints (catches a mistyped cell)
+            assert abs(psnr - r["average"][0]) <= 0.0051 and abs(ssim_ - r["average"][1]) <= 0.0011, r
+
+
+def test_five_task_sets_found_in_adair_and_other_layouts(five, tmp_path):
+    from lmdir_jax.protocols import find_sets
+
+    found, missing = find_sets("five-task", five)
+    assert not missing
+    paths = {ps.key: p.relative_to(five).as_posix() for ps, p in found}
+    assert paths == {"sots": "test/dehaze", "rain100l": "test/derain/Rain100L",
+                     "cbsd68-25": "test/denoise/bsd68", "gopro": "test/deblur/gopro",
+                     "lol": "test/enhance/lol"}
+    # the datasets' own folder names, as under ../shared/data
+    rng = np.random.default_rng(0)
+    _pairs(tmp_path / "GoPro/test", "blur", "sharp", [("a.png",) * 2], rng)
+    _pairs(tmp_path / "LOL/eval15", "low", "high", [("1.png",) * 2], rng)
+    found, missing = find_sets("five-task", tmp_path)
+    assert {ps.key: p.relative_to(tmp_path).as_posix() for ps, p in found} == {
+        "gopro": "GoPro/test", "lol": "LOL/eval15"}
+    assert {ps.key for ps in missing} == {"sots", "rain100l", "cbsd68-25"}
+
+
+def test_five_task_data_check(five, tmp_path, capsys):
+    cfg = _five_config(tmp_path / "five.py", five)
+    assert main(["data", "check", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:5] for line in out.splitlines() if line.startswith(("train:", "test:"))}
+    assert rows["train:deblur"] == ["4", "2", "0", "0"] and rows["train:lowlight"] == ["4", "2", "0", "0"]
+    assert rows["test:gopro"] == ["2", "1", "0", "0"] and rows["test:lol"] == ["4", "2", "0", "0"]
+    assert {"train:denoise", "train:derain", "train:dehaze", "test:sots", "test:rain100l", "test:cbsd68"} <= set(rows)
+
+    bad = build_five_task(tmp_path / "bad")
+    for f in (bad / "test/enhance/lol/target").iterdir():
+        f.unlink()  # LOL inputs without targets
+    (bad / "Train/Deblur/sharp").rename(bad / "Train/Deblur/clear_frames")  # no clean sub-folder left
+    cfg = _five_config(tmp_path / "bad.py", bad)
+    assert main(["data", "check", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    problems = [line for line in err.splitlines() if line.startswith("lmdir: data problem:")]
+    assert len(problems) == 2 and "Traceback" not in err
+    assert any("train:deblur" in line and "Train/Deblur is not a paired folder" in line for line in problems)
+    assert any("test:lol" in line and "lol" in line for line in problems)
+
+
+@pytest.fixture(scope="module")
+def five_trained(five, tmp_path_factory) -> Path:
+    """The tiny network trained 3 steps on the five-task mixture (configs/five_task.py's sources)."""
+    tmp = tmp_path_factory.mktemp("five_trained")
+    wd = tmp / "wd"
+    assert main(["train", "--config", str(_five_config(tmp / "cfg.py", five)), "--workdir", str(wd),
+                 "--no-progress"]) == 0
+    return wd
+
+
+@pytest.mark.slow
+def test_five_task_trains_and_evaluates(five_trained, five, tmp_path, capsys):
+    records = [json.loads(x) for x in (five_trained / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert len(losses) == 3 and all(np.isfinite(r["loss"]) for r in losses)
+    seen = {k for r in losses for k in r if k.startswith("loss/")}
+    assert seen <= {f"loss/{n}" for n in ("denoise", "derain", "dehaze", "deblur", "lowlight")}
+    assert len(seen) >= 4  # 24 draws over five equal sources
+
+    out_json = tmp_path / "five.json"
+    assert main(["evaluate", "--protocol", "five-task", "--root", str(five), "--checkpoint",
+                 str(five_trained), "--format", "markdown", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "| method | SOTS | Rain100L | CBSD68 σ25 | GoPro | LOL | average |" in out
+    assert ("| DACG-IR | 31.63/0.9810 | 39.24/0.9860 | 31.57/0.8900 | 29.58/0.8910 | 23.35/0.8640 "
+            "| 31.07/0.9220 |") in out  # the average as DACG-IR prints it
+    assert "| AdaIR | 30.53/0.9780 |" in out and "| MoCE-IR | 30.48/0.9740 |" in out
+    mine = next(line for line in out.splitlines() if line.startswith("| this checkpoint |"))
+    cells = [c.strip() for c in mine.strip("|").split("|")][1:]
+    assert len(cells) == 6 and "-" not in cells  # five sets and the average, all scored
+    data = json.loads(out_json.read_text())
+    res = data["table"]["rows"][-1]["results"]
+    assert set(res) == {"sots", "rain100l", "cbsd68-25", "gopro", "lol"}
+    assert data["settings"]["sets"]["gopro"].endswith("test/deblur/gopro")
+    assert data["settings"]["sets"]["lol"].endswith("test/enhance/lol")
+    assert len(data["images"]) == 1 + 2 + 2 + 1 + 2  # SOTS, Rain100L, CBSD68, GoPro, LOL
+    for key, (psnr, ssim_) in res.items():
+        assert 0 < psnr < 100 and -1 <= ssim_ <= 1, key

@@ -165,8 +165,11 @@ def check_config(config, *, tests: bool = True, decode: str = "auto") -> list[Fo
         return [bad]
     if specs:
         for s in specs:
+            # a source with a degradation text is a paired source (the text labels its pairs): a
+            # folder without its clean half would otherwise be read as clean photos
             reports.append(check_folder(f"train:{s.name}", s.path, degraded_dir=s.degraded_dir,
-                                        clean_dir=s.clean_dir, decode=decode))
+                                        clean_dir=s.clean_dir, paired=True if s.text else None,
+                                        decode=decode))
     else:
         reports.append(check_folder("train", str(d.source), decode=decode))
     if str(d.get("val_source", "")):
