@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from lmdir_jax.axes import DATA, FSDP
+
 # Dense bf16 peak TFLOP/s per device (vendor figures) for MFU when --peak-tflops is not given.
 PEAK_TFLOPS = {
     "h100": 989.0,
@@ -130,8 +132,8 @@ def run(args) -> int:
     peak = args.peak_tflops if args.peak_tflops is not None else known_peak(dev.device_kind)
     # cost_analysis of an SPMD program reports per-device FLOPs.
     total_flops = flops * mesh.size
-    print(f"devices: {mesh.size} x {dev.device_kind}  mesh data={mesh.shape['data']} "
-          f"fsdp={mesh.shape['fsdp']}  host memory: {malloc_note()}")
+    print(f"devices: {mesh.size} x {dev.device_kind}  mesh {DATA}={mesh.shape[DATA]} "
+          f"{FSDP}={mesh.shape[FSDP]}  host memory: {malloc_note()}")
     print(f"step time: {step_s * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
           f"max {max(times) * 1e3:.1f})"
           + (f"; cpu stolen by the hypervisor meanwhile: {stolen}" if stolen else ""))

@@ -28,10 +28,10 @@ import numpy as np
 from flax import nnx
 
 from lmdir_jax import architecture
+from lmdir_jax.axes import EMBED, MLP
 from lmdir_jax.models import backend_cpu
 
 LN_EPS = architecture.LN_EPS
-EMBED, MLP, HEADS, LAYERS = "embed", "mlp", "heads", "layers"  # logical axis names
 CONV_IMPLS = ("auto", "xla", "cpu")
 _IMPL: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmdir_conv_impl", default=None)
 

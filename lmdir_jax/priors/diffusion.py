@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from lmdir_jax.axes import DATA
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors.sd_weights import quiet_hf
 
@@ -165,9 +166,9 @@ class StableDiffusion:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         if mesh is None:
-            mesh = Mesh(np.array(jax.local_devices()), ("data",))
-        if "data" not in mesh.axis_names:
-            raise UsageError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
+            mesh = Mesh(np.array(jax.local_devices()), (DATA,))
+        if DATA not in mesh.axis_names:
+            raise UsageError(f"the mesh needs a {DATA!r} axis, it has {mesh.axis_names}")
         if mesh not in self._placed:
             self._placed[mesh] = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
         return mesh, self._placed[mesh]
@@ -195,7 +196,7 @@ class StableDiffusion:
         seeds = _seeds(seed, n)
         negatives = _negatives(negative_prompt, n)
         mesh, params = self._mesh_and_params(mesh)
-        per = mesh.shape["data"]
+        per = mesh.shape[DATA]
         pad = (-n) % per
         batch = {
             "ids": self.encode_prompts(prompts),
@@ -208,7 +209,7 @@ class StableDiffusion:
             batch = {
                 k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()
             }
-        batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+        batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA)))
         shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         with quiet_hf():  # diffusers warns "deprecated" each time a Flax module is traced
             out = self._sample_jit(
