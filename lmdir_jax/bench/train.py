@@ -71,6 +71,7 @@ def run(args) -> int:
 
     from lmdir_jax.config import load_config
     from lmdir_jax.errors import UsageError
+    from lmdir_jax.models.layers import kernels_of
     from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
@@ -94,7 +95,7 @@ def run(args) -> int:
     print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {m.dtype}  "
           f"scan_blocks {m.get('scan_blocks', False)} ({m.get('scan_unroll', 'auto')})  "
           f"remat {m.get('remat', 'none')}  "
-          f"conv_impl {m.get('conv_impl', 'auto')}", flush=True)
+          f"kernels {kernels_of(m)}", flush=True)
     t0 = time.perf_counter()
     setup = state_lib.make_setup(config, mesh)
     state = state_lib.init_state(config, setup)
