@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.models.priors import Priors
+from lmdir_jax.workdir import CONFIG, config_file
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -394,8 +395,8 @@ def load_restorer(checkpoint: str, clip: str | None = None, controller: str | No
     from lmdir_jax.errors import UsageError
 
     wd = Path(checkpoint)
-    if not wd.is_dir() or not (wd / "config.json").is_file():
-        raise UsageError(f"no checkpoint at {checkpoint} (expected a training workdir with config.json)")
+    if not wd.is_dir() or not config_file(wd).is_file():
+        raise UsageError(f"no checkpoint at {checkpoint} (expected a training workdir with {CONFIG})")
     from lmdir_jax.train.checkpoints import load_for_inference
 
     try:

@@ -13,6 +13,7 @@ import numpy as np
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import atomic_write_bytes
+from lmdir_jax.workdir import CONFIG, LOSS_PLOT, VAL_GRID, config_file, grids, plot_file
 
 
 def comparison_figure(
@@ -89,11 +90,11 @@ def write_report(
 
     output = Path(output)
     workdir = Path(workdir)
-    if not (workdir / "config.json").is_file():
-        raise UsageError(f"not a training workdir (no config.json): {workdir}")
+    if not config_file(workdir).is_file():
+        raise UsageError(f"not a training workdir (no {CONFIG}): {workdir}")
     out_dir = output.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads((workdir / "config.json").read_text())
+    config = json.loads(config_file(workdir).read_text())
     records = read_metrics(workdir)
     train_recs = [r for r in records if "loss" in r]
     val_recs = [r for r in records if any(k.startswith("val_") for k in r)]
@@ -124,15 +125,15 @@ def write_report(
         lines.append(f"- last validation (step {v.get('step')}): {vals}")
     lines.append("")
 
-    loss_png = workdir / "plots" / "loss.png"
+    loss_png = plot_file(workdir, LOSS_PLOT)
     if loss_png.is_file():
         lines += ["## Training curve", "", f"![loss]({_rel(loss_png, out_dir)})", ""]
-    grids = sorted((workdir / "plots").glob("val_*.png")) if (workdir / "plots").is_dir() else []
-    if grids:
+    val_grids = grids(workdir, VAL_GRID)
+    if val_grids:
         lines += [
             "## Validation (degraded | restored | clean)",
             "",
-            f"![validation]({_rel(grids[-1], out_dir)})",
+            f"![validation]({_rel(val_grids[-1], out_dir)})",
             "",
         ]
 

@@ -12,7 +12,6 @@ from lmdir_jax.data.io import (
     IMAGE_EXTENSIONS,
     load_image,
     read_image,
-    read_image_with_alpha,
     write_image,
 )
 from lmdir_jax.errors import UsageError
@@ -96,7 +95,7 @@ def test_palette_and_transparent_palette(tmp_path):
     pal.putpixel((0, 0), 0)
     pal.info["transparency"] = 0
     pal.save(tmp_path / "pt.png", transparency=0)
-    rgb2, alpha = read_image_with_alpha(tmp_path / "pt.png")
+    alpha = load_image(tmp_path / "pt.png").alpha
     assert alpha is not None and alpha[0, 0] == 0 and alpha[1, 1] == 1
     # read_image composites the transparent pixel over white
     assert np.allclose(read_image(tmp_path / "pt.png")[0, 0], 1.0)
@@ -107,7 +106,8 @@ def test_rgba_alpha_is_exposed_and_written_back(tmp_path):
     alpha = np.zeros(img.shape[:2], np.float32)
     alpha[:, :8] = 1.0
     write_image(tmp_path / "a.png", img, alpha=alpha)
-    rgb, a = read_image_with_alpha(tmp_path / "a.png")
+    loaded = load_image(tmp_path / "a.png")
+    rgb, a = loaded.rgb, loaded.alpha
     assert np.abs(rgb - img).max() < 1 / 255 and np.array_equal(a, alpha)
     comp = read_image(tmp_path / "a.png")
     assert np.allclose(comp[:, 8:], 1.0) and np.abs(comp[:, :8] - img[:, :8]).max() < 1 / 255
@@ -144,7 +144,7 @@ def test_unreadable_files_give_none(tmp_path, kind):
     elif kind == "bomb":
         _png_claiming(p, 100_000, 100_000)
     assert read_image(p) is None
-    assert read_image_with_alpha(p) is None
+    assert load_image(p) is None
 
 
 def test_write_refuses_to_overwrite_inputs(tmp_path):

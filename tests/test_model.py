@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from lmdir_jax.config import load_config
-from lmdir_jax.models import LMDIR, Priors, build_model, count_params, partition_specs
+from lmdir_jax.models import LMDIR, Priors, build_model, count_params
 from lmdir_jax.models.layers import adaptive_avg_pool, pixel_shuffle, pixel_unshuffle
 
 TOP_LEVEL = ("embed", "encoders", "downs", "latent", "ups", "reduces", "decoders", "refinement",
@@ -156,16 +156,18 @@ def test_tiny_parameter_count(cfg):
     assert all(v > 0 for v in counts.values())
 
 
-def test_partition_specs_name_logical_axes_mapped_by_rules(cfg):
+def test_parameters_name_logical_axes_mapped_by_rules(cfg):
     from lmdir_jax.train.config import DEFAULT_AXIS_RULES
+    from lmdir_jax.train.mesh import logical_specs
 
     model = build_model(cfg, seed=0)
-    flat = dict(nnx.to_flat_state(partition_specs(model)))
+    params = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(nnx.get_partition_spec(params)))
     assert tuple(flat[("embed", "kernel")].get_value()) == (None, None, "embed", "mlp")
     assert tuple(flat[("latent", "blocks", "attn", "temperature")].get_value()) == ("layers", "heads")
     assert tuple(flat[("latent", "blocks", "ffn", "dw", "kernel")].get_value()) == (
         "layers", None, None, "embed", "mlp")
-    mapped = dict(nnx.to_flat_state(partition_specs(model, DEFAULT_AXIS_RULES)))
+    mapped = dict(nnx.to_flat_state(logical_specs(params, DEFAULT_AXIS_RULES)))
     assert tuple(mapped[("embed", "kernel")].get_value()) == (None, None, None, "fsdp")
     assert tuple(mapped[("prompt", "mlp_in", "kernel")].get_value()) == (None, "fsdp")
     assert tuple(mapped[("latent", "blocks", "attn", "temperature")].get_value()) == (None, None)

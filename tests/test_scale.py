@@ -1,10 +1,11 @@
 """The model at scale: scanned blocks and their conversion, rematerialisation, kernel choice
-(model.conv_impl), logical axis rules and sharded initialisation."""
+(model.kernels), logical axis rules and sharded initialisation."""
 
 import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -150,19 +151,28 @@ def test_remat_block_same_values_and_gradients_less_temp_memory(reference):
         build_model(model_config(remat="all"), seed=0)
 
 
-def test_conv_impls_agree_in_value_and_gradients(reference):
-    """The XLA:CPU kernels (models/backend_cpu.py) and lax's convolutions and products give the
-    same output and gradients for the same parameters."""
+def test_kernels_draw_the_same_parameters_and_agree_in_value_and_gradients(reference):
+    """The XLA:CPU kernels (models/backend_cpu.py) and lax's convolutions and products: a seed
+    draws exactly the same parameters for both, which give the same output and gradients."""
+    from lmdir_jax.models.layers import kernels_of
+
     params, want = reference
-    c = model_config(conv_impl="xla")
-    model = with_params(build_model(c, seed=5), params)
+    c = model_config(kernels="xla")
+    model = build_model(c, seed=3)
     assert model.embed.conv_general_dilated is jax.lax.conv_general_dilated
     assert model.prompt.mlp_in.dot_general is jax.lax.dot_general
-    assert_same(loss_and_grads(model, c), want, 5e-4)
-    cpu = build_model(model_config(conv_impl="cpu", scan_blocks=False), seed=0)
+    cpu = build_model(model_config(kernels="cpu"), seed=3)
     assert cpu.embed.conv_general_dilated is not jax.lax.conv_general_dilated
-    with pytest.raises(ValueError, match="model.conv_impl"):
-        build_model(model_config(conv_impl="gpu"), seed=0)
+    assert cpu.prompt.mlp_in.dot_general is not jax.lax.dot_general
+    drawn = [nnx.to_flat_state(nnx.state(m)) for m in (model, cpu)]
+    assert [path for path, _ in drawn[0]] == [path for path, _ in drawn[1]]
+    for (path, a), (_, b) in zip(*drawn, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                      err_msg=str(path))
+    assert_same(loss_and_grads(with_params(model, params), c), want, 5e-4)
+    with pytest.raises(ValueError, match="model.kernels"):
+        build_model(model_config(kernels="gpu"), seed=0)
+    assert kernels_of(ml_collections.ConfigDict({"conv_impl": "xla"})) == "xla"  # a saved run
 
 
 def test_export_gives_the_same_torch_state_dict_either_way(reference, tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from lmdir_jax.axes import DATA, FSDP
+
 # Dense bf16 peak TFLOP/s per device (vendor figures) for MFU when --peak-tflops is not given.
 PEAK_TFLOPS = {
     "h100": 989.0,
@@ -69,6 +71,7 @@ def run(args) -> int:
 
     from lmdir_jax.config import load_config
     from lmdir_jax.errors import UsageError
+    from lmdir_jax.models.layers import kernels_of
     from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
@@ -92,7 +95,7 @@ def run(args) -> int:
     print(f"config: {config.name}  batch {b} x {p}x{p}  dtype {m.dtype}  "
           f"scan_blocks {m.get('scan_blocks', False)} ({m.get('scan_unroll', 'auto')})  "
           f"remat {m.get('remat', 'none')}  "
-          f"conv_impl {m.get('conv_impl', 'auto')}", flush=True)
+          f"kernels {kernels_of(m)}", flush=True)
     t0 = time.perf_counter()
     setup = state_lib.make_setup(config, mesh)
     state = state_lib.init_state(config, setup)
@@ -130,8 +133,8 @@ def run(args) -> int:
     peak = args.peak_tflops if args.peak_tflops is not None else known_peak(dev.device_kind)
     # cost_analysis of an SPMD program reports per-device FLOPs.
     total_flops = flops * mesh.size
-    print(f"devices: {mesh.size} x {dev.device_kind}  mesh data={mesh.shape['data']} "
-          f"fsdp={mesh.shape['fsdp']}  host memory: {malloc_note()}")
+    print(f"devices: {mesh.size} x {dev.device_kind}  mesh {DATA}={mesh.shape[DATA]} "
+          f"{FSDP}={mesh.shape[FSDP]}  host memory: {malloc_note()}")
     print(f"step time: {step_s * 1e3:.1f} ms (median of {len(times)}; min {min(times) * 1e3:.1f}, "
           f"max {max(times) * 1e3:.1f})"
           + (f"; cpu stolen by the hypervisor meanwhile: {stolen}" if stolen else ""))

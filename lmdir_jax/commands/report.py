@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmdir_jax.workdir import plots_dir
+
 
 def register(sub) -> None:
     """Add `lmdir report`."""
@@ -41,7 +43,7 @@ def run(args) -> int:
         evaluations.append((name, file))
     workdir = Path(args.workdir)
     reads = [*(args.compare or ()), *(f for _, f in evaluations), *([args.eval_text] if args.eval_text else []),
-             *workdir.glob("*"), *workdir.glob("plots/*")]
+             *workdir.glob("*"), *plots_dir(workdir).glob("*")]
     check_text_output(args.output, reads)  # before any work: never over an input
     if compare:  # the sample figure is written beside the report
         check_output_file(Path(args.output).parent / "sample.png", compare, flag="--compare's figure")

@@ -183,13 +183,6 @@ def read_image(path: str | Path) -> np.ndarray | None:
     return None if loaded is None else loaded.composited()
 
 
-def read_image_with_alpha(path: str | Path) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Read (rgb, alpha): colours as stored and alpha HxW in [0, 1] (or None), for restoring RGBA
-    files and writing the alpha back; None if unreadable."""
-    loaded = load_image(path)
-    return None if loaded is None else (loaded.rgb, loaded.alpha)
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))

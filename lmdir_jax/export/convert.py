@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.export.folder import CONFIG_FILE, EXPORT_FILES, README_FILE, WEIGHTS_FILE
 
 FORMAT = "lmdir-torch"
 VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-README_FILE = "README.md"
 
 README_TEXT = """# LMDIR exported to PyTorch
 
@@ -138,9 +136,6 @@ def torch_mirror(model, config_model):
     tm = LMDIRTorch(model_config_dict(config_model))
     tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=True)
     return tm.eval()
-
-
-EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, README_FILE)  # all that an export folder holds
 
 
 def check_export_folder(output_dir: str | Path, force: bool) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.workdir import config_file
 
 _LEVELS = {"encoder_level1": "encoders.0", "encoder_level2": "encoders.1",
            "encoder_level3": "encoders.2", "latent": "latent", "decoder_level3": "decoders.0",
@@ -172,7 +173,7 @@ def import_restormer(checkpoint: str | Path, config, output: str | Path) -> Path
     params = restormer_params(state, model, str(checkpoint))
     nnx.update(model, params)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(config_to_json(config))
+    config_file(output).write_text(config_to_json(config))
     setup = state_lib.make_setup(config, mesh_lib.mesh_from_config(config))
     train_state = state_lib.init_state(config, setup, model_fn=lambda: model)
     manager = ckpt.make_manager(output, async_save=False)

@@ -31,9 +31,7 @@ from torch import nn
 
 from lmdir_jax import architecture
 from lmdir_jax.architecture import L2_EPS, LN_EPS, MASKED_LOGIT, MLP_EXPANSION, MULTIPLE
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from lmdir_jax.export.folder import CONFIG_FILE, WEIGHTS_FILE
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:

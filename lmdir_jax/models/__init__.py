@@ -13,7 +13,6 @@ _EXPORTS = {
     "build_model": "lmdir_jax.models.lmdir",
     "Priors": "lmdir_jax.models.priors",
     "drop_priors": "lmdir_jax.models.priors",
-    "partition_specs": "lmdir_jax.models.sharding",
     "count_params": "lmdir_jax.models.summary",
 }
 

@@ -1,76 +1,24 @@
-"""XLA:CPU kernels for the LMDIR layers (`model.conv_impl = "cpu"`; "auto" picks them on CPUs).
+"""XLA:CPU kernels for the LMDIR layers (`model.kernels = "cpu"`; "auto" picks them on CPUs).
 
-The same mathematics as `jax.lax.conv_general_dilated` / `lax.dot_general` and flax's initialisers,
-written in forms XLA's CPU backend runs fast (docs/benchmarks.md):
+The same mathematics as `jax.lax.conv_general_dilated` / `lax.dot_general`, written
+in forms XLA's CPU backend runs fast (docs/benchmarks.md):
 - depth-wise convolutions as sums of shifted products with a hand-written gradient (`depthwise`),
   whose output and input gradient are each computed once inside a conditional (`computed_once`);
 - 1x1 convolutions and linear layers as 2-D matmuls with hand-written gradients (`matmul`);
 - full convolutions with few output (`conv_output_shifts`) or input channels (`conv_im2col`) as
-  matmuls;
-- initialisers computed eagerly by numpy (seeded by the key's data) instead of jax.random
-  (`host_init`; under jit they are jax.random's).
+  matmuls.
 `conv_general_dilated` and `dot_general` are drop-in replacements for the lax functions (anything
-they have no fast form for is passed to lax); `lecun_normal` and `normal` for the initialisers.
-On GPUs and TPUs the plain lax operations (cuDNN, ...) are faster: `conv_impl = "xla"`.
+they have no fast form for is passed to lax). On GPUs and TPUs the plain lax operations (cuDNN,
+...) are faster: `model.kernels = "xla"`. Parameters are initialised the same way for both
+(`models/initializers.py`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
-
-
-def host_init(sample, traced):
-    """Wrap `sample(rng: np.random.Generator, shape) -> np.ndarray` as a JAX initializer.
-
-    Eagerly the numbers come from numpy seeded by the key's data: one XLA compile per parameter
-    shape made eager initialisation with jax.random take minutes on a busy CPU. Under tracing (the
-    jitted, sharded creation of a train state; eval_shape) the jax.random initializer `traced`
-    draws them instead: a host callback would create every parameter whole on one device. The
-    two draw different numbers from the same distribution.
-    """
-
-    def init(key, shape, dtype=jnp.float32):
-        shape = tuple(int(d) for d in shape)
-        data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        if isinstance(data, jax.core.Tracer):
-            return traced(key, shape, dtype)
-        rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
-        # device_put, not jnp.asarray: jax compiles an identity program per shape for the latter.
-        return jax.device_put(sample(rng, shape).astype(np.float32).astype(jnp.dtype(dtype)))
-
-    return init
-
-
-def _truncated(rng: np.random.Generator, shape) -> np.ndarray:
-    """Unit normal samples truncated to [-2, 2] (rejection)."""
-    x = rng.standard_normal(shape)
-    bad = np.abs(x) > 2
-    while bad.any():
-        x[bad] = rng.standard_normal(int(bad.sum()))
-        bad = np.abs(x) > 2
-    return x
-
-
-def _lecun(rng: np.random.Generator, shape) -> np.ndarray:
-    fan_in = math.prod(shape[:-1])  # HWIO / (in, out): all but the output dim
-    return _truncated(rng, shape) * (math.sqrt(1.0 / fan_in) / TRUNC_STD)
-
-
-lecun_normal = host_init(_lecun, jax.nn.initializers.lecun_normal())
-"""LeCun normal (truncated, variance 1/fan_in), as flax's default kernel init."""
-
-
-def normal(std: float):
-    """Normal(0, std) initializer (numpy-backed, see `host_init`)."""
-    return host_init(lambda rng, shape: rng.standard_normal(shape) * std,
-                     jax.nn.initializers.normal(std))
 
 ROW_BLOCK = 4  # rows per step of the depth-wise kernel-gradient loop on large activations
 ROW_BLOCK_MIN_SIZE = 1 << 20  # elements of the output gradient from which that loop is used
@@ -259,7 +207,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
     Both rewrites give the convolution's result (float32 accumulation for depth-wise) and fuse well
     on every backend, but on GPUs cuDNN's convolutions are faster (the paper training step took
     317 ms with the rewrites and 175 ms without on an H100), so they are used with
-    `model.conv_impl = "cpu"` only. Full
+    `model.kernels = "cpu"` only. Full
     convs with few output channels (the output conv, small down-sampling convs) or few input
     channels (the RGB input conv) become matmuls too (`conv_output_shifts`, `conv_im2col`).
     Anything else (strides, dilation, other layouts, other full convs) goes to

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.architecture import L2_EPS, ffn_hidden
+from lmdir_jax.axes import HEADS, LAYERS
 from lmdir_jax.models.conditioning import Conditions, Modulation, SpatialCrossAttention
-from lmdir_jax.models.layers import HEADS, LAYERS, conv, conv_parts, gelu
+from lmdir_jax.models.layers import conv, conv_parts, gelu
 from lmdir_jax.models.norms import block_norm
 from lmdir_jax.models.stacking import draw_stacked, is_traced
 

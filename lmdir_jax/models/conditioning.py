@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.models.attention import MultiHeadAttention
-from lmdir_jax.models.layers import layer_norm, linear, normal
+from lmdir_jax.models.initializers import normal
+from lmdir_jax.models.layers import layer_norm, linear
 
 
 @flax.struct.dataclass

@@ -37,8 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.embed_bias = True  # bias of the 3x3 patch-embedding conv (Restormer: False)
     c.output_bias = True  # bias of the 3x3 output conv (Restormer: False)
     # Kernels: "xla" (lax convolutions and products), "cpu" (the XLA:CPU forms of
-    # models/backend_cpu.py), "auto" ("cpu" on CPUs, else "xla").
-    c.conv_impl = "auto"
+    # models/backend_cpu.py), "auto" ("cpu" on CPUs, else "xla"). The parameters a seed draws do
+    # not depend on it.
+    c.kernels = "auto"
     # Each level's blocks as one nnx.scan over stacked parameters (compile time independent of
     # depth); False: a Python loop over blocks/0, blocks/1, ... (models/stacking.py converts).
     c.scan_blocks = True

@@ -6,9 +6,10 @@ Conventions (mirrored exactly by the PyTorch export):
   (in, out) -> ('embed', 'mlp'); stacked (scanned) blocks add 'layers' in front. The rule table
   `train.axis_rules` maps them to mesh axes (by default 'mlp' -> 'fsdp', the rest replicated);
   biases and norms are unannotated (replicated, PartitionSpec());
-- kernels: `model.conv_impl` picks lax's operations ('xla') or the XLA:CPU forms of
-  `models/backend_cpu.py` ('cpu'); 'auto' is 'cpu' on CPUs. Layers take the choice current when
-  they are created (`conv_impl` context, set by `LMDIR`);
+- kernels: `model.kernels` picks lax's operations ('xla') or the XLA:CPU forms of
+  `models/backend_cpu.py` ('cpu'); 'auto' is 'cpu' on CPUs, resolved once when `LMDIR` is built
+  (`use_kernels`), whose layers take the choice current when they are created. Initialisers
+  (`models/initializers.py`) do not depend on it: the same seed, the same parameters;
 - LayerNorm: over the channel (last) axis, eps 1e-5, with scale and bias, variance computed as
   mean((x - mean)^2) (no "fast variance" trick);
 - GELU: exact erf form;
@@ -28,59 +29,42 @@ import numpy as np
 from flax import nnx
 
 from lmdir_jax import architecture
+from lmdir_jax.axes import EMBED, MLP
 from lmdir_jax.models import backend_cpu
+from lmdir_jax.models.initializers import lecun_normal
 
 LN_EPS = architecture.LN_EPS
-EMBED, MLP, HEADS, LAYERS = "embed", "mlp", "heads", "layers"  # logical axis names
-CONV_IMPLS = ("auto", "xla", "cpu")
-_IMPL: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmdir_conv_impl", default=None)
+KERNELS = ("auto", "xla", "cpu")
+_KERNELS: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmdir_kernels", default=None)
 
 
-def resolve_conv_impl(name: str) -> str:
-    """'xla' or 'cpu' for a `model.conv_impl` value; 'auto' is 'cpu' on CPUs, else 'xla'."""
-    if name not in CONV_IMPLS:
-        raise ValueError(f"model.conv_impl must be one of {', '.join(CONV_IMPLS)}, got {name!r}")
+def resolve_kernels(name: str) -> str:
+    """'xla' or 'cpu' for a `model.kernels` value; 'auto' is 'cpu' on CPUs, else 'xla'."""
+    if name not in KERNELS:
+        raise ValueError(f"model.kernels must be one of {', '.join(KERNELS)}, got {name!r}")
     if name == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
     return name
 
 
 @contextlib.contextmanager
-def conv_impl(name: str):
-    """Layers created inside use the kernels of `name` (`model.conv_impl`; see module doc)."""
-    token = _IMPL.set(resolve_conv_impl(name))
+def use_kernels(name: str):
+    """Layers created inside run the kernels of `name` (`model.kernels`; see module doc)."""
+    token = _KERNELS.set(resolve_kernels(name))
     try:
         yield
     finally:
-        _IMPL.reset(token)
+        _KERNELS.reset(token)
 
 
-def current_conv_impl() -> str:
-    """The kernels layers created now use: set by `conv_impl`, else 'auto' resolved."""
-    return _IMPL.get() or resolve_conv_impl("auto")
+def kernels_of(model_config) -> str:
+    """The `model.kernels` value of a model config (a run saved with the key's former name,
+    `conv_impl`, is read by that name)."""
+    return str(model_config.get("kernels", model_config.get("conv_impl", "auto")))
 
 
 def _on_cpu_kernels() -> bool:
-    return current_conv_impl() == "cpu"
-
-
-def lecun_normal(key, shape, dtype=jnp.float32):
-    """LeCun normal (truncated to 2 std, variance 1/fan_in), flax's default kernel init; numpy
-    backed under `conv_impl('cpu')` (`backend_cpu.host_init`)."""
-    if _on_cpu_kernels():
-        return backend_cpu.lecun_normal(key, shape, dtype)
-    return jax.nn.initializers.lecun_normal()(key, shape, dtype)
-
-
-def normal(std: float):
-    """Normal(0, std) initializer (numpy backed under `conv_impl('cpu')`)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        if _on_cpu_kernels():
-            return backend_cpu.normal(std)(key, shape, dtype)
-        return jax.nn.initializers.normal(std)(key, shape, dtype)
-
-    return init
+    return (_KERNELS.get() or resolve_kernels("auto")) == "cpu"
 
 
 default_kernel_init = lecun_normal

@@ -39,13 +39,14 @@ from lmdir_jax import architecture
 from lmdir_jax.architecture import MULTIPLE
 from lmdir_jax.models.blocks import BlockStack, remat_policy, resolve_scan_unroll
 from lmdir_jax.models.conditioning import Conditions
+from lmdir_jax.models.initializers import lecun_normal
 from lmdir_jax.models.layers import (
     compute_dtype,
     conv,
-    conv_impl,
-    lecun_normal,
+    kernels_of,
     pixel_shuffle,
     pixel_unshuffle,
+    use_kernels,
 )
 from lmdir_jax.models.pip import PromptInPrompt
 from lmdir_jax.models.priors import Priors
@@ -123,7 +124,7 @@ class LMDIR(nnx.Module):
 
         # eager_sharding off: parameters are created unsharded and only carry logical axis names;
         # the training code creates them in place on its mesh (train/state.py, `train.axis_rules`).
-        with nnx.use_eager_sharding(False), conv_impl(str(c.get("conv_impl", "auto"))):
+        with nnx.use_eager_sharding(False), use_kernels(kernels_of(c)):
             self.prompt = PromptEncoder(
                 int(c.text_dim), int(c.prompt_dim), int(c.prompt_heads),
                 int(c.num_deg_queries), int(c.num_content_queries), rngs=rngs, dtype=dtype,

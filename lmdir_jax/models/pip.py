@@ -25,8 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmdir_jax.architecture import L2_EPS, ffn_hidden, pip_topk
+from lmdir_jax.axes import HEADS
 from lmdir_jax.models.blocks import GatedFeedForward
-from lmdir_jax.models.layers import HEADS, conv, gelu, layer_norm, normal
+from lmdir_jax.models.initializers import normal
+from lmdir_jax.models.layers import conv, gelu, layer_norm
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:

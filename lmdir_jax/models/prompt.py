@@ -20,7 +20,8 @@ from flax import nnx
 
 from lmdir_jax.architecture import MLP_EXPANSION
 from lmdir_jax.models.attention import MultiHeadAttention
-from lmdir_jax.models.layers import gelu, layer_norm, linear, normal
+from lmdir_jax.models.initializers import normal
+from lmdir_jax.models.layers import gelu, layer_norm, linear
 from lmdir_jax.models.priors import Priors
 
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmdir_jax.models.layers import adaptive_avg_pool, conv, gelu, layer_norm, normal
+from lmdir_jax.models.initializers import normal
+from lmdir_jax.models.layers import adaptive_avg_pool, conv, gelu, layer_norm
 
 
 def grid_side(ref_tokens: int) -> int:

@@ -69,7 +69,7 @@ def draw_stacked(make_block: Callable[[], Any], n: int, axis_name: str) -> Any:
     (what an nnx.vmap with transform_metadata {nnx.PARTITION_NAME: axis_name} makes).
 
     Eagerly this draws exactly what the unscanned layout draws for the same seed, and uses the
-    numpy initialisers of `backend_cpu` (an eager nnx.vmap compiles every draw: 28 s for the tiny
+    numpy initialisers of `models/initializers.py` (an eager nnx.vmap compiles every draw: 28 s for the tiny
     config on a CPU; tracing one abstractly for the structure took 3 of the 4 s left).
     """
     from flax import nnx

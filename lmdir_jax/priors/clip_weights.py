@@ -22,8 +22,6 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 FLAX_MSGPACK = "flax_model.msgpack"
-# Buffers some checkpoints carry that are not weights.
-_IGNORED = ("position_ids",)
 
 
 def flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:

@@ -37,6 +37,7 @@ from lmdir_jax.outputs import atomic_write_bytes
 from lmdir_jax.priors import clip_weights
 from lmdir_jax.priors.clip_model import activation, openclip_state_dict
 from lmdir_jax.priors.config import CONTROLLER_GRID
+from lmdir_jax.workdir import checkpoints_dir
 
 SPEC_FILE = "controller.json"
 
@@ -400,7 +401,7 @@ def load_controller(workdir: str | Path, clip, grid: int = GRID) -> DegradationA
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {spec_file}: {e}") from None
     check_spec(wd, spec, clip)
-    if not ckpt.checkpoint_dir(wd).is_dir():
+    if not checkpoints_dir(wd).is_dir():
         raise UsageError(f"no checkpoints in controller folder {wd}")
     controller = Controller.from_clip(clip, reverse=spec.get("wiring") == "daclip")
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

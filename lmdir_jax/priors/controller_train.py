@@ -29,6 +29,7 @@ import numpy as np
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir
+from lmdir_jax.workdir import CONFUSION_PLOT, config_file, metrics_file, plot_file
 
 
 def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +233,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     iterator = make_train_iterator(config, prior_cache=cache)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config_to_json(config))
+        config_file(workdir).write_text(config_to_json(config))
     spec = {**spec, "clip": str(Path(clip_path).resolve())}
     save_spec()
 
@@ -255,7 +256,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     if start % (echo * echo):
         raise UsageError(f"the checkpoint at step {start} is not at a multiple of {echo * echo} "
                          f"(priors.controller_echo={echo} squared): resume with the echo it was trained with")
-    metrics_file = workdir / "metrics.jsonl"
+    metrics_path = metrics_file(workdir)
     confusion = np.zeros((len(names), len(names)), np.int64)  # single-label training crops
     pending: list = []
     last: dict = {}
@@ -272,7 +273,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
         if not math.isfinite(means["loss"]):
             raise RuntimeError(f"controller loss became {means['loss']} at step {pending[-1][0]}")
         if jax.process_index() == 0:
-            _append_metrics(metrics_file, pending[-1][0], means)
+            _append_metrics(metrics_path, pending[-1][0], means)
         bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.2f}", refresh=False)
         last, pending = means, []
 
@@ -320,7 +321,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
         manager.close()
         iterator.close()  # joins the grain workers and releases their shared memory
     if jax.process_index() == 0 and confusion.sum():
-        plot_confusion(confusion, names, names, workdir / "plots" / "confusion.png",
+        plot_confusion(confusion, names, names, plot_file(workdir, CONFUSION_PLOT),
                        f"controller training crops, steps {start + 1}-{step}")
     return {
         "step": step, "start_step": start, "loss": last.get("loss", float("nan")),

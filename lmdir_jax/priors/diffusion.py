@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmdir_jax.axes import DATA
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import sd_weights
 from lmdir_jax.priors.clip_model import ClipTextConfig
@@ -171,9 +172,9 @@ class StableDiffusion:
     def _mesh_and_params(self, mesh: Any) -> tuple[Any, Any]:
         """The mesh to use (default: all local devices on 'data') and the params replicated on it."""
         if mesh is None:
-            mesh = Mesh(np.array(jax.local_devices()), ("data",))
-        if "data" not in mesh.axis_names:
-            raise UsageError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
+            mesh = Mesh(np.array(jax.local_devices()), (DATA,))
+        if DATA not in mesh.axis_names:
+            raise UsageError(f"the mesh needs a {DATA!r} axis, it has {mesh.axis_names}")
         if mesh not in self._placed:
             self._placed[mesh] = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
         return mesh, self._placed[mesh]
@@ -198,7 +199,7 @@ class StableDiffusion:
         seeds = _seeds(seed, n)
         negatives = _negatives(negative_prompt, n)
         mesh, params = self._mesh_and_params(mesh)
-        per = mesh.shape["data"]
+        per = mesh.shape[DATA]
         pad = (-n) % per
         batch = {
             "ids": self.encode_prompts(prompts),
@@ -211,7 +212,7 @@ class StableDiffusion:
             batch = {
                 k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()
             }
-        batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+        batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA)))
         shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         out = self._sample_jit(
             params,

@@ -25,6 +25,7 @@ import numpy as np
 
 from lmdir_jax.progress import is_terminal
 from lmdir_jax.train import monitor
+from lmdir_jax.workdir import TRAIN_GRID, VAL_GRID, grid_name
 
 Record = tuple[int, dict]  # (step, {metric name: float})
 
@@ -252,7 +253,7 @@ class Validate(Action):
         if scalars:
             run.logger.write(run.step, scalars)
             run.summary.update(scalars)
-            monitor.save_grid(run.workdir, f"val_{run.step:06d}.png", rows)
+            monitor.save_grid(run.workdir, grid_name(VAL_GRID, run.step), rows)
 
 
 class Plot(Action):
@@ -270,7 +271,7 @@ class Plot(Action):
     def grid(self, run: Run) -> None:
         if run.last_batch is not None and run.predictor is not None:
             rows = monitor.train_rows(run.predictor, run.state, run.last_batch, run.clip)
-            monitor.save_grid(run.workdir, f"train_{run.step:06d}.png", rows)
+            monitor.save_grid(run.workdir, grid_name(TRAIN_GRID, run.step), rows)
 
     def on_end(self, run: Run) -> None:
         if self.every < 0:

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from lmdir_jax import __version__
 from lmdir_jax.errors import DataError, UsageError
+from lmdir_jax.workdir import CONFIG, checkpoints_dir, config_file, corrupt_dir
 
 ITEMS = ("model", "opt", "ema", "data", "meta")
 ARRAY_ITEMS = ("model", "opt", "ema")
@@ -42,9 +43,6 @@ FORMAT = 1
 """The checkpoint layout (the items above and what they hold), recorded in each step's meta item as
 `format`. A change that older lmdir-jax versions cannot read raises it; steps written before the
 number was recorded have no `format` key and are format 1."""
-
-CORRUPT_DIR = "checkpoints_corrupt"
-
 
 class CheckpointError(DataError):
     """A checkpoint that cannot be used, for a reason other than proven damage: one line, exit 1."""
@@ -90,7 +88,7 @@ def check_resume_config(config, workdir: str | Path) -> list[str]:
     """
     from lmdir_jax.config import config_to_json
 
-    path = Path(workdir) / "config.json"
+    path = config_file(workdir)
     if not path.is_file():
         return []
     try:
@@ -113,11 +111,6 @@ def check_resume_config(config, workdir: str | Path) -> list[str]:
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def checkpoint_dir(workdir: str | Path) -> Path:
-    """WORKDIR/checkpoints (absolute)."""
-    return Path(workdir).resolve() / "checkpoints"
 
 
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
@@ -164,7 +157,7 @@ def make_manager(
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=cleanup,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
 
 
 def read_only_manager(workdir: str | Path) -> ocp.CheckpointManager:
@@ -178,7 +171,7 @@ def read_only_manager(workdir: str | Path) -> ocp.CheckpointManager:
     try:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                                save_interval_steps=0, enable_async_checkpointing=False)
-        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
     finally:
         absl_logging.set_verbosity(verbosity)
 
@@ -250,7 +243,7 @@ def set_aside(src: Path, dst: Path) -> Path:
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> Path:
     """Move a step folder shown to be damaged to WORKDIR/checkpoints_corrupt/ (never deleted)."""
     directory = Path(manager.directory)
-    dst = set_aside(directory / str(step), directory.parent / CORRUPT_DIR / str(step))
+    dst = set_aside(directory / str(step), corrupt_dir(directory.parent) / str(step))
     manager.reload()
     return dst
 
@@ -546,9 +539,9 @@ def load_config(workdir: str | Path):
     """The resolved config saved by training as WORKDIR/config.json."""
     from lmdir_jax.config import config_from_json
 
-    path = Path(workdir) / "config.json"
+    path = config_file(workdir)
     if not path.is_file():
-        raise UsageError(f"no trained run in {workdir} (missing config.json)")
+        raise UsageError(f"no trained run in {workdir} (missing {CONFIG})")
     config = config_from_json(path.read_text())
     model = config.model
     with model.unlocked():
@@ -571,8 +564,8 @@ def load_for_inference(workdir: str | Path, use_ema: bool = True, step: int | No
 
     workdir = Path(workdir)
     config = load_config(workdir)
-    if not checkpoint_dir(workdir).is_dir():
-        raise UsageError(f"no checkpoints in {workdir} (missing {checkpoint_dir(workdir)})")
+    if not checkpoints_dir(workdir).is_dir():
+        raise UsageError(f"no checkpoints in {workdir} (missing {checkpoints_dir(workdir)})")
     model = build_model(config)
     device = jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -600,11 +593,11 @@ def load_for_inference(workdir: str | Path, use_ema: bool = True, step: int | No
         manager.close()
     if step is None and restored is None:
         if not damaged:
-            raise UsageError(f"no checkpoint in {checkpoint_dir(workdir)}")
-        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)}: "
+            raise UsageError(f"no checkpoint in {checkpoints_dir(workdir)}")
+        raise CheckpointError(f"no readable checkpoint in {checkpoints_dir(workdir)}: "
                               f"{describe_damage(damaged)}")
     if step is None and damaged:
-        warn(f"damaged checkpoint(s) in {checkpoint_dir(workdir)}: {describe_damage(damaged)}; "
+        warn(f"damaged checkpoint(s) in {checkpoints_dir(workdir)}: {describe_damage(damaged)}; "
               f"using step {restored[0]}")
     _, state = restored
     nnx.update(model, state["model"])

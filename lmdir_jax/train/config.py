@@ -2,9 +2,11 @@
 
 import ml_collections
 
+from lmdir_jax.axes import EMBED, FSDP, HEADS, LAYERS, MLP
+
 # Logical axis names of the model's parameters -> mesh axes (None = replicated): FSDP shards the
 # kernels' output dimension ('mlp'); stacked blocks, kernel inputs and heads are replicated.
-DEFAULT_AXIS_RULES = (("layers", None), ("embed", None), ("mlp", "fsdp"), ("heads", None))
+DEFAULT_AXIS_RULES = ((LAYERS, None), (EMBED, None), (MLP, FSDP), (HEADS, None))
 
 
 def default_config() -> ml_collections.ConfigDict:

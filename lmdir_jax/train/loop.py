@@ -24,6 +24,7 @@ from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
     default_actions,
 )
 from lmdir_jax.train.monitor import is_main, plot_loss, read_metrics, validate  # noqa: F401
+from lmdir_jax.workdir import checkpoints_dir, config_file, corrupt_dir, previous_run_dir
 
 
 def write_config(config, workdir: Path) -> None:
@@ -32,9 +33,10 @@ def write_config(config, workdir: Path) -> None:
 
     if is_main():
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / "config.json.tmp"
+        path = config_file(workdir)
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(config_to_json(config))
-        os.replace(tmp, workdir / "config.json")
+        os.replace(tmp, path)
 
 
 def _load_clip(config):
@@ -64,8 +66,8 @@ def set_aside_for_restart(workdir: Path) -> Path | None:
     when there was nothing to move."""
     from lmdir_jax.train import checkpoints as ckpt
 
-    found = [d for d in (ckpt.checkpoint_dir(workdir), workdir / ckpt.CORRUPT_DIR) if d.exists()]
-    dst = ckpt.unique_path(workdir / "previous_run")
+    found = [d for d in (checkpoints_dir(workdir), corrupt_dir(workdir)) if d.exists()]
+    dst = ckpt.unique_path(previous_run_dir(workdir))
     ckpt.sync("lmdir_restart_listed")  # every process has looked before process 0 moves anything
     if not found:
         return None
@@ -89,14 +91,14 @@ def _restore_or_init(config, setup, manager, iterator, workdir: Path) -> tuple[i
         ckpt.warn(f"damaged checkpoint(s) in {manager.directory}: {ckpt.describe_damage(damaged)}; "
                    f"resuming from step {restored[0]}")
     if restored is None:
-        corrupt = workdir / ckpt.CORRUPT_DIR
+        corrupt = corrupt_dir(workdir)
         if damaged or (corrupt.is_dir() and any(corrupt.iterdir())):
             now = f": {ckpt.describe_damage(damaged)}" if damaged else ""
             raise ckpt.CheckpointError(
                 f"no usable checkpoint in {manager.directory} (damaged steps are in {corrupt}{now}); "
                 "training does not start again at step 0 by itself: rerun with --restart (train(..., "
                 "restart=True)) to start at step 0, keeping the old checkpoints in "
-                f"{workdir / 'previous_run'}, or use a new --workdir"
+                f"{previous_run_dir(workdir)}, or use a new --workdir"
             )
         return 0, state_lib.init_state(config, setup), False
     start, state = restored

@@ -10,11 +10,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lmdir_jax.axes import MESH_AXES
 from lmdir_jax.errors import UsageError
 from lmdir_jax.train.config import DEFAULT_AXIS_RULES
 
-AXES = ("data", "fsdp")
-BATCH_SPEC = P(("data", "fsdp"))
+BATCH_SPEC = P(MESH_AXES)
 
 
 def make_mesh(mesh_data: int = -1, mesh_fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -34,7 +34,7 @@ def make_mesh(mesh_data: int = -1, mesh_fsdp: int = 1, devices=None) -> jax.shar
         )
     return jax.make_mesh(
         (data, mesh_fsdp),
-        AXES,
+        MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * 2,
         devices=devices,
     )

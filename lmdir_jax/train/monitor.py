@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmdir_jax.workdir import LOSS_PLOT, config_file, metrics_file, plot_file, tensorboard_dir
+
 
 def is_main() -> bool:
     """Whether this is process 0 (the one that writes logs and plots)."""
@@ -20,13 +22,13 @@ class Logger:
 
     def __init__(self, workdir: Path):
         self.main = is_main()
-        self.path = workdir / "metrics.jsonl"
+        self.path = metrics_file(workdir)
         self.tb = None
         if self.main:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+                self.tb = SummaryWriter(str(tensorboard_dir(workdir)))
             except ImportError:  # optional
                 self.tb = None
 
@@ -48,7 +50,7 @@ class Logger:
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     """The records of WORKDIR/metrics.jsonl (empty list when absent)."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = metrics_file(workdir)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -86,11 +88,11 @@ def plot_loss(workdir: Path) -> Path | None:
     val = [(r["step"], r["val_psnr"]) for r in records if "val_psnr" in r]
     if not train:
         return None
-    out = workdir / "plots" / "loss.png"
+    out = plot_file(workdir, LOSS_PLOT)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
-        loss_name = json.loads((workdir / "config.json").read_text())["train"].get("loss", "l1")
+        loss_name = json.loads(config_file(workdir).read_text())["train"].get("loss", "l1")
     except (OSError, ValueError, KeyError):
         loss_name = "l1"
     label = {"l1": "L1 loss", "psnr": "PSNR loss (-dB)"}.get(loss_name, f"{loss_name} loss")
@@ -233,7 +235,7 @@ def save_grid(workdir: Path, name: str, rows: list) -> None:
     if rows and is_main():
         from lmdir_jax.data.io import write_image
 
-        out = workdir / "plots" / name
+        out = plot_file(workdir, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_image(out, grid(rows))
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.workdir import checkpoints_dir, config_file
 
 
 def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
@@ -33,10 +34,10 @@ def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
         raise UsageError(f"--output {dst} must be outside the run {src} (and not contain it)")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UsageError(f"--output {dst} exists and is not an empty folder")
-    steps = sorted(int(p.name) for p in ckpt.checkpoint_dir(src).glob("*") if p.name.isdigit())
+    steps = sorted(int(p.name) for p in checkpoints_dir(src).glob("*") if p.name.isdigit())
     if not steps:
         raise UsageError(f"no checkpoints in {src}")
-    saved = stacking.saved_layout(ckpt.checkpoint_dir(src) / str(steps[-1]))
+    saved = stacking.saved_layout(checkpoints_dir(src) / str(steps[-1]))
     configs = {}
     for name, scanned in (("src", saved == "scanned"), ("dst", scan_blocks)):
         c = config.copy_and_resolve_references()
@@ -52,7 +53,7 @@ def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
     finally:
         manager.close()
     if restored is None:
-        raise UsageError(f"no readable checkpoint in {ckpt.checkpoint_dir(src)}")
+        raise UsageError(f"no readable checkpoint in {checkpoints_dir(src)}")
     step, state = restored
     out = {}
     for item, value in state.items():
@@ -60,14 +61,14 @@ def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
         nnx.replace_by_pure_dict(target, stacking.relayout(nnx.to_pure_dict(value), scan_blocks))
         out[item] = target
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(config_to_json(configs["dst"]))
+    config_file(dst).write_text(config_to_json(configs["dst"]))
     manager = ckpt.make_manager(dst, async_save=False)
     try:
         ckpt.save(manager, step, out, meta={"converted_from": str(src)})
         manager.wait_until_finished()
     finally:
         manager.close()
-    data = ckpt.checkpoint_dir(src) / str(step) / "data"
+    data = checkpoints_dir(src) / str(step) / "data"
     if data.is_dir():  # the grain iterator state does not depend on the layout
-        shutil.copytree(data, ckpt.checkpoint_dir(dst) / str(step) / "data")
+        shutil.copytree(data, checkpoints_dir(dst) / str(step) / "data")
     return step

@@ -148,14 +148,6 @@ def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | N
         return jax.jit(create, out_shardings=setup.shardings)()
 
 
-def model_from_state(setup: TrainSetup, state: dict, use_ema: bool = False) -> nnx.Module:
-    """An nnx model bound to the state's variables (EMA parameters when asked and present)."""
-    model = nnx.merge(setup.model_graphdef, state["model"])
-    if use_ema and "ema" in state:
-        nnx.update(model, state["ema"])
-    return model
-
-
 def param_count(state: dict) -> int:
     """Number of trainable parameters in a train state."""
     params = nnx.filter_state(state["model"], nnx.Param)
