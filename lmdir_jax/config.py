@@ -6,25 +6,27 @@ The defaults of each section live beside the code that reads them (`lmdir_jax/<s
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
+from lmdir_jax.data.config import default_config as data_config
 from lmdir_jax.errors import UsageError
+from lmdir_jax.models.config import default_config as model_config
+from lmdir_jax.priors.config import default_config as priors_config
+from lmdir_jax.train.config import default_config as train_config
+from lmdir_jax.workdir import config_from_json as config_from_json  # re-exported
+from lmdir_jax.workdir import config_to_json as config_to_json  # re-exported
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def base_config() -> ml_collections.ConfigDict:
     """All sections with their defaults: data, model, priors, train."""
-    from lmdir_jax.data.config import default_config as data_config
-    from lmdir_jax.models.config import default_config as model_config
-    from lmdir_jax.priors.config import default_config as priors_config
-    from lmdir_jax.train.config import default_config as train_config
-
     c = ml_collections.ConfigDict()
     c.name = "base"
     c.seed = 0
@@ -91,9 +93,6 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> ml_col
 
 def _parse_config_flag(path: Path, args: list[str]) -> ml_collections.ConfigDict:
     """`get_config()` of `path` with absl-style `--config.key=value` args, via config_flags."""
-    from absl import flags
-    from ml_collections import config_flags
-
     argv = ["lmdir", f"--config={path}", *args]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=values,
@@ -108,13 +107,3 @@ def _parse_config_flag(path: Path, args: list[str]) -> ml_collections.ConfigDict
             raise UsageError(f"{path} has no get_config()") from None
         raise UsageError(f"bad config override: {text}") from None
     return values.config
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-    """The resolved config as JSON (saved as `WORKDIR/config.json`)."""
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """Inverse of `config_to_json`: a ConfigDict with the saved values (tuples come back as lists)."""
-    return ml_collections.ConfigDict(json.loads(text))

@@ -7,7 +7,7 @@ refuses a run folder (new or resumed) that is, or lies under, a file. All raise 
 one line naming the flag. `atomic_write_bytes` writes a file whole or not at all (a killed run
 leaves no half-written image, report, index or label file); `read_journal`, `drop_partial_line` and
 `remove_stale_temporaries` let a rerun of a killed command resume without counting a partial file
-as done. JAX-free.
+as done. `is_image_file` tells an image by its extension (IMAGE_EXTENSIONS). JAX-free.
 """
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lmdir_jax.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _resolved(path: str | Path) -> Path:
@@ -89,8 +96,6 @@ def check_text_output(
 ) -> Path:
     """`check_output_file` for a text output (a report, JSON or CSV), which also never replaces an
     existing image file: a path typed into the wrong flag must not turn a photo into a table."""
-    from lmdir_jax.data.io import is_image_file
-
     path = check_output_file(path, inputs, flag=flag)
     if path.is_file() and is_image_file(path):
         raise UsageError(f"{flag} {path} is an existing image: give the new {flag.lstrip('-')} file a name")

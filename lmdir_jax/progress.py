@@ -12,6 +12,9 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
+from tqdm import tqdm
+from tqdm.auto import tqdm as notebook_tqdm
+
 LOG_INTERVAL_S = 30.0
 
 
@@ -54,21 +57,18 @@ def progress_bar(iterable: Any = None, *, desc: str, unit: str = "it", total: in
     writes to `file` (stderr) as a terminal, a notebook or a log file each reads best (module doc).
     Other keyword arguments go to tqdm (`initial`, `leave`, ...)."""
     stream = file if file is not None else sys.stderr
+    bar = tqdm
     if file is None and _in_notebook():
-        from tqdm.auto import tqdm
-    else:
-        from tqdm import tqdm
-        if not is_terminal(stream):
-            stream = _WholeLines(stream)
-            kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.0)), LOG_INTERVAL_S)
-            kwargs["maxinterval"] = kwargs["mininterval"]  # tqdm's monitor thread would redraw every 10 s
-            kwargs.pop("dynamic_ncols", None)
-            kwargs.setdefault("ascii", True)
-    return tqdm(iterable, desc=desc, unit=unit, total=total, disable=disable, file=stream, **kwargs)
+        bar = notebook_tqdm
+    elif not is_terminal(stream):
+        stream = _WholeLines(stream)
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.0)), LOG_INTERVAL_S)
+        kwargs["maxinterval"] = kwargs["mininterval"]  # tqdm's monitor thread would redraw every 10 s
+        kwargs.pop("dynamic_ncols", None)
+        kwargs.setdefault("ascii", True)
+    return bar(iterable, desc=desc, unit=unit, total=total, disable=disable, file=stream, **kwargs)
 
 
 def write_line(message: str, file: TextIO | None = None) -> None:
     """Print a line without breaking an open progress bar (tqdm.write)."""
-    from tqdm import tqdm
-
     tqdm.write(message, file=file if file is not None else sys.stdout)

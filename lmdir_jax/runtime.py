@@ -19,6 +19,7 @@ dev box lost 5-35% of it while benchmarks ran, and step times drifted by as much
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import sys
 
@@ -56,8 +57,6 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
 
 def find_tcmalloc() -> str | None:
     """The file name of the system's tcmalloc library (for LD_PRELOAD), or None if it has none."""
-    import ctypes.util
-
     for name in TCMALLOC_NAMES:
         found = ctypes.util.find_library(name)
         if found:

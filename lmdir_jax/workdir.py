@@ -14,7 +14,10 @@ The names are defined here and nowhere else.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import ml_collections
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -77,3 +80,13 @@ def grids(workdir: str | Path, prefix: str) -> list[Path]:
     """The image grids with `prefix` in WORKDIR/plots, oldest step first."""
     folder = plots_dir(workdir)
     return sorted(folder.glob(f"{prefix}_*.png")) if folder.is_dir() else []
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as JSON (saved as `WORKDIR/config.json`)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `config_to_json`: a ConfigDict with the saved values (tuples come back as lists)."""
+    return ml_collections.ConfigDict(json.loads(text))

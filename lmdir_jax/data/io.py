@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from lmdir_jax.errors import UsageError, permission_error
+from lmdir_jax.outputs import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported
 from lmdir_jax.outputs import atomic_write_bytes
+from lmdir_jax.outputs import is_image_file as is_image_file  # re-exported
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 WRITE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # BT.601 R, G, B weights of a grayscale write
 
@@ -48,11 +49,6 @@ def check_image_name(path: str | Path) -> Path:
     if path.suffix.lower() not in WRITE_EXTENSIONS:
         raise UsageError(f"cannot write '{path.name}': use one of {', '.join(WRITE_EXTENSIONS)}")
     return path
-
-
-def is_image_file(path: str | Path) -> bool:
-    """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:

@@ -7,6 +7,7 @@ knowledge" prompt that the CLIP text tower encodes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,8 +228,6 @@ def kinds_in_text(text: str, severity: float = 0.5) -> np.ndarray:
     """A severity vector (len(KINDS),) for a fixed description of a paired source ('rain streaks',
     'haze', 'motion blur'): `severity` at every kind one of whose nouns or synonyms appears in the
     text as whole words, 0 elsewhere (all zero for text naming no kind)."""
-    import re
-
     words = {k: set() for k in KINDS}
     for (kind, _), noun in NOUNS.items():
         words[kind].update((noun, *NOUN_SYNONYMS.get(noun, ())))

@@ -157,10 +157,10 @@ def import_restormer(checkpoint: str | Path, config, output: str | Path) -> Path
     backbone holds a Restormer checkpoint's weights. Returns the workdir."""
     from flax import nnx
 
-    from lmdir_jax.config import config_to_json
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
+    from lmdir_jax.workdir import config_to_json
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):

@@ -173,7 +173,6 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     import jax
     import jax.numpy as jnp
 
-    from lmdir_jax.config import config_to_json
     from lmdir_jax.data.pipeline import make_train_iterator
     from lmdir_jax.priors.cache import PriorCache
     from lmdir_jax.priors.clip import load_clip
@@ -191,6 +190,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
+    from lmdir_jax.workdir import config_to_json
 
     config = copy.deepcopy(config)
     config.train.ema_decay = 0.0  # the controller keeps no EMA copy

@@ -86,7 +86,7 @@ def check_resume_config(config, workdir: str | Path) -> list[str]:
     A change of a fixed key (model, data order, seed, prior inputs) is a UsageError naming the
     keys, unless `config.train.allow_config_change`. Reads only: nothing is written.
     """
-    from lmdir_jax.config import config_to_json
+    from lmdir_jax.workdir import config_to_json
 
     path = config_file(workdir)
     if not path.is_file():
@@ -537,7 +537,7 @@ def restore_latest(
 
 def load_config(workdir: str | Path):
     """The resolved config saved by training as WORKDIR/config.json."""
-    from lmdir_jax.config import config_from_json
+    from lmdir_jax.workdir import config_from_json
 
     path = config_file(workdir)
     if not path.is_file():

@@ -29,7 +29,7 @@ from lmdir_jax.workdir import checkpoints_dir, config_file, corrupt_dir, previou
 
 def write_config(config, workdir: Path) -> None:
     """WORKDIR/config.json: the resolved config (what load_for_inference rebuilds the model from)."""
-    from lmdir_jax.config import config_to_json
+    from lmdir_jax.workdir import config_to_json
 
     if is_main():
         workdir.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,11 @@ def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
     import jax
     from flax import nnx
 
-    from lmdir_jax.config import config_to_json
     from lmdir_jax.models import stacking
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
+    from lmdir_jax.workdir import config_to_json
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     config = ckpt.load_config(src)
