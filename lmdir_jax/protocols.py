@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from lmdir_jax.data.sources import is_paired_folder, list_images
 from lmdir_jax.errors import UsageError
 
 CROP_MULTIPLE = 16
@@ -68,8 +69,6 @@ def protocol_sets(name: str) -> tuple[ProtocolSet, ...]:
 
 
 def _usable(path: Path, paired: bool) -> bool:
-    from lmdir_jax.data.sources import is_paired_folder, list_images
-
     if not path.is_dir():
         return False
     return is_paired_folder(path) if paired else not is_paired_folder(path) and bool(list_images(path))

@@ -17,7 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
+from lmdir_jax.data.io import load_image
+from lmdir_jax.data.pipeline import source_specs
+from lmdir_jax.data.sources import (
+    CLEAN_DIRS,
+    DEGRADED_DIRS,
+    FULL_CHECK_LIMIT,
+    NAMED_SOURCES,
+    find_subdir,
+    is_paired_folder,
+    list_images,
+    match_pairs,
+)
 from lmdir_jax.errors import UsageError
+from lmdir_jax.progress import progress_bar
 
 MAX_SIZE_LINES = 10  # at most this many "sizes differ" lines per folder, then a count
 PROGRESS_MIN_FILES = 500  # decoding a folder this big shows a progress line
@@ -40,11 +55,7 @@ class FolderReport:
 
 def _size(path: Path, full: bool = False) -> tuple[int, int] | None:
     """(height, width) from the file header (or a full decode), or None when it is not readable."""
-    from PIL import Image
-
     if full:
-        from lmdir_jax.data.io import load_image
-
         loaded = load_image(path)
         return None if loaded is None else tuple(loaded.rgb.shape[:2])
     try:
@@ -56,9 +67,6 @@ def _size(path: Path, full: bool = False) -> tuple[int, int] | None:
 
 
 def _sizes(paths: list[Path], decode: str = "header", desc: str = "") -> list[tuple[int, int] | None]:
-    from lmdir_jax.data.sources import FULL_CHECK_LIMIT
-    from lmdir_jax.progress import progress_bar
-
     full = decode == "full" or (decode == "auto" and len(paths) <= FULL_CHECK_LIMIT)
     with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
         sizes = pool.map(lambda p: _size(p, full), paths)
@@ -80,16 +88,6 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
     `paired` forces the kind (True for a paired test set, False for a clean one); None = detect.
     `decode`: 'auto', 'full' or 'header' (module docstring).
     """
-    from lmdir_jax.data.sources import (
-        CLEAN_DIRS,
-        DEGRADED_DIRS,
-        NAMED_SOURCES,
-        find_subdir,
-        is_paired_folder,
-        list_images,
-        match_pairs,
-    )
-
     rep = FolderReport(role=role, folder=str(path))
     if str(path) in NAMED_SOURCES:  # skimage, skimage-heldout: photos inside scikit-image
         rep.images = len(NAMED_SOURCES[str(path)])
@@ -153,8 +151,6 @@ def check_config(config, *, tests: bool = True, decode: str = "auto") -> list[Fo
     """Reports for the config's training data (data.sources, or data.source), its validation
     folder and, with `tests`, the test sets of data.protocol under data.root; `decode` as in
     `check_folder`."""
-    from lmdir_jax.data.pipeline import source_specs
-
     d = config.data
     reports = []
     try:
@@ -176,6 +172,7 @@ def check_config(config, *, tests: bool = True, decode: str = "auto") -> list[Fo
         reports.append(check_folder("val", str(d.val_source), decode=decode))
     protocol = str(d.get("protocol", ""))
     if tests and protocol:
+        # lazy: protocols sits above data (it imports data.sources)
         from lmdir_jax.protocols import find_set, protocol_sets
 
         root = str(d.get("root", ""))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lmdir_jax.data.sources import ImageSource, load_source
+from lmdir_jax.degradations import apply_spec, parse_spec
 from lmdir_jax.errors import UsageError
 from lmdir_jax.metrics import crop_to_multiple
 
@@ -40,8 +41,6 @@ def iter_eval_pairs(
     sources are yielded as they are (spec must be None; label None). `center_crop` (> 0) keeps the
     central window of that side, then `crop_multiple` (> 0) trims to a multiple of it.
     """
-    from lmdir_jax.degradations import apply_spec, parse_spec
-
     src = load_source(source)
     if src.paired and spec:
         raise UsageError(f"{src.name} is a paired folder: it is used as it is, give no --spec")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from lmdir_jax.errors import UsageError, permission_error
 from lmdir_jax.outputs import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported
@@ -128,8 +129,6 @@ def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 
 def load_image(path: str | Path) -> LoadedImage | None:
     """Decode any supported image file into a LoadedImage; None when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         if not path.is_file() or path.stat().st_size == 0:

@@ -22,9 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grain
+import jax
 import numpy as np
+from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 
 from lmdir_jax.data.sources import ImageSource, PairedSource, is_named_source, load_source
+from lmdir_jax.degradations import apply_spec, parse_spec, sample_degradation
+from lmdir_jax.degradations.label import kinds_in_text
 from lmdir_jax.errors import UsageError
 
 log = logging.getLogger("lmdir_jax.data")
@@ -195,9 +201,6 @@ class TrainTransform:
 
     def __init__(self, data_config, priors: PriorAttacher | None = None,
                  source: SourceSpec | None = None, source_id: int = 0):
-        from lmdir_jax.degradations import parse_spec
-        from lmdir_jax.degradations.label import kinds_in_text
-
         self.patch = int(data_config.patch_size)
         self.augment = bool(data_config.augment)
         self.weights = {k: float(v) for k, v in dict(data_config.tasks).items()}
@@ -218,8 +221,6 @@ class TrainTransform:
         self.paired_vector = kinds_in_text(self.paired_text)
 
     def __call__(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        from lmdir_jax.degradations import apply_spec, sample_degradation
-
         if "degraded" in item:
             lq, gt = random_crop(rng, self.patch, item["degraded"], item["clean"])
             if self.augment:
@@ -303,8 +304,6 @@ def make_dataset(
 
     With `data.sources` set, `sources` may pass the opened sources (in `source_specs` order).
     """
-    import grain
-
     per_host = _validate(config, process_count)
     specs = source_specs(config.data) if source is None else []
     if specs:
@@ -332,8 +331,6 @@ def make_dataset(
 
 def _read_options(data) -> Any:
     """grain.ReadOptions from data.read_threads / data.prefetch (batches read ahead)."""
-    import grain
-
     return grain.ReadOptions(num_threads=int(data.read_threads), prefetch_buffer_size=int(data.prefetch))
 
 
@@ -341,8 +338,6 @@ def _own_memory(batch: Any) -> Any:
     """A batch whose arrays live in this process's memory: each shared-memory array from a grain
     worker is copied, and its block unlinked at once, so none outlives the batch (a block still
     named at exit is what Python's resource_tracker reports as leaked)."""
-    from grain.multiprocessing import SharedMemoryArray
-
     if isinstance(batch, dict):
         return {k: _own_memory(v) for k, v in batch.items()}
     if isinstance(batch, SharedMemoryArray) and batch.shm is not None:
@@ -356,8 +351,6 @@ def _own_memory(batch: Any) -> Any:
 def _wait_for_shared_memory_release() -> None:
     """Let grain's background deleter finish unlinking the shared-memory blocks dropped so far
     (it runs on a daemon thread that stops, its queue undone, when the interpreter exits)."""
-    from grain.multiprocessing import SharedMemoryArray
-
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if pool is not None and not sys.is_finalizing():  # at exit its thread no longer runs
         # one thread, first in first out: once this no-op has run, every earlier deletion has
@@ -410,11 +403,7 @@ def make_train_iterator(
     attribute `missing_priors` lists the source keys absent from the prior cache. Call its
     `close()` when done: it joins the worker processes and releases their shared memory.
     """
-    import grain
-
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     ds = make_dataset(
         config, source=source, prior_cache=prior_cache,
@@ -424,8 +413,6 @@ def make_train_iterator(
     it_ds = ds.to_iter_dataset(_read_options(config.data))
     workers = int(config.data.num_workers)
     if workers > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain 0.2.18 reads absl flags in mp_prefetch
         it_ds = it_ds.mp_prefetch(

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import skimage.data
+from PIL import Image
 
 from lmdir_jax.data.io import is_image_file, load_image, read_image
-from lmdir_jax.errors import UsageError
+from lmdir_jax.errors import UsageError, permission_error
 
 log = logging.getLogger("lmdir_jax.data")
 
@@ -61,7 +63,6 @@ def _is_readable(path: Path, full: bool) -> bool:
     """A cheap header check (PIL open), or a full decode when `full`."""
     if full:
         return load_image(path) is not None
-    from PIL import Image
 
     try:
         if path.stat().st_size == 0:
@@ -88,8 +89,6 @@ def _check_files(paths: list[Path], root: Path, check: str) -> tuple[list[Path],
 def list_images(root: str | Path) -> list[Path]:
     """Image files under `root` (recursive, sorted, hidden files and folders skipped); a folder that
     may not be listed is a DataError naming it (never silently left out)."""
-    from lmdir_jax.errors import permission_error
-
     def refused(err: OSError) -> None:
         if isinstance(err, PermissionError):
             raise permission_error(err.filename, "list the folder") from None
@@ -171,8 +170,6 @@ def _skimage_photo(name: str) -> np.ndarray:
     can fail with "SystemError: AST constructor recursion depth mismatch" when two threads parse
     at once (the same race priors/cache.py guards against).
     """
-    import skimage.data
-
     with _SKIMAGE_LOCK:
         a = getattr(skimage.data, name)()
     if isinstance(a, tuple):  # stereo_motorcycle -> (left, right, disparity)

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lmdir_jax.errors import UsageError
 
@@ -58,8 +59,6 @@ def _walk(tree: Any, convert) -> Any:
 
 def is_traced(rngs) -> bool:
     """Whether an nnx.Rngs holds tracers (jitted or abstract creation), not concrete keys."""
-    from flax import nnx
-
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(rngs)))
 
 
@@ -72,8 +71,6 @@ def draw_stacked(make_block: Callable[[], Any], n: int, axis_name: str) -> Any:
     numpy initialisers of `models/initializers.py` (an eager nnx.vmap compiles every draw: 28 s for the tiny
     config on a CPU; tracing one abstractly for the structure took 3 of the 4 s left).
     """
-    from flax import nnx
-
     blocks = [nnx.split(make_block()) for _ in range(n)]  # (graphdef, state) pairs, all alike
     stacked = jax.tree.map(lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs])),
                            *(state for _, state in blocks))
@@ -152,8 +149,6 @@ def saved_layout(step_dir: str | Path, item: str = "model") -> str | None:
 def check_layout(step_dir: str | Path, target: Any) -> None:
     """Raise UsageError (one line) when the checkpoint in `step_dir` has the other block layout
     than `target` (a model state, abstract or not, or a nested dict) has."""
-    from flax import nnx
-
     tree = nnx.to_pure_dict(target) if isinstance(target, nnx.State) else target
     want = blocks_layout(tree)
     saved = saved_layout(step_dir)
