@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from lmdir_jax.data.io import read_image, write_image
+from lmdir_jax.data.sources import load_source
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import (
     atomic_write_bytes,
@@ -41,6 +43,9 @@ from lmdir_jax.outputs import (
     read_journal,
     remove_stale_temporaries,
 )
+from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.diffusion import load_sd
+from lmdir_jax.progress import progress_bar
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
@@ -133,8 +138,6 @@ class PriorCache:
             has_ref = bool(z["has_reference"])
         ref = None
         if has_ref:
-            from lmdir_jax.data.io import read_image
-
             ref = read_image(self.path / REFERENCES / reference_file(key))
             if ref is None:
                 raise UsageError(f"prior cache reference unreadable for {key!r} in {self.path}")
@@ -208,8 +211,6 @@ def _write_reference(path: Path, image: np.ndarray, size: int) -> None:
     """Resize a reference to size x size and write it as an 8-bit PNG atomically."""
     import cv2
 
-    from lmdir_jax.data.io import write_image
-
     if image.shape[0] != size or image.shape[1] != size:
         interp = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC
         image = cv2.resize(image, (size, size), interpolation=interp)
@@ -268,9 +269,6 @@ def build_cache(
     after each written batch (progress hooks, tests). `dtype` 'bfloat16' loads CLIP and SD in bf16
     (half the weight memory; the cache records it and a resume must use the same).
     """
-    from lmdir_jax.data.sources import load_source
-    from lmdir_jax.progress import progress_bar
-
     t0 = time.perf_counter()
     if int(batch_size) < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -279,12 +277,8 @@ def build_cache(
     source = load_source(source_spec)
     captions = read_captions(captions_file) if captions_file else {}
     if clip is None:
-        from lmdir_jax.priors.clip import load_clip
-
         clip = load_clip(clip_path, max_text_len=max_text_len, dtype=dtype)
     if sd is None and sd_path:
-        from lmdir_jax.priors.diffusion import load_sd
-
         sd = load_sd(sd_path, dtype=dtype)
     if sd is not None:
         sd_size = int(sd_size or sd.default_size)

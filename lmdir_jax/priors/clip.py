@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmdir_jax.degradations import conditioning_text, vocabulary
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import clip_weights
 from lmdir_jax.priors.clip_model import (
@@ -35,6 +36,7 @@ from lmdir_jax.priors.tokenizer import (
     openclip_bpe_path,
     write_from_openclip_bpe,
 )
+from lmdir_jax.priors.vocab import scene_phrases
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -104,15 +106,11 @@ class ClipPrior:
     def degradation_vocab(self) -> list[tuple[str, str]]:
         """(kind or 'clean', description) pairs: `lmdir_jax.degradations.vocabulary()` by default."""
         if self._degradation_vocab is None:
-            from lmdir_jax.degradations import vocabulary
-
             self._degradation_vocab = list(vocabulary())
         return self._degradation_vocab
 
     def _scene_vocab(self) -> list[str]:
         if self.scene_vocab is None:
-            from lmdir_jax.priors.vocab import scene_phrases
-
             self.scene_vocab = scene_phrases()
         return self.scene_vocab
 
@@ -175,8 +173,6 @@ class ClipPrior:
         """Per vocabulary entry, the text the restoration network is told when the automatic mode
         picks it: the entry's canonical training label (`degradations.conditioning_text`, e.g.
         'moderate rain streaks'), or the entry's own description for a kind it does not know."""
-        from lmdir_jax.degradations import conditioning_text
-
         return [conditioning_text(name) or text for name, text in self.degradation_vocab]
 
     def degradation_bank(self) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import clip_weights
@@ -67,8 +68,6 @@ class ClipTextConfig:
     @classmethod
     def from_hf(cls, d: dict) -> ClipTextConfig:
         """From a transformers `text_config` dict (or a clip_text_model config.json)."""
-        from transformers import CLIPTextConfig
-
         c = CLIPTextConfig(**{k: v for k, v in d.items() if k not in ("model_type", "transformers_version")})
         return cls(
             vocab_size=int(c.vocab_size), hidden_size=int(c.hidden_size),
@@ -110,8 +109,6 @@ class ClipVisionConfig:
     @classmethod
     def from_hf(cls, d: dict) -> ClipVisionConfig:
         """From a transformers `vision_config` dict."""
-        from transformers import CLIPVisionConfig
-
         c = CLIPVisionConfig(**{k: v for k, v in d.items() if k not in ("model_type", "transformers_version")})
         if int(c.num_channels) != 3:
             raise UsageError(f"CLIP vision tower with {c.num_channels} input channels (need 3)")
@@ -151,8 +148,6 @@ class ClipConfig:
 
     def to_hf(self):
         """A transformers `CLIPConfig` of this shape (what `save_pretrained` writes as config.json)."""
-        from transformers import CLIPConfig
-
         return CLIPConfig(text_config=self.text.to_hf(), vision_config=self.vision.to_hf(),
                           projection_dim=self.projection_dim, logit_scale_init_value=self.logit_scale_init)
 
@@ -396,8 +391,6 @@ def load_text_encoder(folder: str | Path, dtype: str = "float32") -> tuple[ClipT
 
 def save_text_encoder(module: ClipTextTransformer, config: ClipTextConfig, folder: str | Path) -> Path:
     """Write `module` as a transformers `CLIPTextModel` folder (config.json + model.safetensors)."""
-    from transformers import CLIPTextConfig
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf = CLIPTextConfig(**config.to_hf())

@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from flax.serialization import msgpack_restore
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
 
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import atomic_write_bytes
@@ -112,8 +115,6 @@ def has_flax_weights(folder: Path) -> bool:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as float32 numpy arrays (bf16/fp16 files included)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="flax") as f:
             return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
@@ -177,8 +178,6 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
 def read_flax_msgpack(folder: Path, shapes: dict) -> dict:
     """Our pure parameter dict from a transformers Flax checkpoint (flax_model.msgpack): the Flax
     names are ours, with layer indices as strings."""
-    from flax.serialization import msgpack_restore
-
     path = Path(folder) / FLAX_MSGPACK
     try:
         raw = msgpack_restore(path.read_bytes())
@@ -203,8 +202,6 @@ def read_flax_msgpack(folder: Path, shapes: dict) -> dict:
 
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     """Write float32 tensors as a .safetensors file with transformers' metadata, atomically."""
-    from safetensors.numpy import save
-
     data = save({k: np.array(v, np.float32, order="C") for k, v in tensors.items()}, metadata={"format": "pt"})
     atomic_write_bytes(Path(path), data)
 

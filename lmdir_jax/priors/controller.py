@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmdir_jax.degradations import KINDS
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import atomic_write_bytes
 from lmdir_jax.priors import clip_weights
@@ -205,8 +206,6 @@ def frozen_params(clip) -> dict:
 def label_targets(deg_vector: np.ndarray, names: list[str]) -> np.ndarray:
     """(B, K) target distribution over the vocabulary `names` from (B, len(KINDS)) severities:
     uniform over the kinds present (multi-label), all mass on 'clean' when none is."""
-    from lmdir_jax.degradations import KINDS
-
     deg_vector = np.asarray(deg_vector)
     t = np.zeros((deg_vector.shape[0], len(names)), np.float32)
     for j, kind in enumerate(KINDS):
@@ -385,6 +384,7 @@ def load_controller(workdir: str | Path, clip, grid: int = GRID) -> DegradationA
 
     Missing folder, missing spec or checkpoint, or a controller for another CLIP -> UsageError.
     """
+    # lazy: train sits above priors (train.loop imports priors)
     from lmdir_jax.train import checkpoints as ckpt
 
     wd = Path(workdir)

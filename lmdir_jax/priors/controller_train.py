@@ -25,18 +25,37 @@ import os
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+from lmdir_jax.data.pipeline import make_train_iterator
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir
-from lmdir_jax.workdir import CONFUSION_PLOT, config_file, metrics_file, plot_file
+from lmdir_jax.priors.cache import PriorCache
+from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.controller import (
+    CROP_GRID,
+    CROP_OFFSET,
+    SPEC_FILE,
+    Controller,
+    TowerShape,
+    check_spec,
+    controlled_features,
+    controller_spec,
+    frozen_params,
+    label_targets,
+    normalize_pixels,
+)
+from lmdir_jax.progress import progress_bar
+from lmdir_jax.workdir import CONFUSION_PLOT, config_file, config_to_json, metrics_file, plot_file
 
 
 def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One random `size` crop per patch of the batch, starting on the `CROP_GRID` of the patch
     (where its synthetic JPEG blocks start): (lq crops, gt crops), same positions."""
-    from lmdir_jax.priors.controller import CROP_GRID, CROP_OFFSET
-
     lq, gt = local["lq"], local["gt"]
     p = lq.shape[1]
     if p == size:
@@ -77,12 +96,7 @@ def echo_pool(batches: list[dict], echo: int, rng: np.random.Generator) -> tuple
 
 def make_controller_step(config, setup, shape, logit_names: list[str]):
     """`step(state, batch, frozen, bank, text_proj) -> (state, metrics)`, jitted, state donated."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from lmdir_jax.priors.controller import controlled_features
+    # lazy: train sits above priors (train.loop imports priors)
     from lmdir_jax.train.state import learning_rate_schedule
 
     weight = float(config.priors.controller_content_weight)
@@ -170,27 +184,10 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
     Summary keys: step, start_step, loss, accuracy (last logged window), seconds, cpu_seconds,
     workdir. Rerunning the same command resumes from the newest checkpoint (model, optimiser, data).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from lmdir_jax.data.pipeline import make_train_iterator
-    from lmdir_jax.priors.cache import PriorCache
-    from lmdir_jax.priors.clip import load_clip
-    from lmdir_jax.priors.controller import (
-        SPEC_FILE,
-        Controller,
-        TowerShape,
-        check_spec,
-        controller_spec,
-        frozen_params,
-        label_targets,
-        normalize_pixels,
-    )
-    from lmdir_jax.progress import progress_bar
+    # lazy: train sits above priors (train.loop imports priors)
     from lmdir_jax.train import checkpoints as ckpt
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
-    from lmdir_jax.workdir import config_to_json
 
     config = copy.deepcopy(config)
     config.train.ema_decay = 0.0  # the controller keeps no EMA copy
@@ -222,6 +219,7 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
             kinds = [n for n, s in zip(names, seen, strict=True) if s]
             spec_file.write_text(json.dumps({**spec, "kinds": kinds}, indent=2) + "\n")
 
+    # lazy: train sits above priors (train.loop imports priors)
     from lmdir_jax.train import distributed
 
     distributed.initialize(float(config.train.get("init_timeout_s", 300)))

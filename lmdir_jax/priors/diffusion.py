@@ -23,12 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from transformers import CLIPTokenizer
 
 from lmdir_jax.axes import DATA
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import sd_weights
-from lmdir_jax.priors.clip_model import ClipTextConfig
+from lmdir_jax.priors.clip_model import (
+    ClipTextConfig,
+    ClipTextTransformer,
+    abstract,
+    save_text_encoder,
+)
 from lmdir_jax.priors.ddim import DDIM, DDIMConfig, load_ddim
+from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
 from lmdir_jax.priors.unet import UNet2DConditionModel, UNetConfig
 from lmdir_jax.priors.vae import AutoencoderKL, VAEConfig
 
@@ -333,8 +340,6 @@ def load_sd(path: str | Path, dtype: str = "float32", kernels: str = "auto") -> 
     arithmetic stay float32. `kernels` (auto / xla / cpu) picks the attention's form
     (`priors.attention`; auto: blocked on CPUs).
     """
-    from transformers import CLIPTokenizer
-
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"Stable Diffusion folder not found: {root}")
@@ -388,9 +393,6 @@ def save_tiny_sd(path: str | Path, seed: int = 0, *, unet: UNetConfig = TINY_UNE
     `unet`, `vae`, `text` (its width = the UNet's cross-attention width) and `scheduler` give other
     shapes (e.g. SD 1.5's, for memory measurements).
     """
-    from lmdir_jax.priors.clip_model import ClipTextTransformer, abstract, save_text_encoder
-    from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config
-
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     text_cfg = text or tiny_clip_config(text_dim=unet.cross_attention_dim).text

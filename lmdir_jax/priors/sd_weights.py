@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import lmdir_jax
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import clip_model, clip_weights
 from lmdir_jax.priors.unet import UNet2DConditionModel, UNetConfig
@@ -113,8 +114,6 @@ def load_vae(folder: str | Path, dtype: str = "float32",
 def save_part(config: UNetConfig | VAEConfig, params: Any, folder: str | Path) -> Path:
     """Write a UNet or VAE as diffusers writes it (config.json + diffusion_pytorch_model.safetensors),
     so diffusers' `from_pretrained` and `load_unet`/`load_vae` both read it."""
-    import lmdir_jax
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core.scope import LazyRng
+from transformers import CLIPTokenizer
 
 from lmdir_jax.priors import clip_weights
 from lmdir_jax.priors.clip import CLIP_MEAN, CLIP_STD
@@ -72,8 +73,6 @@ def save_tiny_tokenizer(path: str | Path, model_max_length: int = 77) -> Path:
     It spells any lowercase English by characters plus a few whole-word merges, and loads with
     `CLIPTokenizer.from_pretrained(path)` exactly like a downloaded one.
     """
-    from transformers import CLIPTokenizer
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab, merges = _vocab_and_merges()

@@ -12,6 +12,8 @@ import gzip
 import json
 from pathlib import Path
 
+from transformers import CLIPTokenizer, CLIPTokenizerFast
+
 from lmdir_jax.errors import UsageError
 
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -33,8 +35,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def load_tokenizer(folder: Path):
     """The CLIP tokenizer of a folder (tokenizer.json, or vocab.json + merges.txt)."""
-    from transformers import CLIPTokenizer, CLIPTokenizerFast
-
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
         return CLIPTokenizerFast.from_pretrained(str(folder))
@@ -56,8 +56,6 @@ def openclip_bpe_path() -> Path | None:
 def write_from_openclip_bpe(bpe_file: Path, folder: Path, model_max_length: int = 77) -> Path:
     """Write vocab.json + merges.txt (and transformers' tokenizer configs) for OpenCLIP's BPE merges
     file: the vocabulary is OpenCLIP's (bytes, bytes + '</w>', the 48894 merges, the two specials)."""
-    from transformers import CLIPTokenizer
-
     try:
         lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
     except OSError as e:

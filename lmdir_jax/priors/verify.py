@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from transformers.utils import logging as tlog
 
 from lmdir_jax.data.io import is_image_file, read_image
 from lmdir_jax.errors import UsageError
@@ -30,6 +31,7 @@ from lmdir_jax.priors.controller import (
     frozen_params,
     load_daclip_controller,
 )
+from lmdir_jax.priors.diffusion import load_sd
 
 TOLERANCE = 1e-4  # float32, per output
 DEFAULT_PROMPT = "a photo of a cat sitting on a wooden table"
@@ -251,9 +253,6 @@ def verify_sd(folder: Path, photo: np.ndarray, prompt: str, timestep: int = 500)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging as dlog
     from transformers import CLIPTextModel
-    from transformers.utils import logging as tlog
-
-    from lmdir_jax.priors.diffusion import load_sd
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
