@@ -63,7 +63,6 @@ def _is_readable(path: Path, full: bool) -> bool:
     """A cheap header check (PIL open), or a full decode when `full`."""
     if full:
         return load_image(path) is not None
-
     try:
         if path.stat().st_size == 0:
             return False

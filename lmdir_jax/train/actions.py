@@ -21,10 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from lmdir_jax.progress import is_terminal
+from lmdir_jax.train import checkpoints as ckpt
 from lmdir_jax.train import monitor
+from lmdir_jax.train.step import pop_source_losses
 from lmdir_jax.workdir import TRAIN_GRID, VAL_GRID, grid_name
 
 Record = tuple[int, dict]  # (step, {metric name: float})
@@ -66,8 +71,6 @@ class Run:
         """Fetch the pending device metrics and hand them to every action's `on_metrics`."""
         if not self.pending:
             return []
-        import jax
-
         fetched = jax.device_get([m for _, m in self.pending])
         records = [(s, {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in m.items()})
                    for (s, _), m in zip(self.pending, fetched, strict=True)]
@@ -135,8 +138,6 @@ class LogMetrics(Action):
         now = time.perf_counter()
         run.images_per_s = len(records) * run.batch_size / max(now - self._t, 1e-9)
         self._t = now
-        from lmdir_jax.train.step import pop_source_losses
-
         per_source = pop_source_losses([dict(m) for _, m in records], run.source_names)
         means = {k: float(np.mean([m[k] for _, m in records]))
                  for k, v in records[0][1].items() if np.ndim(v) == 0}
@@ -171,8 +172,6 @@ class Progress(Action):
         self.enabled = self.enabled and monitor.is_main()
         self._first, self._last_line = None, time.perf_counter()
         if self.enabled and is_terminal(self.stream):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
                             dynamic_ncols=True, file=self.stream)
         elif self.enabled:
@@ -229,8 +228,6 @@ class Checkpoint(Action):
         self.save(run)
 
     def save(self, run: Run) -> None:
-        from lmdir_jax.train import checkpoints as ckpt
-
         run.flush()  # a diverged state raises here and is never saved
         meta = {"mesh": list(run.mesh.shape.values())} if run.mesh is not None else None
         ckpt.save(run.manager, run.step, run.state, run.iterator, meta=meta)
@@ -296,8 +293,6 @@ class StopOnSignal(Action):
         self._processes = 1
 
     def start(self, run: Run) -> None:
-        import jax
-
         self._processes = jax.process_count()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -311,8 +306,6 @@ class StopOnSignal(Action):
     def __call__(self, run: Run) -> None:
         stop = self.signal is not None
         if self._processes > 1:
-            from jax.experimental import multihost_utils
-
             stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
         if stop:
             run.stop = run.interrupted = True

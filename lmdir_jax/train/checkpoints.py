@@ -24,17 +24,32 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging as absl_logging
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from lmdir_jax import __version__
 from lmdir_jax.errors import DataError, UsageError
-from lmdir_jax.workdir import CONFIG, checkpoints_dir, config_file, corrupt_dir
+from lmdir_jax.models.stacking import check_layout
+from lmdir_jax.train.state import build_model
+from lmdir_jax.workdir import (
+    CONFIG,
+    checkpoints_dir,
+    config_file,
+    config_from_json,
+    config_to_json,
+    corrupt_dir,
+)
 
 ITEMS = ("model", "opt", "ema", "data", "meta")
 ARRAY_ITEMS = ("model", "opt", "ema")
@@ -86,8 +101,6 @@ def check_resume_config(config, workdir: str | Path) -> list[str]:
     A change of a fixed key (model, data order, seed, prior inputs) is a UsageError naming the
     keys, unless `config.train.allow_config_change`. Reads only: nothing is written.
     """
-    from lmdir_jax.workdir import config_to_json
-
     path = config_file(workdir)
     if not path.is_file():
         return []
@@ -125,8 +138,6 @@ def use_array_handler_for_this_run() -> None:
     an 8-device CPU mesh the tiny config's two saves took 42 s of which most was compiling 392
     slices). Several processes still share the writing of arrays of at least 1 MiB per slice.
     """
-    from absl import logging as absl_logging
-
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # not "overriding jax.Array" on every command
     try:
@@ -163,8 +174,6 @@ def make_manager(
 def read_only_manager(workdir: str | Path) -> ocp.CheckpointManager:
     """An orbax CheckpointManager that only reads WORKDIR/checkpoints: it creates, deletes and
     cleans up nothing (restore, evaluate, export, model convert, the priors' controller)."""
-    from absl import logging as absl_logging
-
     use_array_handler_for_this_run()
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # not "Given directory is read only" and such
@@ -185,8 +194,6 @@ def save(
 ) -> None:
     """Start an (asynchronous) save of the train state (its model, opt and ema entries) and the
     data-iterator state at `step`."""
-    import grain
-
     items: dict[str, Any] = {
         name: ocp.args.StandardSave(state[name]) for name in ARRAY_ITEMS if name in state
     }
@@ -223,8 +230,6 @@ def unique_path(path: Path) -> Path:
 def sync(name: str) -> None:
     """With several processes, wait until all reach this point (nothing with one)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -348,8 +353,6 @@ def _array_names(item_dir: Path, step_dir: Path) -> tuple[list[str], bool]:
 def _read_arrays(item_dir: Path, step_dir: Path) -> None:
     """Read and decode every array of an orbax item with tensorstore; Damaged when a file is
     missing, short or undecodable; other failures (permissions, memory) pass through."""
-    import tensorstore as ts
-
     names, ocdbt = _array_names(item_dir, step_dir)
     if ocdbt and not (item_dir / "manifest.ocdbt").is_file():
         raise Damaged(f"{item_dir.name}/manifest.ocdbt is missing")
@@ -372,8 +375,6 @@ def _read_arrays(item_dir: Path, step_dir: Path) -> None:
 
 def _tensorstore_damage(text: str, step_dir: Path) -> str:
     """'truncated: model/d/123 (Requested byte range ...)' from a tensorstore error message."""
-    import re
-
     text = text.split(" [tensorstore_spec")[0]
     status = re.match(r"([A-Z_]+): ", text)
     what = {"NOT_FOUND": "missing", "OUT_OF_RANGE": "truncated"}.get(status and status.group(1),
@@ -422,8 +423,6 @@ def find_damage(step_dir: str | Path, items: tuple[str, ...] = ("model", "opt", 
 
 
 def _restore_args(manager, step: int, abstract: dict, items, iterator) -> dict[str, Any]:
-    import grain
-
     args: dict[str, Any] = {}
     for name in items:
         if name == "data":
@@ -438,8 +437,6 @@ def _restore_args(manager, step: int, abstract: dict, items, iterator) -> dict[s
 def _restore_step(manager, step: int, abstract: dict, items, iterator) -> dict:
     """Restore one step; Damaged when it is shown to be damaged, CheckpointError when it cannot be
     read for another reason, UsageError when it does not fit `abstract`."""
-    from lmdir_jax.models.stacking import check_layout
-
     step_dir = Path(manager.directory) / str(step)
     args = _restore_args(manager, step, abstract, items, iterator)
     names = tuple(["meta", *args])
@@ -537,8 +534,6 @@ def restore_latest(
 
 def load_config(workdir: str | Path):
     """The resolved config saved by training as WORKDIR/config.json."""
-    from lmdir_jax.workdir import config_from_json
-
     path = config_file(workdir)
     if not path.is_file():
         raise UsageError(f"no trained run in {workdir} (missing {CONFIG})")
@@ -558,10 +553,6 @@ def load_for_inference(workdir: str | Path, use_ema: bool = True, step: int | No
     present and `use_ema`), on one device. Used by restore, evaluate and export. Writes nothing:
     a newer step shown to be damaged is skipped with one warning line and left where it is.
     """
-    from flax import nnx
-
-    from lmdir_jax.train.state import build_model
-
     workdir = Path(workdir)
     config = load_config(workdir)
     if not checkpoints_dir(workdir).is_dir():

@@ -15,6 +15,9 @@ import os
 import socket
 import time
 
+import jax
+from jax._src import distributed as jax_distributed  # the client has no public barrier
+
 from lmdir_jax.errors import UsageError
 
 # Variables that make jax.distributed.initialize() detect a cluster by itself.
@@ -82,8 +85,6 @@ def initialize(timeout_s: float = 300.0) -> bool:
     Must run before anything touches a JAX backend. Bad settings (a process id outside the
     process count, an unreachable coordinator) are UsageErrors raised before anything compiles.
     """
-    import jax
-
     if not wanted():
         return False
     if jax.distributed.is_initialized():
@@ -130,10 +131,6 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     Used after compiling: a process whose step came from the compilation cache must not enter
     the step's collectives while another still compiles (gloo gives up after 30 s).
     """
-    import jax
-
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the client has no public barrier
-
     jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

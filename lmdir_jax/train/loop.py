@@ -15,22 +15,38 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+from flax import nnx
+
+from lmdir_jax.data.pipeline import make_train_iterator, source_names
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir  # noqa: F401  (re-exported)
+from lmdir_jax.priors.cache import PriorCache
+from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.controller import attach_from_config
+from lmdir_jax.train import checkpoints as ckpt
+from lmdir_jax.train import distributed
+from lmdir_jax.train import mesh as mesh_lib
+from lmdir_jax.train import state as state_lib
+from lmdir_jax.train import step as step_lib
 from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
     Action,
     Run,
     TrainingDiverged,
     default_actions,
 )
-from lmdir_jax.train.monitor import is_main, plot_loss, read_metrics, validate  # noqa: F401
-from lmdir_jax.workdir import checkpoints_dir, config_file, corrupt_dir, previous_run_dir
+from lmdir_jax.train.monitor import Logger, Predictor, is_main, plot_loss, read_metrics, validate  # noqa: F401
+from lmdir_jax.workdir import (
+    checkpoints_dir,
+    config_file,
+    config_to_json,
+    corrupt_dir,
+    previous_run_dir,
+)
 
 
 def write_config(config, workdir: Path) -> None:
     """WORKDIR/config.json: the resolved config (what load_for_inference rebuilds the model from)."""
-    from lmdir_jax.workdir import config_to_json
-
     if is_main():
         workdir.mkdir(parents=True, exist_ok=True)
         path = config_file(workdir)
@@ -42,12 +58,8 @@ def write_config(config, workdir: Path) -> None:
 def _load_clip(config):
     if not str(config.priors.clip):
         return None, None
-    from lmdir_jax.priors.clip import load_clip
-
     clip = load_clip(str(config.priors.clip), max_text_len=int(config.priors.max_text_len))
     clip.check_text_dim(int(config.model.text_dim))
-    from lmdir_jax.priors.controller import attach_from_config
-
     attach_from_config(clip, config)  # priors.controller: auto_ratio uses the trained controller
     return clip, clip.params
 
@@ -55,8 +67,6 @@ def _load_clip(config):
 def _prior_cache(config):
     if not str(config.priors.cache):
         return None
-    from lmdir_jax.priors.cache import PriorCache
-
     return PriorCache(str(config.priors.cache))
 
 
@@ -64,8 +74,6 @@ def set_aside_for_restart(workdir: Path) -> Path | None:
     """Move WORKDIR/checkpoints and WORKDIR/checkpoints_corrupt into WORKDIR/previous_run[.N]/
     (nothing is deleted), so that a run can start again at step 0. Returns that folder, or None
     when there was nothing to move."""
-    from lmdir_jax.train import checkpoints as ckpt
-
     found = [d for d in (checkpoints_dir(workdir), corrupt_dir(workdir)) if d.exists()]
     dst = ckpt.unique_path(previous_run_dir(workdir))
     ckpt.sync("lmdir_restart_listed")  # every process has looked before process 0 moves anything
@@ -81,11 +89,6 @@ def _restore_or_init(config, setup, manager, iterator, workdir: Path) -> tuple[i
     the workdir holds no checkpoint at all. Steps shown to be damaged are moved to
     WORKDIR/checkpoints_corrupt/ (one warning line); when none is usable the run stops
     (CheckpointError) instead of starting again at step 0."""
-    import jax
-
-    from lmdir_jax.train import checkpoints as ckpt
-    from lmdir_jax.train import state as state_lib
-
     restored, damaged = ckpt.restore_newest(manager, setup.abstract, iterator, set_aside=True)
     if damaged and restored is not None:
         ckpt.warn(f"damaged checkpoint(s) in {manager.directory}: {ckpt.describe_damage(damaged)}; "
@@ -103,8 +106,6 @@ def _restore_or_init(config, setup, manager, iterator, workdir: Path) -> tuple[i
         return 0, state_lib.init_state(config, setup), False
     start, state = restored
     if setup.use_ema and "ema" not in state:  # EMA switched on since: it starts from the params
-        from flax import nnx
-
         state["ema"] = jax.jit(lambda s: s, out_shardings=setup.shardings["ema"])(
             nnx.filter_state(state["model"], nnx.Param)
         )
@@ -116,10 +117,6 @@ def _restore_or_init(config, setup, manager, iterator, workdir: Path) -> tuple[i
 def _compile(step_fn, *args):
     """The step compiled for these arguments; with several processes, all wait until all have
     compiled (see distributed.barrier)."""
-    import jax
-
-    from lmdir_jax.train import distributed
-
     if jax.process_count() == 1:
         return step_fn
     compiled = step_fn.lower(*args).compile()
@@ -129,9 +126,6 @@ def _compile(step_fn, *args):
 
 def run_loop(run: Run, step_fn, clip_params=None) -> None:
     """Step until `run.total` or an action sets `run.stop`; the actions do everything else."""
-    from lmdir_jax.train import mesh as mesh_lib
-    from lmdir_jax.train import step as step_lib
-
     for action in run.actions:
         action.start(run)
     compiled = None
@@ -169,16 +163,6 @@ def train(
     Summary keys: step, start_step, loss, images_per_s, seconds, params, checkpoint_step,
     interrupted, workdir, and the last validation scalars when validation ran.
     """
-    import jax
-
-    from lmdir_jax.data.pipeline import make_train_iterator, source_names
-    from lmdir_jax.train import checkpoints as ckpt
-    from lmdir_jax.train import distributed
-    from lmdir_jax.train import mesh as mesh_lib
-    from lmdir_jax.train import state as state_lib
-    from lmdir_jax.train import step as step_lib
-    from lmdir_jax.train.monitor import Logger, Predictor
-
     workdir = check_workdir(workdir)
     tc = config.train
     total = int(tc.steps)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -64,8 +65,6 @@ def logical_specs(abstract_state, rules) -> Any:
     `out_sharding` metadata, e.g. ('layers', None, None, 'embed', 'mlp')) mapped to mesh axes by
     `rules`, pairs (logical name, mesh axis or None) as in `train.axis_rules`. Unannotated
     variables are replicated."""
-    from flax import nnx
-
     rules = tuple((str(name), None if axis is None else axis) for name, axis in rules)
     known = {name for name, _ in rules}
     with nnx.logical_axis_rules(rules):

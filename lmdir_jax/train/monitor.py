@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
+from lmdir_jax.data.evaluation import iter_eval_pairs
+from lmdir_jax.data.io import write_image
+from lmdir_jax.data.sources import is_paired_folder
+from lmdir_jax.metrics import image_metrics
+from lmdir_jax.models.priors import Priors
+from lmdir_jax.train.distributed import barrier
+from lmdir_jax.train.mesh import replicated
 from lmdir_jax.workdir import LOSS_PLOT, config_file, metrics_file, plot_file, tensorboard_dir
 
 
 def is_main() -> bool:
     """Whether this is process 0 (the one that writes logs and plots)."""
-    import jax
-
     return jax.process_index() == 0
 
 
@@ -26,8 +36,6 @@ class Logger:
         self.tb = None
         if self.main:
             try:
-                from tensorboardX import SummaryWriter
-
                 self.tb = SummaryWriter(str(tensorboard_dir(workdir)))
             except ImportError:  # optional
                 self.tb = None
@@ -138,11 +146,6 @@ class Predictor:
     """Jitted forward pass of the (EMA) model on inputs replicated over the mesh."""
 
     def __init__(self, config, setup, clip):
-        import jax
-        from flax import nnx
-
-        from lmdir_jax.models.priors import Priors
-
         self.config, self.setup, self.clip = config, setup, clip
         self.mesh = setup.mesh
 
@@ -157,11 +160,6 @@ class Predictor:
         self._Priors = Priors
 
     def __call__(self, state: dict, lq: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
-        import jax
-        import jax.numpy as jnp
-
-        from lmdir_jax.train.mesh import replicated
-
         c = self.config
         b = lq.shape[0]
         priors = self._Priors.empty(b, int(c.model.text_dim), 1, int(c.priors.ref_size))
@@ -173,8 +171,6 @@ class Predictor:
         priors = jax.device_put(priors, rep)
         args = (state["model"], state.get("ema"), lq, priors)
         if jax.process_count() > 1:  # all processes compiled before any enters a collective
-            from lmdir_jax.train.distributed import barrier
-
             key = jax.tree.map(lambda x: (x.shape, str(x.dtype)), args)
             key = str(jax.tree.leaves(key))
             if key not in self._compiled:
@@ -198,10 +194,6 @@ def validate(config, state: dict, predictor: Predictor) -> tuple[dict, list]:
     dc = config.data
     if not str(dc.val_source):
         return {}, []
-    from lmdir_jax.data.evaluation import iter_eval_pairs
-    from lmdir_jax.data.sources import is_paired_folder
-    from lmdir_jax.metrics import image_metrics
-
     spec = None if is_paired_folder(dc.val_source) else (str(dc.val_spec) or None)
     psnrs, ssims, inputs, rows = [], [], [], []
     for _key, degraded, clean, label in iter_eval_pairs(
@@ -233,8 +225,6 @@ def validate(config, state: dict, predictor: Predictor) -> tuple[dict, list]:
 
 def save_grid(workdir: Path, name: str, rows: list) -> None:
     if rows and is_main():
-        from lmdir_jax.data.io import write_image
-
         out = plot_file(workdir, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_image(out, grid(rows))
@@ -248,14 +238,10 @@ def train_rows(predictor: Predictor, state: dict, local: dict, clip) -> list:
     With several processes every process must feed the same replicated inputs: the first patches
     of each process's batch are gathered (and shown without degradation texts).
     """
-    import jax
-
     n = min(4, local["lq"].shape[0])
     lq, gt = local["lq"][:n], local["gt"][:n]
     texts = [str(t) for t in local["deg_text"][:n]] if clip is not None else None
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         k = max(1, n // jax.process_count())
         lq, gt = (np.asarray(multihost_utils.process_allgather(x[:k], tiled=True)) for x in (lq, gt))
         n, texts = lq.shape[0], None

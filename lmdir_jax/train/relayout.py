@@ -12,22 +12,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
+from flax import nnx
+
 from lmdir_jax.errors import UsageError
-from lmdir_jax.workdir import checkpoints_dir, config_file
+from lmdir_jax.models import stacking
+from lmdir_jax.train import checkpoints as ckpt
+from lmdir_jax.train import mesh as mesh_lib
+from lmdir_jax.train import state as state_lib
+from lmdir_jax.workdir import checkpoints_dir, config_file, config_to_json
 
 
 def convert_workdir(src: str | Path, dst: str | Path, scan_blocks: bool) -> int:
     """Write `dst` (a new or empty folder): `src`'s config with `model.scan_blocks=scan_blocks`
     and its latest checkpoint in that layout. Returns the converted step."""
-    import jax
-    from flax import nnx
-
-    from lmdir_jax.models import stacking
-    from lmdir_jax.train import checkpoints as ckpt
-    from lmdir_jax.train import mesh as mesh_lib
-    from lmdir_jax.train import state as state_lib
-    from lmdir_jax.workdir import config_to_json
-
     src, dst = Path(src).resolve(), Path(dst).resolve()
     config = ckpt.load_config(src)
     if dst == src or src in dst.parents or dst in src.parents:

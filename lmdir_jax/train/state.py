@@ -16,13 +16,12 @@ import optax
 from flax import nnx
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.models import build_model as build
 from lmdir_jax.train import mesh as mesh_lib
 
 
 def build_model(config) -> nnx.Module:
     """The LMDIR network of `config.model`, seeded by `config.seed` (no eager sharding)."""
-    from lmdir_jax.models import build_model as build
-
     with nnx.use_eager_sharding(False):
         return build(config.model, int(config.seed))
 

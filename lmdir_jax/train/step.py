@@ -12,6 +12,7 @@ orthogonality regulariser on its degradation prompts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import optax
 from flax import nnx
 
 from lmdir_jax.models.priors import Priors, drop_priors, kind_weights
-from lmdir_jax.train.state import TrainSetup, learning_rate_schedule
+from lmdir_jax.train.state import TrainSetup, learning_rate_schedule, schedule_length
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:
@@ -185,10 +186,6 @@ def reusable_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable
     devices, the chunk reuses the jitted step, so it is neither traced nor compiled again. The key
     is the whole config, so any other change (model, priors, loss, CLIP folder) gets a new step.
     """
-    import json
-
-    from lmdir_jax.train.state import schedule_length
-
     cfg = config.to_dict()
     if int(config.train.get("schedule_steps", 0) or 0) > 0:
         cfg["train"].pop("steps", None)
