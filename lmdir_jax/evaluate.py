@@ -19,8 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from lmdir_jax.data.evaluation import iter_eval_pairs
+from lmdir_jax.data.sources import is_named_source
+from lmdir_jax.errors import UsageError
 from lmdir_jax.metrics import crop_to_multiple, image_metrics
 from lmdir_jax.outputs import atomic_write_bytes
+from lmdir_jax.progress import progress_bar
+from lmdir_jax.protocols import CROP_MULTIPLE, NOISE_SEED, find_sets, protocol_sets, published
 
 METRIC_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
 
@@ -35,8 +40,6 @@ class EvalSet:
     @property
     def dataset(self) -> str:
         """Display name: the folder's name (or the source's name: `skimage`, `tfds:...`)."""
-        from lmdir_jax.data.sources import is_named_source
-
         if is_named_source(self.path):
             return self.path
         return Path(self.path).resolve().name
@@ -204,10 +207,6 @@ def evaluate(
     `iterative` > 0 restores with AutoDIR's loop of at most that many steps
     (`Restorer.restore_iterative`) instead of one automatic pass; the chain's kinds are recorded.
     """
-    from lmdir_jax.data.evaluation import iter_eval_pairs
-    from lmdir_jax.errors import UsageError
-    from lmdir_jax.progress import progress_bar
-
     report = EvalReport(
         settings={
             "seed": seed, "crop_multiple": crop_multiple, "max_images": max_images,
@@ -277,9 +276,6 @@ def evaluate_protocol(
     {'method', 'source', 'results': {set key: [psnr_rgb, ssim_rgb]}}; missing sets are skipped.
     Raises UsageError when no test set of the protocol is under root.
     """
-    from lmdir_jax.errors import UsageError
-    from lmdir_jax.protocols import CROP_MULTIPLE, NOISE_SEED, find_sets, published
-
     found, missing = find_sets(protocol, root)
     if not found:
         raise UsageError(f"no {protocol} test set under {root} (see docs/datasets.md for the layout)")
@@ -314,8 +310,6 @@ def evaluate_protocol(
         + [{"key": ps.key, "label": ps.label} for ps in missing],
         "rows": rows, "missing": [ps.label for ps in missing],
     }
-    from lmdir_jax.protocols import protocol_sets
-
     order = [ps.key for ps in protocol_sets(protocol)]
     table["columns"].sort(key=lambda c: order.index(c["key"]))
     return table, report

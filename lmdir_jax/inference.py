@@ -15,11 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lmdir_jax.models.priors import Priors
+from lmdir_jax.degradations.label import KIND_INDEX, KINDS, kinds_in_text
+from lmdir_jax.errors import UsageError
+from lmdir_jax.metrics import psnr
+from lmdir_jax.models.priors import Priors, kind_weights
+from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.controller import attach_from_config
+from lmdir_jax.progress import progress_bar
+from lmdir_jax.train.checkpoints import load_for_inference
 from lmdir_jax.workdir import CONFIG, config_file
 
 
@@ -63,9 +73,6 @@ def _pad_to_at_least(image: np.ndarray, tile: int) -> np.ndarray:
 
 def _apply(model, x, priors: Priors):
     """One batch through the network with the (batch-1) priors broadcast to the batch."""
-    import jax
-    import jax.numpy as jnp
-
     b = x.shape[0]
     p = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], (b, *a.shape[1:])), priors)
     return jnp.clip(model(x, p).astype(jnp.float32), 0.0, 1.0)
@@ -77,8 +84,6 @@ _JITTED: dict[str, Callable] = {}
 def _forward() -> Callable:
     """The jitted `_apply` (compiled once per model structure, input shape and prior shapes)."""
     if "apply" not in _JITTED:
-        import jax
-
         _JITTED["apply"] = jax.jit(_apply)
     return _JITTED["apply"]
 
@@ -100,8 +105,6 @@ def restore_image(
     overlapping by `overlap` are restored `batch_size` at a time and blended with raised-cosine
     weights. `progress` shows a tqdm bar over tile batches.
     """
-    import jax.numpy as jnp
-
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
     image = np.asarray(image, np.float32)
@@ -122,8 +125,6 @@ def restore_image(
 
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     if progress:
-        from lmdir_jax.progress import progress_bar
-
         batches = progress_bar(batches, desc="tiles", unit="batch", leave=False)
     for group in batches:
         x = np.stack([padded[y : y + tile, x0 : x0 + tile] for y, x0 in group])
@@ -218,10 +219,6 @@ def build_priors(
     `config` is the full run config (sections `model` and `priors`).
     """
     import cv2
-    import jax.numpy as jnp
-
-    from lmdir_jax.degradations.label import KIND_INDEX, KINDS, kinds_in_text
-    from lmdir_jax.models.priors import kind_weights
 
     text_dim = int(config.model.text_dim)
     text_len = int(config.priors.max_text_len)
@@ -335,8 +332,6 @@ class Restorer:
         kind, the text the network was told (its training label), its probability and, given the
         `clean` reference, PSNR before/after.
         """
-        from lmdir_jax.metrics import psnr
-
         names = [n for n, _ in self.clip.degradation_vocab]
         texts = dict(zip(names, self.clip.conditioning_texts(), strict=True))
         treated: list[str] = []
@@ -390,15 +385,9 @@ def load_restorer(checkpoint: str, clip: str | None = None, controller: str | No
     DA-CLIP controller that the automatic mode then uses. Raises `UsageError` for a missing workdir,
     CLIP or controller folder, or a controller trained for another CLIP.
     """
-    from pathlib import Path
-
-    from lmdir_jax.errors import UsageError
-
     wd = Path(checkpoint)
     if not wd.is_dir() or not config_file(wd).is_file():
         raise UsageError(f"no checkpoint at {checkpoint} (expected a training workdir with {CONFIG})")
-    from lmdir_jax.train.checkpoints import load_for_inference
-
     try:
         model, config = load_for_inference(str(wd))
     except UsageError:
@@ -411,8 +400,6 @@ def load_restorer(checkpoint: str, clip: str | None = None, controller: str | No
         if not Path(clip_path).is_dir():
             where = "--clip" if clip else "the checkpoint's config (priors.clip); pass --clip DIR"
             raise UsageError(f"CLIP folder not found: {clip_path} (from {where})")
-        from lmdir_jax.priors.clip import load_clip
-
         prior = load_clip(clip_path, max_text_len=int(config.priors.max_text_len))
         prior.check_text_dim(int(config.model.text_dim))
     ctrl = controller or str(config.priors.get("controller", "") or "")
@@ -422,7 +409,5 @@ def load_restorer(checkpoint: str, clip: str | None = None, controller: str | No
         if not Path(ctrl).exists():  # a workdir, or DA-CLIP's checkpoint file
             where = "--controller" if controller else "the checkpoint's config (priors.controller)"
             raise UsageError(f"controller folder not found: {ctrl} (from {where})")
-        from lmdir_jax.priors.controller import attach_from_config
-
         attach_from_config(prior, config, ctrl)
     return Restorer(model=model, config=config, clip=prior)

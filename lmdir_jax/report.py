@@ -9,10 +9,15 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from lmdir_jax.data.io import read_image
+from lmdir_jax.data.sources import SKIMAGE_HELDOUT_NAMES, SKIMAGE_NAMES
 from lmdir_jax.errors import UsageError
+from lmdir_jax.metrics import psnr
 from lmdir_jax.outputs import atomic_write_bytes
+from lmdir_jax.train.loop import read_metrics
 from lmdir_jax.workdir import CONFIG, LOSS_PLOT, VAL_GRID, config_file, grids, plot_file
 
 
@@ -24,8 +29,6 @@ def comparison_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lmdir_jax.metrics import psnr
 
     panels = [("degraded", degraded), ("restored", restored)]
     scores: dict[str, float] = {}
@@ -53,8 +56,6 @@ def _rel(path: Path, start: Path) -> str:
 
 def _describe_source(source: str) -> str:
     """One line on what the network trained on (and which skimage photos it never saw)."""
-    from lmdir_jax.data.sources import SKIMAGE_HELDOUT_NAMES, SKIMAGE_NAMES
-
     if source == "skimage":
         return (f"`skimage` ({len(SKIMAGE_NAMES)} scikit-image photos: {', '.join(SKIMAGE_NAMES)}); "
                 f"held out, never trained on: {', '.join(SKIMAGE_HELDOUT_NAMES)} (`skimage-heldout`, "
@@ -64,8 +65,6 @@ def _describe_source(source: str) -> str:
 
 def _sample_note(clean: Path, source: str) -> str:
     """Whether the sample's clean photo was one of the training photos."""
-    from lmdir_jax.data.sources import SKIMAGE_HELDOUT_NAMES, SKIMAGE_NAMES
-
     if clean.stem in SKIMAGE_HELDOUT_NAMES:
         return f"The sample photo (`{clean.name}`) is held out: the network never trained on it."
     if source == "skimage" and clean.stem in SKIMAGE_NAMES:
@@ -85,9 +84,6 @@ def write_report(
     `evaluations`: (name, `lmdir evaluate --json` file) pairs drawn side by side by
     `compare_evaluations` (e.g. blind / automatic / told the degradation).
     """
-    from lmdir_jax.data.io import read_image
-    from lmdir_jax.train.loop import read_metrics
-
     output = Path(output)
     workdir = Path(workdir)
     if not config_file(workdir).is_file():
@@ -100,8 +96,6 @@ def write_report(
     val_recs = [r for r in records if any(k.startswith("val_") for k in r)]
 
     lines = [f"# lmdir-jax run report: `{config.get('name', workdir.name)}`", ""]
-    import jax
-
     lines += [
         f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
         f"JAX {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s))",

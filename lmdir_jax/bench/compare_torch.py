@@ -22,7 +22,19 @@ import contextlib
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lmdir_jax.config import load_config
 from lmdir_jax.errors import UsageError
+from lmdir_jax.export import check
+from lmdir_jax.export.convert import flax_to_torch_state, model_config_dict
+from lmdir_jax.models import build_model
+from lmdir_jax.models.priors import Priors
+from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
 
 
 def register(bsub) -> None:
@@ -64,10 +76,6 @@ class _Timer:
 
     def block(self, steps: int, warmup: int = 0) -> None:
         """Time `steps` calls of the step function as one block, after `warmup` untimed calls."""
-        from tqdm import tqdm
-
-        from lmdir_jax.runtime import cpu_times
-
         for _ in range(warmup):
             self.fn()
         before = cpu_times()
@@ -85,15 +93,11 @@ class _Timer:
 
     def median(self, block: int | None = None) -> float:
         """Median step seconds over all blocks, or over one."""
-        import numpy as np
-
         times = self.blocks[block] if block is not None else sum(self.blocks, [])
         return float(np.median(times))
 
     def steal(self) -> str:
         """The stolen share of CPU time while this framework was timed, as text ('' if unknown)."""
-        from lmdir_jax.runtime import steal_note
-
         return steal_note((0, 0), (self.ticks[0], self.ticks[1]))
 
 
@@ -108,18 +112,7 @@ def run(args) -> int:
     if args.torch_device != "cpu" and torch.cuda.is_available():
         # JAX takes 75% of GPU memory up front by default, which leaves PyTorch out of memory.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from lmdir_jax.config import load_config
-    from lmdir_jax.export import check
-    from lmdir_jax.export.convert import flax_to_torch_state, model_config_dict
-    from lmdir_jax.export.torch_model import LMDIRTorch
-    from lmdir_jax.models import build_model
-    from lmdir_jax.models.priors import Priors
-    from lmdir_jax.runtime import malloc_note
+    from lmdir_jax.export.torch_model import LMDIRTorch  # torch: an optional dependency
 
     config = load_config(args.config, list(args.config_overrides))
     with config.unlocked():

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
+from tqdm import tqdm
+
+from lmdir_jax.config import load_config
+from lmdir_jax.data.pipeline import make_train_iterator
+from lmdir_jax.degradations.timing import time_kinds
+from lmdir_jax.errors import UsageError
+
 
 def run(args) -> int:
     """Time `--batches` batches of the configured pipeline after a warm-up; print patches/s."""
-    import time
-
-    from tqdm import tqdm
-
-    from lmdir_jax.config import load_config
-    from lmdir_jax.data.pipeline import make_train_iterator
-    from lmdir_jax.errors import UsageError
-
     if args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
     if args.workers is not None and args.workers < 0:
@@ -41,10 +42,6 @@ def run(args) -> int:
     print(f"{n} patches in {dt:.2f} s: {rate:.1f} patches/s"
           f" ({rate / max(workers, 1):.1f} per {'worker' if workers else 'process (in-process)'})")
     if args.no_kinds:
-        return 0
-    try:
-        from lmdir_jax.degradations.timing import time_kinds
-    except ImportError:
         return 0
     ms = time_kinds(size=int(d.patch_size), n=args.kind_samples)
     print(f"synthesis ms per {d.patch_size}x{d.patch_size} patch: "

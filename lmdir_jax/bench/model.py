@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+
+from lmdir_jax.config import load_config
+from lmdir_jax.errors import UsageError
+from lmdir_jax.models.lmdir import build_model
+from lmdir_jax.models.summary import count_params, example_priors
+
 
 def register(bsub) -> None:
     """Add `lmdir bench model`."""
@@ -17,10 +31,6 @@ def register(bsub) -> None:
 
 
 def _peak_memory() -> str:
-    import resource
-
-    import jax
-
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB (device peak_bytes_in_use)"
@@ -30,26 +40,11 @@ def _peak_memory() -> str:
 
 def run(args) -> int:
     """Time the jitted forward and forward+backward (after warm-up, median of --repeats)."""
-    import statistics
-    import time
-
-    from tqdm import tqdm
-
-    from lmdir_jax.config import load_config
-    from lmdir_jax.errors import UsageError
-
     if args.size < 8 or args.batch < 1 or args.repeats < 1:
         raise UsageError("--size must be >= 8, --batch and --repeats >= 1")
     config = load_config(args.config, args.config_overrides)
     if args.dtype:
         config.model.dtype = args.dtype
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lmdir_jax.models.lmdir import build_model
-    from lmdir_jax.models.summary import count_params, example_priors
 
     c = config.model.copy_and_resolve_references()
     c.zero_init_output = False

@@ -11,7 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from lmdir_jax.bench import priors_reference as ref
 from lmdir_jax.errors import UsageError
+from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.diffusion import benchmark_sd, load_sd, save_tiny_sd
+from lmdir_jax.priors.tiny import save_tiny_clip
 
 
 def register(bsub) -> None:
@@ -47,9 +54,6 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def benchmark_clip(clip, batch: int = 8, repeats: int = 3) -> dict:
     """Texts/s of the text tower, images/s of the image tower and of the automatic prior."""
-    import jax
-    import numpy as np
-
     texts = [f"a photo of a city street number {i} in heavy rain" for i in range(batch)]
     images = np.random.default_rng(0).random((batch, clip.image_size, clip.image_size, 3))
     images = images.astype(np.float32)
@@ -86,13 +90,9 @@ def run(args) -> int:
         raise UsageError("--batch, --repeats and --steps must be >= 1")
     if args.against_torch or args.cache_memory:
         return run_reference(args)
-    from lmdir_jax.priors.clip import load_clip
-
     with tempfile.TemporaryDirectory() as tmp:
         clip_dir, sd_dir = args.clip, args.sd
         if not clip_dir:
-            from lmdir_jax.priors.tiny import save_tiny_clip
-
             clip_dir = str(save_tiny_clip(Path(tmp) / "clip"))
         clip = load_clip(clip_dir, dtype=args.dtype)
         r = benchmark_clip(clip, batch=args.batch, repeats=args.repeats)
@@ -106,8 +106,6 @@ def run(args) -> int:
         )
         if args.no_sd:
             return 0
-        from lmdir_jax.priors.diffusion import benchmark_sd, load_sd, save_tiny_sd
-
         if not sd_dir:
             sd_dir = str(save_tiny_sd(Path(tmp) / "sd"))
         sd = load_sd(sd_dir, dtype=args.dtype)
@@ -124,10 +122,6 @@ def run(args) -> int:
 
 def run_reference(args) -> int:
     """`--against-torch` / `--cache-memory`: full-size random priors (bench/priors_reference.py)."""
-    import jax
-
-    from lmdir_jax.bench import priors_reference as ref
-
     machine = f"{jax.devices()[0].platform}, {os.cpu_count()} CPU threads"
     if args.against_torch:
         for r in (ref.clip_against_torch(batch=32, repeats=args.repeats),

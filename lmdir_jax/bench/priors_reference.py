@@ -27,8 +27,16 @@ from flax import nnx
 from lmdir_jax.errors import UsageError
 from lmdir_jax.priors import clip_model, clip_weights
 from lmdir_jax.priors.cache import MANIFEST
-from lmdir_jax.priors.clip_model import ClipModel, config_from_openclip
+from lmdir_jax.priors.clip_model import (
+    ClipModel,
+    ClipTextConfig,
+    config_from_openclip,
+    save_clip_model,
+)
+from lmdir_jax.priors.diffusion import random_params, save_tiny_sd
+from lmdir_jax.priors.tiny import save_tiny_tokenizer, tiny_clip_config, write_preprocessor_config
 from lmdir_jax.priors.unet import UNet2DConditionModel, UNetConfig
+from lmdir_jax.priors.vae import VAEConfig
 
 CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32, the CLIP of LMDIR's priors
 CACHE_CLIP = "ViT-L-14-quickgelu"  # SD 1.5's text tower width, the largest CLIP users pass
@@ -120,14 +128,6 @@ def unet_against_torch(latent: int = 64, repeats: int = 3) -> dict:
 def write_random_clip(folder: Path, name: str = CACHE_CLIP, seed: int = 0) -> Path:
     """A random CLIP of OpenCLIP's `name` shape in the Hugging Face layout, with the tiny tokenizer
     (its special ids; the embedding keeps CLIP's 49,408 rows)."""
-    from lmdir_jax.priors.clip_model import save_clip_model
-    from lmdir_jax.priors.diffusion import random_params
-    from lmdir_jax.priors.tiny import (
-        save_tiny_tokenizer,
-        tiny_clip_config,
-        write_preprocessor_config,
-    )
-
     tiny = tiny_clip_config().text
     cfg = config_from_openclip(clip_weights.openclip_config(name))
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(
@@ -144,11 +144,6 @@ def cache_memory(data: str, dtype: str = "bfloat16", items: int = 2, sd_size: in
                  steps: int = 2) -> dict:
     """Peak RSS of `lmdir priors build` (a child process) with a random ViT-L/14-sized CLIP and an
     SD-1.5-sized UNet, VAE and 12-layer text tower, on `items` images of `data`."""
-    from lmdir_jax.priors.clip_model import ClipTextConfig
-    from lmdir_jax.priors.diffusion import save_tiny_sd
-    from lmdir_jax.priors.tiny import tiny_clip_config
-    from lmdir_jax.priors.vae import VAEConfig
-
     if not Path(data).is_dir():
         raise UsageError(f"--cache-memory needs a folder of training photos: {data} not found")
     tiny = tiny_clip_config().text

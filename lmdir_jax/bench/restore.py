@@ -6,7 +6,17 @@ A random-initialised network from a config (no checkpoint needed) restores a syn
 
 from __future__ import annotations
 
+import resource
+import time
+
+import jax
+import numpy as np
+
+from lmdir_jax.config import load_config
 from lmdir_jax.errors import UsageError
+from lmdir_jax.inference import _forward, restore_image, tile_starts
+from lmdir_jax.models import Priors, build_model
+from lmdir_jax.runtime import cpu_times, steal_note
 
 
 def register(bsub) -> None:
@@ -31,23 +41,11 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _peak_rss_gib() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def run(args) -> int:
     """Handler of `lmdir bench restore`."""
-    import time
-
-    import jax
-    import numpy as np
-
-    from lmdir_jax.config import load_config
-    from lmdir_jax.inference import restore_image, tile_starts
-    from lmdir_jax.models import Priors, build_model
-    from lmdir_jax.runtime import cpu_times, steal_note
-
     w, h = _parse_size(args.size)
     config = load_config(args.config, args.config_overrides)
     t0 = time.perf_counter()
@@ -74,8 +72,6 @@ def run(args) -> int:
     stolen = steal_note(ticks, cpu_times())
     assert out.shape == img.shape
     # steady state: one more tile batch through the compiled function
-    from lmdir_jax.inference import _forward
-
     x = jax.numpy.asarray(img[None, : min(h, tile or h), : min(w, tile or w)].repeat(args.tile_batch, 0))
     fwd = _forward()
     fwd(model, x, priors).block_until_ready()

@@ -11,7 +11,17 @@ from __future__ import annotations
 import statistics
 import time
 
+import jax
+import numpy as np
+
 from lmdir_jax.axes import DATA, FSDP
+from lmdir_jax.config import load_config
+from lmdir_jax.errors import UsageError
+from lmdir_jax.models.layers import kernels_of
+from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
+from lmdir_jax.train import mesh as mesh_lib
+from lmdir_jax.train import state as state_lib
+from lmdir_jax.train import step as step_lib
 
 # Dense bf16 peak TFLOP/s per device (vendor figures) for MFU when --peak-tflops is not given.
 PEAK_TFLOPS = {
@@ -66,17 +76,6 @@ def memory_line(compiled) -> str:
 
 def run(args) -> int:
     """Compile the step, time it, print step time, images/s, FLOPs and MFU."""
-    import jax
-    import numpy as np
-
-    from lmdir_jax.config import load_config
-    from lmdir_jax.errors import UsageError
-    from lmdir_jax.models.layers import kernels_of
-    from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
-    from lmdir_jax.train import mesh as mesh_lib
-    from lmdir_jax.train import state as state_lib
-    from lmdir_jax.train import step as step_lib
-
     if args.steps < 1:
         raise UsageError("--steps must be >= 1")
     config = load_config(args.config, args.config_overrides)

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from lmdir_jax.models import build_model
+from lmdir_jax.models.priors import Priors
 
 
 def random_inputs(
@@ -63,9 +69,6 @@ def pip_kinds(config_model) -> int:
 
 @functools.cache
 def _jitted_forward():
-    import jax
-    from flax import nnx
-
     @functools.partial(jax.jit, static_argnums=0)
     def forward(graphdef, state, lq, priors):
         return nnx.merge(graphdef, state)(lq, priors)
@@ -75,11 +78,6 @@ def _jitted_forward():
 
 def run_jax(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """The Flax model's output on `inputs` (numpy), jitted (one compile per model and shape)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lmdir_jax.models.priors import Priors
-
     priors = Priors(**{k: jnp.asarray(v) for k, v in inputs.items() if k != "lq"})
     graphdef, state = nnx.split(model)
     return np.asarray(_jitted_forward()(graphdef, state, jnp.asarray(inputs["lq"]), priors))
@@ -99,10 +97,6 @@ def float32_twin(model, config_model):
 
     A bfloat16 JAX model cannot match a float32 PyTorch model to 1e-4; the twin can.
     """
-    from flax import nnx
-
-    from lmdir_jax.models import build_model
-
     if str(config_model.dtype) == "float32":
         return model
     cm = config_model.copy_and_resolve_references()

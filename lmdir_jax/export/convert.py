@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
 
 from lmdir_jax.errors import UsageError
+from lmdir_jax.export import check
 from lmdir_jax.export.folder import CONFIG_FILE, EXPORT_FILES, README_FILE, WEIGHTS_FILE
+from lmdir_jax.models.stacking import unstack_blocks
+from lmdir_jax.train.checkpoints import load_for_inference
 
 FORMAT = "lmdir-torch"
 VERSION = 1
@@ -71,8 +76,6 @@ def flax_to_torch_state(params: dict) -> dict[str, np.ndarray]:
     Scanned block stacks are unstacked first (`models.stacking.unstack_blocks`): the same state
     dict whether the model was scanned or not.
     """
-    from lmdir_jax.models.stacking import unstack_blocks
-
     params = unstack_blocks(params)
     out: dict[str, np.ndarray] = {}
 
@@ -128,7 +131,6 @@ def refuse_overlap(workdir: str | Path, output: str | Path) -> None:
 def torch_mirror(model, config_model):
     """The PyTorch mirror (`LMDIRTorch`, eval mode) holding an nnx model's parameters."""
     import torch
-    from flax import nnx
 
     from lmdir_jax.export.torch_model import LMDIRTorch
 
@@ -177,12 +179,7 @@ def export_torch(
     description for config.json). A non-empty output folder
     is refused unless `force`. Returns the output folder. Needs no torch.
     """
-    from flax import nnx
-    from safetensors.numpy import save_file
-
     if isinstance(workdir_or_model, str | Path):
-        from lmdir_jax.train.checkpoints import load_for_inference
-
         workdir = Path(workdir_or_model)
         if not workdir.is_dir():
             raise UsageError(f"checkpoint folder not found: {workdir}")
@@ -210,8 +207,7 @@ def self_check(model, config, output_dir: str | Path, *, seed: int = 0) -> float
 
     A bfloat16-compute model is compared through its float32 twin (same parameters).
     """
-    from lmdir_jax.export import check
-    from lmdir_jax.export.torch_model import load
+    from lmdir_jax.export.torch_model import load  # torch: an optional dependency
 
     torch_model = load(output_dir)
     inputs = check.random_inputs(int(config.model.text_dim), batch=2, height=37, width=45,
@@ -222,7 +218,7 @@ def self_check(model, config, output_dir: str | Path, *, seed: int = 0) -> float
 
 def onnx_self_check(model, config, path: str | Path, priors: str, *, seed: int = 0) -> float:
     """max |JAX - ONNX Runtime| on a random 2x37x45 input with the priors the file takes."""
-    from lmdir_jax.export import check, graph
+    from lmdir_jax.export import graph  # torch: an optional dependency
 
     on = {"none": {"deg": False, "scene": False, "ref": False}, "text": {"ref": False},
           "all": {}}[priors]

@@ -24,9 +24,15 @@ import re
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from lmdir_jax.errors import UsageError
-from lmdir_jax.workdir import config_file
+from lmdir_jax.export.convert import _torch_name_and_value
+from lmdir_jax.models.stacking import blocks_layout, relayout
+from lmdir_jax.train import checkpoints as ckpt
+from lmdir_jax.train import mesh as mesh_lib
+from lmdir_jax.train import state as state_lib
+from lmdir_jax.workdir import config_file, config_to_json
 
 _LEVELS = {"encoder_level1": "encoders.0", "encoder_level2": "encoders.1",
            "encoder_level3": "encoders.2", "latent": "latent", "decoder_level3": "decoders.0",
@@ -90,11 +96,6 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
 def restormer_params(state: dict[str, np.ndarray], model, source: str) -> dict:
     """Flax parameters (pure dict) of `model` with the Restormer `state` in its backbone and the
     conditioning zeroed. Raises UsageError naming the first key that does not fit."""
-    from flax import nnx
-
-    from lmdir_jax.export.convert import _torch_name_and_value
-    from lmdir_jax.models.stacking import blocks_layout, relayout
-
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     scanned = blocks_layout(params) == "scanned"
     params = relayout(params, scanned=False)  # one tensor per block, as in the .pth
@@ -155,13 +156,6 @@ def mirror_name_of_backbone(name: str) -> bool:
 def import_restormer(checkpoint: str | Path, config, output: str | Path) -> Path:
     """Write a training workdir (config.json + orbax checkpoint at step 0, EMA = params) whose
     backbone holds a Restormer checkpoint's weights. Returns the workdir."""
-    from flax import nnx
-
-    from lmdir_jax.train import checkpoints as ckpt
-    from lmdir_jax.train import mesh as mesh_lib
-    from lmdir_jax.train import state as state_lib
-    from lmdir_jax.workdir import config_to_json
-
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"output {output} exists and is not empty")

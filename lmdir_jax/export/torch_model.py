@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from lmdir_jax import architecture
@@ -634,8 +635,6 @@ def load(directory: str | Path, map_location: str = "cpu") -> LMDIRTorch:
     Raises FileNotFoundError when either file is missing and RuntimeError (from
     `load_state_dict(strict=True)`) when the weights do not fit the config.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = json.loads((directory / CONFIG_FILE).read_text())
     model = LMDIRTorch(meta["model"])
