@@ -74,7 +74,7 @@ def _ours_from_state_dict(build, state_dict) -> tuple[nnx.GraphDef, dict]:
 def clip_against_torch(batch: int = 32, repeats: int = 3) -> dict:
     """Image embeddings of a random ViT-B/32 CLIP at `batch` x 224 px: ours vs transformers."""
     torch = _require_torch()
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # needs torch
 
     cfg = config_from_openclip(clip_weights.openclip_config(CLIP_MODEL))
     torch.manual_seed(0)

@@ -132,7 +132,7 @@ def torch_mirror(model, config_model):
     """The PyTorch mirror (`LMDIRTorch`, eval mode) holding an nnx model's parameters."""
     import torch
 
-    from lmdir_jax.export.torch_model import LMDIRTorch
+    from lmdir_jax.export.torch_model import LMDIRTorch  # torch: an optional dependency
 
     state = flax_to_torch_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tm = LMDIRTorch(model_config_dict(config_model))

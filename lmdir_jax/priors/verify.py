@@ -92,7 +92,7 @@ def verify_hf(folder: Path, photo: np.ndarray, prompt: str) -> dict[str, float]:
     """Our CLIP against transformers' PyTorch `CLIPModel` of a Hugging Face folder."""
     torch = _require("torch")
     transformers = _require("transformers")
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # needs torch
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -252,7 +252,7 @@ def verify_sd(folder: Path, photo: np.ndarray, prompt: str, timestep: int = 500)
     _require("diffusers")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging as dlog
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel  # needs torch
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
