@@ -385,7 +385,7 @@ def load_text_encoder(folder: str | Path, dtype: str = "float32") -> tuple[ClipT
     graphdef, shapes = abstract(lambda: ClipTextTransformer(cfg, dtype=dt, rngs=nnx.Rngs(0)))
     tensors = clip_weights.read_tensors(folder)
     prefix = "" if "embeddings.token_embedding.weight" in tensors else "text_model."
-    params = clip_weights.from_hf(tensors, shapes, prefix=prefix, source=folder)
+    params = clip_weights.from_hf(tensors, shapes, prefix=prefix, source=folder, convert=jnp.asarray)
     return build(graphdef, params), cfg
 
 
@@ -414,7 +414,7 @@ def load_clip_model(folder: str | Path, dtype: str = "float32") -> tuple[ClipMod
     if clip_weights.has_flax_weights(folder) and not clip_weights.has_torch_weights(folder):
         params = clip_weights.read_flax_msgpack(folder, shapes)
     else:
-        params = clip_weights.from_hf(clip_weights.read_tensors(folder), shapes, source=folder)
+        params = clip_weights.from_hf(clip_weights.read_tensors(folder), shapes, source=folder, convert=jnp.asarray)
     return build(graphdef, params), cfg
 
 

@@ -11,6 +11,7 @@ same table reads released weights and writes files the reference libraries load.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,13 @@ def to_hf(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return {hf_name(p, prefix): np.array(to_torch_layout(p, v), np.float32, order="C") for p, v in flatten(params)}
 
 
-def from_hf(tensors: dict, shapes: dict, prefix: str = "", source: object = "checkpoint") -> dict:
+def from_hf(tensors: Mapping, shapes: dict, prefix: str = "", source: object = "checkpoint",
+            convert=None) -> dict:
     """Our pure parameter dict (float32) from {Hugging Face name: array}; `shapes` is the model's
     pure dict of ShapeDtypeStructs. A missing weight or a shape that differs is a UsageError naming
-    the first one and the count; names the model does not have are ignored."""
+    the first one and the count; names the model does not have are ignored. `convert(array)` is
+    applied to each weight as it is read (e.g. `jnp.asarray` to a dtype, so a lazily read file never
+    stands whole in host memory beside the parameters)."""
     out, missing, wrong = {}, [], []
     for path, spec in flatten(shapes):
         name = hf_name(path, prefix)
@@ -95,12 +99,43 @@ def from_hf(tensors: dict, shapes: dict, prefix: str = "", source: object = "che
         if tuple(a.shape) != tuple(spec.shape):
             wrong.append(f"{name} {tuple(a.shape)} != {tuple(spec.shape)}")
             continue
-        out[path] = np.asarray(a, np.float32)
+        out[path] = convert(a) if convert is not None else np.asarray(a, np.float32)
     if missing:
         raise UsageError(f"{source}: {len(missing)} weights missing (first: {missing[0]})")
     if wrong:
         raise UsageError(f"{source}: {len(wrong)} weights of another shape (first: {wrong[0]})")
     return unflatten(out)
+
+
+class LazyTensors(Mapping):
+    """The tensors of one or more .safetensors files, each read (as float32) only when asked for:
+    loading a model holds one file tensor at a time beside the parameters, not the whole file."""
+
+    def __init__(self, paths: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._handles, self._where = [], {}
+        for path in paths:
+            try:
+                handle = safe_open(str(path), framework="flax")
+            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                raise UsageError(f"cannot read {path}: {e}") from None
+            self._handles.append((path, handle))
+            for k in handle.keys():  # noqa: SIM118
+                self._where[k] = len(self._handles) - 1
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        path, handle = self._handles[self._where[key]]
+        try:
+            return np.asarray(handle.get_tensor(key), np.float32)
+        except Exception as e:  # noqa: BLE001 - a damaged tensor is a data problem
+            raise UsageError(f"cannot read {key} from {path}: {e}") from None
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def has_torch_weights(folder: Path) -> bool:
@@ -156,16 +191,9 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
     pytorch_model.bin (with torch)."""
     folder = Path(folder)
     if (folder / SAFETENSORS).is_file():
-        return read_safetensors(folder / SAFETENSORS)
+        return LazyTensors([folder / SAFETENSORS])
     if (folder / SAFETENSORS_INDEX).is_file():
-        try:
-            index = json.loads((folder / SAFETENSORS_INDEX).read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot read {folder / SAFETENSORS_INDEX}: {e}") from None
-        out: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index.values())):
-            out.update(read_safetensors(folder / shard))
-        return out
+        return LazyTensors(shards(folder / SAFETENSORS_INDEX))
     if (folder / TORCH_BIN).is_file():
         return read_torch_file(folder / TORCH_BIN)
     if has_flax_weights(folder):
@@ -173,6 +201,15 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
                          "save it as model.safetensors (transformers 4.x: CLIPTextModel.from_pretrained("
                          "folder, from_flax=True).save_pretrained(folder))")
     raise UsageError(f"{folder} has no weights ({SAFETENSORS} or {TORCH_BIN})")
+
+
+def shards(index_file: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, beside it."""
+    try:
+        index = json.loads(Path(index_file).read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read {index_file}: {e}") from None
+    return [Path(index_file).parent / shard for shard in sorted(set(index.values()))]
 
 
 def read_flax_msgpack(folder: Path, shapes: dict) -> dict:

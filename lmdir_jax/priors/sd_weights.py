@@ -9,6 +9,7 @@ mapping (PyTorch (out, in) <-> our kernels) reads and writes them both ways, wit
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +49,40 @@ def read_config(folder: Path) -> dict:
         raise UsageError(f"cannot read {f}: {e}") from None
 
 
-def read_weights(folder: Path) -> dict[str, np.ndarray]:
-    """{diffusers name: float32 array} of a unet/ or vae/ folder; old VAE attention names renamed."""
+class _Renamed(Mapping):
+    """A state dict seen with the VAE attention's current names (old names mapped, 1x1 convolutions
+    of the oldest conversions squeezed to linear weights)."""
+
+    def __init__(self, tensors: Mapping):
+        self._tensors, self._names = tensors, {}
+        for name in tensors:
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in _OLD_VAE_ATTENTION:
+                self._names[".".join([*parts[:-2], _OLD_VAE_ATTENTION[parts[-2]], parts[-1]])] = name
+            else:
+                self._names[name] = name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        old = self._names[key]
+        a = self._tensors[old]
+        return a[:, :, 0, 0] if old != key and a.ndim == 4 else a
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_weights(folder: Path) -> Mapping:
+    """{diffusers name: float32 array} of a unet/ or vae/ folder, safetensors read lazily; old VAE
+    attention names renamed."""
     folder = Path(folder)
     file = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if file is not None:
-        tensors = clip_weights.read_safetensors(file)
+        tensors = clip_weights.LazyTensors([file])
     elif (folder / WEIGHTS_INDEX).is_file():
-        try:
-            index = json.loads((folder / WEIGHTS_INDEX).read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot read {folder / WEIGHTS_INDEX}: {e}") from None
-        tensors = {}
-        for shard in sorted(set(index.values())):
-            tensors.update(clip_weights.read_safetensors(folder / shard))
+        tensors = clip_weights.LazyTensors(clip_weights.shards(folder / WEIGHTS_INDEX))
     elif (folder / TORCH_BIN).is_file():
         tensors = clip_weights.read_torch_file(folder / TORCH_BIN)
     elif (folder / FLAX_WEIGHTS).is_file():
@@ -71,23 +92,15 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
             ".save_pretrained(folder)), or use the PyTorch weights of the same model")
     else:
         raise UsageError(f"no weights in {folder}: expected {WEIGHTS}")
-    out = {}
-    for name, a in tensors.items():
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in _OLD_VAE_ATTENTION:
-            name = ".".join([*parts[:-2], _OLD_VAE_ATTENTION[parts[-2]], parts[-1]])
-            if a.ndim == 4:  # 1x1 convolutions in the oldest conversions
-                a = a[:, :, 0, 0]
-        out[name] = a
-    return out
+    return _Renamed(tensors)
 
 
 def _load(module_fn, folder: Path, dtype: str) -> tuple[nnx.GraphDef, Any]:
     graphdef, shapes = clip_model.abstract(module_fn)
-    params = clip_weights.from_hf(read_weights(folder), shapes, source=folder)
-    return graphdef, cast_floats(jax.tree.map(jnp.asarray, params), getattr(jnp, dtype))
-
-
+    jdtype = getattr(jnp, dtype)
+    params = clip_weights.from_hf(read_weights(folder), shapes, source=folder,
+                                  convert=lambda a: jnp.asarray(a, jdtype))
+    return graphdef, params
 def load_unet(folder: str | Path, dtype: str = "float32",
               kernels: str = "auto") -> tuple[UNetConfig, nnx.GraphDef, Any]:
     """A diffusers unet/ folder -> (config, graphdef, params in `dtype`) of our NNX UNet, its attention
