@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -140,34 +139,54 @@ def write_random_clip(folder: Path, name: str = CACHE_CLIP, seed: int = 0) -> Pa
     return folder
 
 
+def write_cache_models(root: str | Path) -> None:
+    """ROOT/clip (random ViT-L/14-sized CLIP) and ROOT/sd (SD-1.5-sized UNet and VAE, 12-layer text
+    tower of width 768), both in the layouts real weights come in."""
+    tiny = tiny_clip_config().text
+    text = ClipTextConfig(vocab_size=tiny.vocab_size, hidden_size=768, intermediate_size=3072, num_layers=12,
+                          num_heads=12, projection_dim=768, bos_token_id=tiny.bos_token_id,
+                          eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id)
+    write_random_clip(Path(root) / "clip")
+    save_tiny_sd(Path(root) / "sd", unet=UNetConfig(), vae=VAEConfig(), text=text)
+
+
+def _run_measured(cmd: list[str], log: Path) -> tuple[int, float]:
+    """(exit status, peak RSS in GiB) of one child process and the children it waited for.
+
+    The models are written by a child of their own first, so this process stays small: a forked
+    child's peak would otherwise count the parent's pages it shares until it executes."""
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 2**20
+
+
 def cache_memory(data: str, dtype: str = "bfloat16", items: int = 2, sd_size: int = 256,
                  steps: int = 2) -> dict:
     """Peak RSS of `lmdir priors build` (a child process) with a random ViT-L/14-sized CLIP and an
     SD-1.5-sized UNet, VAE and 12-layer text tower, on `items` images of `data`."""
     if not Path(data).is_dir():
         raise UsageError(f"--cache-memory needs a folder of training photos: {data} not found")
-    tiny = tiny_clip_config().text
-    text = ClipTextConfig(vocab_size=tiny.vocab_size, hidden_size=768, intermediate_size=3072, num_layers=12,
-                          num_heads=12, projection_dim=768, bos_token_id=tiny.bos_token_id,
-                          eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        write_random_clip(root / "clip")
-        save_tiny_sd(root / "sd", unet=UNetConfig(), vae=VAEConfig(), text=text)
+        code, _ = _run_measured([sys.executable, "-c", "import sys; from lmdir_jax.bench.priors_reference "
+                                 "import write_cache_models; write_cache_models(sys.argv[1])", str(root)],
+                                root / "write.log")
+        if code:
+            raise UsageError(f"writing the random models failed ({code}): see {root / 'write.log'}")
         written = time.perf_counter() - t0
         cmd = [sys.executable, "-m", "lmdir_jax.cli", "priors", "build", "--data", str(data),
                "--clip", str(root / "clip"), "--sd", str(root / "sd"), "--output", str(root / "cache"),
                "--max-items", str(items), "--batch", "1", "--steps", str(steps), "--sd-size", str(sd_size),
                "--dtype", dtype]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
+        code, peak = _run_measured(cmd, root / "build.log")
         seconds = time.perf_counter() - t0
-        if proc.returncode:
-            raise UsageError(f"priors build failed ({proc.returncode}): {proc.stdout.strip().splitlines()[-1:]}")
-        # The largest resident set of any waited-for child: this build is the only child.
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if code:
+            tail = (root / "build.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise UsageError(f"priors build failed ({code}): {tail}")
         manifest = json.loads((root / "cache" / MANIFEST).read_text())
-    return {"peak_rss_gib": peak_kib / 2**20, "dtype": dtype, "items": items, "sd_size": sd_size,
+    return {"peak_rss_gib": peak, "dtype": dtype, "items": items, "sd_size": sd_size,
             "steps": steps, "build_s": seconds, "write_models_s": written, "manifest_dtype": manifest.get("dtype")}
