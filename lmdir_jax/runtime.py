@@ -15,12 +15,18 @@ the same environment (`malloc_env` says which); Colab and Kaggle preload tcmallo
 On a virtual machine the hypervisor can take CPU time away from this machine ("steal"); the 2-core
 dev box lost 5-35% of it while benchmarks ran, and step times drifted by as much. `cpu_times` and
 `steal_share` let the benchmarks print how much was stolen while they timed.
+
+Frozen priors in bfloat16 run their matrix products in float32 on CPUs: XLA converts each weight
+before its product, and XLA:CPU's default scheduler, which orders work for concurrency, converts them
+all up front: a float32 copy of the whole network beside the bf16 one. `schedule_cpu_for_memory`
+switches that scheduler to the one that orders work for peak memory (`lmdir priors` commands).
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import os
+import subprocess
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -31,6 +37,7 @@ TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")  # ctypes.util.find_library na
 TCMALLOC_REPORT = ("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 PROC_STAT = "/proc/stat"
+MEMORY_SCHEDULE = "xla_cpu_enable_concurrency_optimized_scheduler"  # an XLA flag; false: memory first
 MIN_TICKS = 200  # CPU ticks (all CPUs together) below which benchmarks print no stolen share
 
 
@@ -162,3 +169,31 @@ def steal_note(before: tuple[int, int] | None, after: tuple[int, int] | None) ->
     """The stolen share between two readings as text for benchmark output ('' where unknown)."""
     share = steal_share(before, after, MIN_TICKS)
     return "" if share is None else f"{100 * share:.0f}%"
+
+
+def schedule_cpu_for_memory(environ: dict[str, str] | None = None) -> bool:
+    """Make XLA:CPU order each compiled program for low peak memory rather than for concurrency.
+
+    For large frozen models in bf16 on CPUs (module docstring): the first SD-1.5 UNet call's peak
+    halves and the call is no slower (docs/benchmarks.md). The flag must be in XLA_FLAGS before jax
+    starts its backends, so this acts only before then. A flag the user set stays as it is. An XLA
+    flag this XLA does not know aborts the process, so a child process tries it first. Returns
+    whether the flag is in effect for programs compiled from now on.
+    """
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "")
+    if MEMORY_SCHEDULE in flags:
+        return f"{MEMORY_SCHEDULE}=false" in flags
+    from jax._src import xla_bridge  # no public way to ask whether backends have started
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    wanted = f"{flags} --{MEMORY_SCHEDULE}=false".strip()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices('cpu')"],
+        env={**env, "XLA_FLAGS": wanted, "JAX_PLATFORMS": "cpu"}, capture_output=True, check=False,
+    )
+    if probe.returncode != 0:
+        return False
+    env["XLA_FLAGS"] = wanted
+    return True

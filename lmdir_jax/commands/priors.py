@@ -20,6 +20,7 @@ from lmdir_jax.commands import seed_type
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_output_file, check_output_folder, check_text_output
 from lmdir_jax.priors.config import CONTROLLER_GRID
+from lmdir_jax.runtime import schedule_cpu_for_memory
 
 
 def register(sub) -> None:
@@ -162,6 +163,7 @@ def run_verify(args) -> int:
 
 def run_embed(args) -> int:
     """Write the embeddings .npz."""
+    schedule_cpu_for_memory()  # before jax starts: frozen bf16 weights converted one at a time
     from lmdir_jax.priors.verify import embed, list_images, write_npz
 
     images = list_images(args.images)
@@ -213,6 +215,7 @@ def run_make_tiny(args) -> int:
 
 def run_build(args) -> int:
     """Build or resume a prior cache and print its summary."""
+    schedule_cpu_for_memory()  # before jax starts: frozen bf16 weights converted one at a time
     from lmdir_jax.priors.cache import build_cache
 
     check_output_folder(args.output, [args.data] if Path(args.data).exists() else [])
@@ -406,6 +409,7 @@ def format_views(result: dict) -> str:
 
 def run_classify(args) -> int:
     """Print the zero-shot degradation accuracy and confusion matrix (and JSON with --json)."""
+    schedule_cpu_for_memory()  # before jax starts: frozen bf16 weights converted one at a time
     from lmdir_jax.priors.clip import load_clip
 
     if args.grid < 1:
@@ -450,6 +454,7 @@ def run_train_controller(args) -> int:
 
 def run_caption(args) -> int:
     """Print `file<TAB>caption` for each image."""
+    schedule_cpu_for_memory()  # before jax starts: frozen bf16 weights converted one at a time
     import numpy as np
 
     from lmdir_jax.data.io import read_image

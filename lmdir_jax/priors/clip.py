@@ -346,7 +346,7 @@ def load_clip(
     folder's config or a model name in the file's name) and OpenCLIP's tokenizer (`tokenizer`
     folder to override).
 
-    `dtype` is the compute dtype ('float32' or 'bfloat16'); outputs are float32. A missing path, a
+    `dtype` is the weights' and compute dtype ('float32' or 'bfloat16'); outputs are float32. A missing path, a
     folder that is neither, or one without weights is a UsageError.
     """
     folder = Path(path)

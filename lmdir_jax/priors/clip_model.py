@@ -18,6 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -354,9 +355,14 @@ def abstract(build) -> tuple[nnx.GraphDef, dict]:
     return graphdef, nnx.to_pure_dict(state)
 
 
-def build(graphdef: nnx.GraphDef, params: dict):
-    """The module of `graphdef` holding `params` (a pure dict of arrays)."""
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+def build(graphdef: nnx.GraphDef, params: dict, dtype: Any = None):
+    """The module of `graphdef` holding `params` (a pure dict of arrays), floats cast to `dtype` if
+    given."""
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return nnx.merge(graphdef, jax.tree.map(cast, params))
 
 
 def _read_config(folder: Path) -> dict:
@@ -413,9 +419,10 @@ def load_clip_model(folder: str | Path, dtype: str = "float32") -> tuple[ClipMod
     graphdef, shapes = abstract(lambda: ClipModel(cfg, dtype=dt, rngs=nnx.Rngs(0)))
     if clip_weights.has_flax_weights(folder) and not clip_weights.has_torch_weights(folder):
         params = clip_weights.read_flax_msgpack(folder, shapes)
-    else:
-        params = clip_weights.from_hf(clip_weights.read_tensors(folder), shapes, source=folder, convert=jnp.asarray)
-    return build(graphdef, params), cfg
+    else:  # cast tensor by tensor: a bf16 model never holds its float32 weights
+        params = clip_weights.from_hf(clip_weights.read_tensors(folder), shapes, source=folder,
+                                      convert=lambda a: jnp.asarray(a, dt))
+    return build(graphdef, params, dt), cfg
 
 
 def save_clip_model(model: ClipModel, folder: str | Path) -> Path:
@@ -520,7 +527,7 @@ def load_openclip_model(path: str | Path, model: str | None = None, dtype: str =
     dt = _jnp_dtype(dtype)
     graphdef, shapes = abstract(lambda: ClipModel(cfg, dtype=dt, rngs=nnx.Rngs(0)))
     params = clip_weights.from_table(tensors, clip_weights.openclip_table(ocfg, prefix), shapes, file)
-    return build(graphdef, params), cfg, ocfg
+    return build(graphdef, params, dt), cfg, ocfg
 
 
 def openclip_state_dict(model: ClipModel, custom_text: bool = False, prefix: str = "") -> dict[str, np.ndarray]:

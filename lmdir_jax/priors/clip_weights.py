@@ -11,12 +11,15 @@ same table reads released weights and writes files the reference libraries load.
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax.serialization import msgpack_restore
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from lmdir_jax.errors import UsageError
@@ -107,29 +110,83 @@ def from_hf(tensors: Mapping, shapes: dict, prefix: str = "", source: object = "
     return unflatten(out)
 
 
+# safetensors' dtype names -> numpy dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header, and each tensor read on request with plain reads.
+
+    safetensors' own reader maps the file: mapped pages count in the process's resident memory until
+    the file is closed, so loading a 3.4 GB float32 UNet into bf16 parameters would hold the whole file
+    beside them. Reading one tensor at a time into its own buffer holds one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n < 2 or n > min(MAX_HEADER, size - 8):
+                    raise ValueError("not a safetensors file (bad header length)")
+                header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read {self.path}: damaged header ({e})") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read {self.path}: {e}") from None
+        if not isinstance(header, dict):
+            raise UsageError(f"cannot read {self.path}: damaged header")
+        header.pop("__metadata__", None)
+        self._base, data = 8 + n, size - 8 - n
+        self._tensors: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            try:
+                dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise UsageError(f"cannot read {key} from {self.path}: unknown dtype or damaged entry") from None
+            if not 0 <= begin <= end <= data or end - begin != dtype.itemsize * math.prod(shape):
+                raise UsageError(f"cannot read {key} from {self.path}: offsets outside the file (truncated?)")
+            self._tensors[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        """The tensor names, in the header's order."""
+        return list(self._tensors)
+
+    def read(self, key: str) -> np.ndarray:
+        """One tensor as a numpy array of its stored dtype."""
+        dtype, shape, begin, end = self._tensors[key]
+        buf = np.empty(end - begin, np.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._base + begin)
+                view, done = memoryview(buf), 0
+                while done < len(buf):
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise ValueError("file ends early (truncated?)")
+                    done += got
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read {key} from {self.path}: {e}") from None
+        return buf.view(dtype).reshape(shape)
+
+
 class LazyTensors(Mapping):
     """The tensors of one or more .safetensors files, each read (as float32) only when asked for:
     loading a model holds one file tensor at a time beside the parameters, not the whole file."""
 
     def __init__(self, paths: list[Path]):
-        from safetensors import SafetensorError, safe_open
-
-        self._handles, self._where = [], {}
-        for path in paths:
-            try:
-                handle = safe_open(str(path), framework="flax")
-            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-                raise UsageError(f"cannot read {path}: {e}") from None
-            self._handles.append((path, handle))
-            for k in handle.keys():  # noqa: SIM118
-                self._where[k] = len(self._handles) - 1
+        self._files = [SafetensorsFile(p) for p in paths]
+        self._where = {k: f for f in self._files for k in f.keys()}  # noqa: SIM118
 
     def __getitem__(self, key: str) -> np.ndarray:
-        path, handle = self._handles[self._where[key]]
-        try:
-            return np.asarray(handle.get_tensor(key), np.float32)
-        except Exception as e:  # noqa: BLE001 - a damaged tensor is a data problem
-            raise UsageError(f"cannot read {key} from {path}: {e}") from None
+        return np.asarray(self._where[key].read(key), np.float32)
 
     def __iter__(self):
         return iter(self._where)
@@ -150,11 +207,7 @@ def has_flax_weights(folder: Path) -> bool:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as float32 numpy arrays (bf16/fp16 files included)."""
-    try:
-        with safe_open(str(path), framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
+    return dict(LazyTensors([path]))
 
 
 def read_torch_file(path: Path) -> dict[str, np.ndarray]:

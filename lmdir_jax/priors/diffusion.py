@@ -1,10 +1,14 @@
-"""Frozen Stable Diffusion (our NNX UNet, VAE and CLIP text tower) driven by a jitted DDIM loop.
+"""Frozen Stable Diffusion (our NNX UNet, VAE and CLIP text tower) driven by jitted DDIM steps.
 
 LMDIR's third prior is a clean *reference image* of the scene, synthesised from its caption
 (text-to-image) or from the image itself (image-to-image). The weights are a local diffusers folder
 (`sd_weights`); the sampling loop:
 
-- one `jax.jit` per (batch, size, steps, start step), `lax.fori_loop` over the DDIM timesteps;
+- three compiled programs per (batch, size, steps): the start (text states, seeded noise, the
+  image's noised latents), one DDIM step (the timestep's index traced, called once per timestep) and
+  the VAE decode. The steps are a Python loop, not `lax.fori_loop`: XLA hoists loop-invariant work out
+  of a loop, and on CPUs that includes the float32 copy of every bf16 weight (the whole UNet again,
+  twice its bf16 size);
 - classifier-free guidance with the unconditional and conditional halves in one UNet call;
 - image i's noise comes only from its own seed, so batching, padding and sharding never change it;
 - the batch is padded to a multiple of the device count and sharded over the mesh's 'data' axis.
@@ -69,7 +73,9 @@ class StableDiffusion:
         self.params = {"unet": unet_params, "vae": vae_params, "text": text_params}
         self._placed: dict[Any, Any] = {}
         self._round_trip_jit = jax.jit(self._round_trip)
-        self._sample_jit = jax.jit(self._sample, static_argnames=("latent_hw", "steps", "use_cfg"))
+        self._start_jit = jax.jit(self._start, static_argnames=("latent_hw", "steps", "use_cfg"))
+        self._step_jit = jax.jit(self._step, static_argnames=("steps", "use_cfg"))
+        self._decode_jit = jax.jit(self._decode)
 
     def unet(self, params: Any) -> UNet2DConditionModel:
         """Our NNX UNet holding `params` (e.g. `sd.params['unet']`)."""
@@ -221,16 +227,16 @@ class StableDiffusion:
             }
         batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA)))
         shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        out = self._sample_jit(
-            params,
-            batch,
-            np.float32(guidance),
-            latent_hw=shape,
-            steps=steps,
-            t_start=np.int32(t_start),
-            use_cfg=float(guidance) != 1.0,
+        use_cfg = float(guidance) != 1.0
+        latents, context = self._start_jit(
+            params, batch, latent_hw=shape, steps=steps, t_start=np.int32(t_start), use_cfg=use_cfg
         )
-        return np.asarray(out)[:n]
+        for i in range(t_start, steps):
+            latents = self._step_jit(
+                params["unet"], latents, context, np.float32(guidance), np.int32(i),
+                steps=steps, use_cfg=use_cfg,
+            )
+        return np.asarray(self._decode_jit(params["vae"], latents))[:n]
 
     def _round_trip(self, vae_params: Any, images: Any) -> Any:
         return self._decode(vae_params, self._encode(vae_params, images))
@@ -249,18 +255,18 @@ class StableDiffusion:
     def _scaling(self) -> float:
         return float(self.vae_config.scaling_factor)
 
-    def _sample(
+    def _start(
         self,
         params: Any,
         batch: dict[str, Any],
-        guidance: Any,
         *,
         latent_hw: tuple[int, int],
         steps: int,
         t_start: Any,
         use_cfg: bool,
-    ) -> Any:
-        """The whole pipeline for one padded batch: text states, noise, DDIM loop, VAE decode.
+    ) -> tuple[Any, Any]:
+        """(latents, context) of one padded batch before the first DDIM step: seeded noise (or the
+        image's latents noised to step `t_start`) and the text states (unconditional ones interleaved).
 
         Latents are (B, C, h, w), as diffusers draws its noise, so a seed gives diffusers' noise."""
         b = batch["seeds"].shape[0]
@@ -275,32 +281,30 @@ class StableDiffusion:
         noise = jax.vmap(
             lambda s: jax.random.normal(jax.random.key(s), (channels, *latent_hw), jnp.float32)
         )(batch["seeds"])
-        timesteps = jnp.asarray(self.scheduler.timesteps(steps))
-        unet = self.unet(params["unet"])
         if "images" not in batch:
-            latents = noise
-        else:
-            latents = self._encode(params["vae"], batch["images"])
-            # t_start is traced (one program for every strength); t_start == steps: no noise.
-            t0 = jnp.full((b,), timesteps[jnp.minimum(t_start, steps - 1)])
-            noised = self.scheduler.add_noise(latents, noise, t0)
-            latents = jnp.where(t_start < steps, noised, latents)
+            return noise, context
+        timesteps = jnp.asarray(self.scheduler.timesteps(steps))
+        latents = self._encode(params["vae"], batch["images"])
+        # t_start is traced (one program for every strength); t_start == steps: no noise.
+        t0 = jnp.full((b,), timesteps[jnp.minimum(t_start, steps - 1)])
+        noised = self.scheduler.add_noise(latents, noise, t0)
+        return jnp.where(t_start < steps, noised, latents), context
 
-        def denoise(i: Any, lat: Any) -> Any:
-            t = timesteps[i]
-            x = jnp.repeat(lat, 2, axis=0) if use_cfg else lat
-            out = unet(jnp.transpose(x, (0, 2, 3, 1)), jnp.full((x.shape[0],), t), context)
-            out = jnp.transpose(out.astype(jnp.float32), (0, 3, 1, 2))
-            if use_cfg:
-                out = out.reshape(b, 2, *out.shape[1:])
-                out = out[:, 0] + guidance * (out[:, 1] - out[:, 0])
-            return self.scheduler.step(out, t, lat, steps).astype(jnp.float32)
+    def _step(
+        self, unet_params: Any, latents: Any, context: Any, guidance: Any, i: Any, *, steps: int,
+        use_cfg: bool,
+    ) -> Any:
+        """One guided DDIM step: the latents at timestep index `i` -> the latents at the next one."""
+        t = jnp.asarray(self.scheduler.timesteps(steps))[i]
+        x = jnp.repeat(latents, 2, axis=0) if use_cfg else latents
+        out = self.unet(unet_params)(jnp.transpose(x, (0, 2, 3, 1)), jnp.full((x.shape[0],), t), context)
+        out = jnp.transpose(out.astype(jnp.float32), (0, 3, 1, 2))
+        if use_cfg:
+            out = out.reshape(latents.shape[0], 2, *out.shape[1:])
+            out = out[:, 0] + guidance * (out[:, 1] - out[:, 0])
+        return self.scheduler.step(out, t, latents, steps).astype(jnp.float32)
 
-        latents = jax.lax.fori_loop(t_start, steps, denoise, latents)
-        return self._decode(params["vae"], latents)
 
-
-# --------------------------------------------------------------------------------- helpers
 def _as_list(prompts: Sequence[str] | str) -> list[str]:
     return [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
 
