@@ -38,7 +38,7 @@ from lmdir_jax.data.pipeline import make_train_iterator
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir
 from lmdir_jax.priors.cache import PriorCache
-from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.clip import ClipPrior, load_clip
 from lmdir_jax.priors.controller import (
     CROP_GRID,
     CROP_OFFSET,
@@ -162,7 +162,7 @@ def make_controller_step(config, setup: state_lib.TrainSetup, shape: TowerShape,
     return jax.jit(step, donate_argnums=(0,), out_shardings=(setup.shardings, None))
 
 
-def controller_batches(iterator: Iterator[dict], config, clip, start: int) -> Iterator[Batch]:
+def controller_batches(iterator: Iterator[dict], config, clip: ClipPrior, start: int) -> Iterator[Batch]:
     """The controller's host batches from step `start` on (a multiple of E * E, E =
     priors.controller_echo): pools of E pipeline batches (`echo_pool`), one CLIP-sized crop per
     patch (`_crops`), a `priors.controller_clean_prob` share of them clean; keys lq and gt
@@ -194,7 +194,7 @@ def controller_batches(iterator: Iterator[dict], config, clip, start: int) -> It
         step += 1
 
 
-def controller_step(config, setup: state_lib.TrainSetup, mesh, clip) -> StepFn:
+def controller_step(config, setup: state_lib.TrainSetup, mesh: jax.sharding.Mesh, clip: ClipPrior) -> StepFn:
     """The controller's `step_fn(state, host batch)` for `run_loop`: the batch made global over
     `mesh`, the jitted `make_controller_step` with the frozen tower, the vocabulary's text
     embeddings and the text projection (replicated); the metrics carry each crop's predicted

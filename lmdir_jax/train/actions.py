@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,7 +63,7 @@ class Run:
     step: int  # steps done (the resumed step at the start)
     state: dict[str, Any] = dataclasses.field(default_factory=dict)  # model, opt[, ema] pytrees
     batch_size: int = 1  # examples per step, all processes (images/s)
-    iterator: Any = None  # the data iterator whose position checkpoints save (grain's)
+    iterator: Iterator[Any] | None = None  # the data iterator whose position checkpoints save (grain's)
     manager: ocp.CheckpointManager | None = None
     mesh: jax.sharding.Mesh | None = None
     logger: MetricsWriter | None = None
