@@ -39,7 +39,8 @@ def poison_cli(monkeypatch, step: int) -> None:
 
     default = loop.default_actions
     monkeypatch.setattr(loop, "default_actions",
-                        lambda config, progress=True: [*default(config, progress), PoisonBatchAtStep(step)])
+                        lambda config, progress=True, **kw: [*default(config, progress, **kw),
+                                                              PoisonBatchAtStep(step)])
 
 
 def saving(checkpoints: Path, step: int) -> Callable[[], bool]:

@@ -229,7 +229,7 @@ def test_training_sets_aside_proven_damage_and_never_starts_over_by_itself(tmp_p
         assert not any(p.name.isdigit() for p in (wd / "checkpoints").iterdir())
     # --restart: the old folders go to previous_run/ and training starts at step 0 (the loop itself
     # is left out here: it would only compile and run the steps).
-    monkeypatch.setattr(loop, "run_loop", lambda run, step_fn, clip_params=None: None)
+    monkeypatch.setattr(loop, "run_loop", lambda run, step_fn, batches: None)
     assert main([*argv, "--restart"]) == 0
     assert "trained: step=0" in capsys.readouterr().out
     assert sorted(p.name for p in (wd / "previous_run" / "checkpoints_corrupt").iterdir()) == ["1", "2"]

@@ -105,14 +105,35 @@ def _config(tmp_path, steps, extra=()):
     ])
 
 
-@pytest.mark.slow
-def test_resume_is_exact(clip_dir, tmp_path):
+# snow is 0 in configs/controller.py too; echo 2: pools of 2 pipeline batches serve 4 steps
+RESUME = ["config.data.tasks.downsample=0.0", "config.priors.controller_echo=2",
+          "config.train.ckpt_every=4", "config.data.patch_size=40", "config.train.schedule_steps=8"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(clip_dir, tmp_path_factory):
+    """(summary, workdir) of 8 controller steps in one run (the RESUME settings)."""
     from lmdir_jax.priors.controller_train import train_controller
 
-    # snow is 0 in configs/controller.py too; echo 2: pools of 2 pipeline batches serve 4 steps
-    extra = ["config.data.tasks.downsample=0.0", "config.priors.controller_echo=2",
-             "config.train.ckpt_every=4", "config.data.patch_size=40", "config.train.schedule_steps=8"]
-    a = train_controller(_config(tmp_path, 8, extra), str(clip_dir), tmp_path / "a", progress=False)
+    wd = tmp_path_factory.mktemp("controller") / "a"
+    return train_controller(_config(wd, 8, RESUME), str(clip_dir), wd, progress=False), wd
+
+
+def _same_params(clip, wd_a, wd_b) -> None:
+    from flax import nnx
+
+    pa = load_controller(wd_a, clip).controller
+    pb = load_controller(wd_b, clip).controller
+    for x, y in zip(jax.tree.leaves(nnx.state(pa)), jax.tree.leaves(nnx.state(pb)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_resume_is_exact(clip_dir, tmp_path, uninterrupted):
+    from lmdir_jax.priors.controller_train import train_controller
+
+    extra = RESUME
+    a, wd_a = uninterrupted
     train_controller(_config(tmp_path, 4, extra), str(clip_dir), tmp_path / "b", progress=False)
     b = train_controller(_config(tmp_path, 8, extra), str(clip_dir), tmp_path / "b", progress=False)
     assert a["step"] == b["step"] == 8 and b["start_step"] == 4
@@ -121,24 +142,22 @@ def test_resume_is_exact(clip_dir, tmp_path):
     assert again["step"] == again["start_step"] == 8
     # controller.json keeps the kinds among its training targets (across the resume); it names
     # only those: a kind it never trained on gets probability 0.
-    kinds = json.loads((tmp_path / "a" / "controller.json").read_text())["kinds"]
+    kinds = json.loads((wd_a / "controller.json").read_text())["kinds"]
     assert kinds == json.loads((tmp_path / "b" / "controller.json").read_text())["kinds"]
     assert len(kinds) >= 4 and "downsample" not in kinds and "snow" not in kinds
     clip = load_clip(clip_dir, max_text_len=16)
-    pa = load_controller(tmp_path / "a", clip).controller
-    pb = load_controller(tmp_path / "b", clip).controller
+    _same_params(clip, wd_a, tmp_path / "b")
     from flax import nnx
 
-    for x, y in zip(jax.tree.leaves(nnx.state(pa)), jax.tree.leaves(nnx.state(pb)), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    pa = load_controller(wd_a, clip).controller
     fresh = Controller.from_clip(clip)
     moved = [np.abs(np.asarray(x) - np.asarray(y)).max()
              for x, y in zip(jax.tree.leaves(nnx.state(pa)), jax.tree.leaves(nnx.state(fresh)), strict=True)]
     assert max(moved) > 0  # it did train
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert (tmp_path / "a" / "plots" / "confusion.png").is_file()
-    assessor = load_controller(tmp_path / "a", clip)
+    assert (wd_a / "plots" / "confusion.png").is_file()
+    assessor = load_controller(wd_a, clip)
     p = assessor.probabilities(np.random.default_rng(0).random((40, 50, 3)))
     assert assessor.kinds == kinds and p.sum() == pytest.approx(1.0, abs=1e-5)
     assert all((p[i] > 0) == (n in kinds) for i, n in enumerate(assessor.names))
@@ -146,8 +165,41 @@ def test_resume_is_exact(clip_dir, tmp_path):
     # still compares with the vocabulary features it was trained with (16 tokens).
     other = load_clip(clip_dir)
     assert other.max_text_len != 16
-    np.testing.assert_array_equal(np.asarray(load_controller(tmp_path / "a", other).bank),
+    np.testing.assert_array_equal(np.asarray(load_controller(wd_a, other).bank),
                                   np.asarray(clip.degradation_bank()[0]))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_pool_boundary_and_the_rerun_ends_with_the_uninterrupted_params(
+        clip_dir, tmp_path, uninterrupted):
+    """SIGTERM during step 3 (echo 2: pools of 4 steps): the run finishes the pool, saves step 4
+    and says it was interrupted; rerunning the same command trains steps 5-8 to the parameters of
+    an uninterrupted run, bit for bit."""
+    import os
+    import signal
+
+    from lmdir_jax.priors.controller_train import train_controller
+    from lmdir_jax.train.actions import Action
+
+    class SigtermAt(Action):
+        def before_step(self, run, batch):
+            if run.step + 1 == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batch
+
+    wd = tmp_path / "c"
+    handler = signal.getsignal(signal.SIGTERM)
+    first = train_controller(_config(wd, 8, RESUME), str(clip_dir), wd, progress=False,
+                             actions=[SigtermAt()])
+    assert signal.getsignal(signal.SIGTERM) == handler  # the loop put the handler back
+    assert first["interrupted"] and first["step"] == 4
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+    second = train_controller(_config(wd, 8, RESUME), str(clip_dir), wd, progress=False)
+    assert second["start_step"] == 4 and second["step"] == 8 and not second["interrupted"]
+    clip = load_clip(clip_dir, max_text_len=16)
+    _same_params(clip, uninterrupted[1], wd)
+    records = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9)) and "images_per_s" in records[0]
 
 
 @pytest.mark.slow

@@ -34,8 +34,7 @@ class _Logger:
 
 
 def _run(total=6, **kw) -> A.Run:
-    return A.Run(config=load_config("tiny"), workdir=Path("/nonexistent"), total=total, step=0,
-                 batch_size=4, logger=_Logger(), **kw)
+    return A.Run(workdir=Path("/nonexistent"), total=total, step=0, batch_size=4, logger=_Logger(), **kw)
 
 
 def _iterator(n=4):
@@ -46,7 +45,7 @@ def _iterator(n=4):
         yield {"lq": np.full((n, 2, 2, 3), step, np.float32), "deg_text": np.array(["x"] * n)}
 
 
-def _step(state, batch, clip_params):
+def _step(state, batch):
     """A stand-in train step: loss = mean of the inputs, state counts steps."""
     return {"model": state["model"] + 1, "opt": state["opt"]}, {"loss": jnp.mean(batch["lq"])}
 
@@ -70,7 +69,7 @@ def _loop(run, *extra):
     run.manager = _Manager()
     run.state = {"model": jnp.zeros((), jnp.int32), "opt": jnp.zeros(())}
     run.actions = [A.StopOnNonFinite(), A.LogMetrics(2), A.Checkpoint(3), *extra]
-    run_loop(run, _step)
+    run_loop(run, _step, run.iterator)
     return run
 
 
@@ -128,7 +127,7 @@ def test_progress_outside_a_terminal_is_periodic_lines():
     p = A.Progress(True, stream=stream, interval=3600)
     p.start(run)
     for s in range(1, 4):
-        run.step, run.loss, run.images_per_s = s, 0.5 / s, 12.0
+        run.step, run.metrics, run.images_per_s = s, {"loss": 0.5 / s}, 12.0
         p(run)
     assert stream.getvalue() == "train: starting at step 0/10 (the first step compiles)\n"  # no more yet
     stream.truncate(0)
@@ -271,13 +270,12 @@ def test_validate_action_logs_evaluate_metrics_and_writes_a_grid(tmp_path):
         write_image(tmp_path / "val" / f"{i}.png", rng.random((40, 48, 3)).astype(np.float32))
     config = load_config("tiny", [f"data.val_source={tmp_path / 'val'}", "data.val_size=32",
                                   "data.val_spec=noise:25"])
-    run = A.Run(config=config, workdir=tmp_path / "wd", total=10, step=5, logger=_Logger(),
-                predictor=_Identity())
-    action = A.Validate(5)
-    assert action.due(run) and not action.due(A.Run(config=config, workdir=tmp_path, total=10, step=4))
+    run = A.Run(workdir=tmp_path / "wd", total=10, step=5, logger=_Logger())
+    action = A.Validate(5, config, _Identity())
+    assert action.due(run) and not action.due(A.Run(workdir=tmp_path, total=10, step=4))
     action(run)
     (step, scalars), = run.logger.records
-    assert step == 5 and scalars["val_images"] == 2.0 and run.predictor.calls == 2
+    assert step == 5 and scalars["val_images"] == 2.0 and action.predictor.calls == 2
     assert scalars["val_psnr"] == scalars["val_input_psnr"] < 30  # identity: restored == input
     assert 0 < scalars["val_ssim"] < 0.99 and run.summary["val_psnr"] == scalars["val_psnr"]
     assert (tmp_path / "wd" / "plots" / "val_000005.png").is_file()
@@ -308,12 +306,13 @@ def test_plot_action_writes_loss_curve_and_training_grid(tmp_path):
     wd.mkdir()
     (wd / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
-    run = A.Run(config=load_config("tiny"), workdir=wd, total=4, step=4, predictor=_Identity())
+    run = A.Run(workdir=wd, total=4, step=4)
+    predictor = _Identity()
     run.last_batch = {"lq": np.zeros((8, 16, 16, 3), np.float32), "gt": np.ones((8, 16, 16, 3), np.float32),
                       "deg_text": np.array(["noise"] * 8)}
-    A.Plot(2)(run)
+    A.Plot(2, predictor)(run)
     assert (wd / "plots" / "loss.png").stat().st_size > 1000
-    assert (wd / "plots" / "train_000004.png").is_file() and run.predictor.calls == 1
+    assert (wd / "plots" / "train_000004.png").is_file() and predictor.calls == 1
     run.step, run.interrupted = 5, True
-    A.Plot(2).on_end(run)  # interrupted: the curve, but no grid
+    A.Plot(2, predictor).on_end(run)  # interrupted: the curve, but no grid
     assert not (wd / "plots" / "train_000005.png").exists()

@@ -439,16 +439,26 @@ def run_classify(args) -> int:
 
 
 def run_train_controller(args) -> int:
-    """Train a controller and print one summary line."""
+    """Train a controller and print one summary line; NaN loss -> exit 1, SIGINT/SIGTERM -> 130
+    (after a checkpoint: rerun to resume)."""
     from lmdir_jax.config import load_config
     from lmdir_jax.priors.controller_train import train_controller
+    from lmdir_jax.train.actions import TrainingDiverged
 
     if not Path(args.clip).is_dir():
         raise UsageError(f"CLIP folder not found: {args.clip}")
     config = load_config(args.config, getattr(args, "config_overrides", []))
-    s = train_controller(config, args.clip, args.workdir)
+    try:
+        s = train_controller(config, args.clip, args.workdir)
+    except TrainingDiverged as e:
+        sys.stderr.write(f"lmdir: error: {e}\n")
+        return 1
     print(f"controller: step={s['step']} loss={s['loss']:.4g} train_accuracy={s['accuracy']:.3f} "
           f"seconds={s['seconds']:.1f} cpu_seconds={s['cpu_seconds']:.1f} workdir={s['workdir']}")
+    if s["interrupted"]:
+        sys.stderr.write(f"lmdir: interrupted at step {s['step']}; checkpoint saved, "
+                         "rerun the same command to resume\n")
+        return 130
     return 0
 
 

@@ -1,9 +1,11 @@
 """Training the DA-CLIP controller: `train_controller(config, clip_path, workdir) -> dict`.
 
-Built from the shared training pieces (mesh, `train.state` setup with a model factory, optimiser,
-`train.checkpoints` orbax manager, the grain pipeline `data.make_train_iterator`), with a short loop
-that can fold into the common one. Each step takes the pipeline's degraded patches, cuts one
-CLIP-sized crop per patch at native resolution (position drawn from (seed, step)), and minimises
+A model, a loss and a data stream fed to the training loop of the restoration network
+(`train.loop.run_loop`, with its actions: signals, NaN stop, metrics, progress, checkpoints), from
+the shared pieces (mesh, `train.state` setup with a model factory, optimiser, `train.checkpoints`,
+the grain pipeline `data.make_train_iterator`). Each step takes the pipeline's degraded patches
+(`controller_batches`), cuts one CLIP-sized crop per patch at native resolution (position drawn
+from (seed, step)), and minimises
 
   degradation loss  softmax cross-entropy of the controller's embedding against the frozen text
                     embeddings of the vocabulary (multi-label: the target is uniform over the kinds
@@ -13,16 +15,17 @@ CLIP-sized crop per patch at native resolution (position drawn from (seed, step)
                     tower's embedding of the clean crop.
 
 Files in WORKDIR: controller.json (what it is tied to), config.json, checkpoints/ (orbax: model,
-opt, data, meta), metrics.jsonl, plots/confusion.png.
+opt, data, meta), metrics.jsonl (and TensorBoard events, as for the restoration network),
+plots/confusion.png.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -35,7 +38,7 @@ from lmdir_jax.data.pipeline import make_train_iterator
 from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir
 from lmdir_jax.priors.cache import PriorCache
-from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.clip import ClipPrior, load_clip
 from lmdir_jax.priors.controller import (
     CROP_GRID,
     CROP_OFFSET,
@@ -49,8 +52,23 @@ from lmdir_jax.priors.controller import (
     label_targets,
     normalize_pixels,
 )
-from lmdir_jax.progress import progress_bar
-from lmdir_jax.workdir import CONFUSION_PLOT, config_file, config_to_json, metrics_file, plot_file
+from lmdir_jax.train import checkpoints as ckpt
+from lmdir_jax.train import distributed
+from lmdir_jax.train import mesh as mesh_lib
+from lmdir_jax.train import state as state_lib
+from lmdir_jax.train.actions import (
+    Action,
+    Checkpoint,
+    LogMetrics,
+    Progress,
+    Record,
+    Run,
+    StopOnNonFinite,
+    StopOnSignal,
+)
+from lmdir_jax.train.loop import Batch, StepFn, run_loop, write_config
+from lmdir_jax.train.monitor import Logger
+from lmdir_jax.workdir import CONFUSION_PLOT, plot_file
 
 
 def _crops(local: dict, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -94,14 +112,13 @@ def echo_pool(batches: list[dict], echo: int, rng: np.random.Generator) -> tuple
     return pool, np.concatenate([rng.permutation(n) for _ in range(echo)])
 
 
-def make_controller_step(config, setup, shape, logit_names: list[str]):
-    """`step(state, batch, frozen, bank, text_proj) -> (state, metrics)`, jitted, state donated."""
-    # lazy: train sits above priors (train.loop imports priors)
-    from lmdir_jax.train.state import learning_rate_schedule
-
+def make_controller_step(config, setup: state_lib.TrainSetup, shape: TowerShape,
+                         logit_names: list[str]) -> Callable:
+    """`step(state, batch, frozen, bank, text_proj) -> (state, (metrics, pred, single))`, jitted,
+    state donated: `pred` the predicted class of each crop, `single` whether it has one kind."""
     weight = float(config.priors.controller_content_weight)
     content_batch = int(config.priors.get("controller_content_batch", 0))
-    schedule = learning_rate_schedule(config.train)
+    schedule = state_lib.learning_rate_schedule(config.train)
     clean = logit_names.index("clean") if "clean" in logit_names else -1
 
     def step(state, batch, frozen, bank, text_proj):
@@ -145,9 +162,103 @@ def make_controller_step(config, setup, shape, logit_names: list[str]):
     return jax.jit(step, donate_argnums=(0,), out_shardings=(setup.shardings, None))
 
 
-def _append_metrics(path: Path, step: int, scalars: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+def controller_batches(iterator: Iterator[dict], config, clip: ClipPrior, start: int) -> Iterator[Batch]:
+    """The controller's host batches from step `start` on (a multiple of E * E, E =
+    priors.controller_echo): pools of E pipeline batches (`echo_pool`), one CLIP-sized crop per
+    patch (`_crops`), a `priors.controller_clean_prob` share of them clean; keys lq and gt
+    (normalised pixels), target (the vocabulary's label targets), and scene_states/scene_mask when
+    the pipeline attaches a prior cache. Lazy: a pool is drawn from `iterator` when its first step
+    asks, so a checkpoint after step s holds the pipeline position of steps < s."""
+    echo, seed = _echo(config), int(config.seed)
+    clean_prob = float(config.priors.controller_clean_prob)
+    names = [n for n, _ in clip.degradation_vocab]
+    pool_steps = echo * echo
+    step = start
+    while True:
+        if step % pool_steps == 0:  # a new pool of E pipeline batches (E = controller_echo)
+            pool, order = echo_pool([next(iterator) for _ in range(echo)], echo,
+                                    np.random.default_rng([seed, step, 1]))
+            b = len(order) // pool_steps  # this process's batch
+        take = order[(step % pool_steps) * b : (step % pool_steps + 1) * b]
+        local = {k: v[take] for k, v in pool.items()}
+        rng = np.random.default_rng([seed, step])
+        lq, gt = _crops(local, clip.image_size, rng)
+        clean = rng.random(lq.shape[0]) < clean_prob  # the 'clean' class: undegraded crops
+        lq = np.where(clean[:, None, None, None], gt, lq)
+        target = label_targets(np.where(clean[:, None], 0.0, local["deg_vector"]), names)
+        batch = {"lq": normalize_pixels(lq, clip.mean, clip.std),
+                 "gt": normalize_pixels(gt, clip.mean, clip.std), "target": target}
+        if "scene_states" in local:
+            batch["scene_states"], batch["scene_mask"] = local["scene_states"], local["scene_mask"]
+        yield {k: np.asarray(v) for k, v in batch.items()}
+        step += 1
+
+
+def controller_step(config, setup: state_lib.TrainSetup, mesh: jax.sharding.Mesh, clip: ClipPrior) -> StepFn:
+    """The controller's `step_fn(state, host batch)` for `run_loop`: the batch made global over
+    `mesh`, the jitted `make_controller_step` with the frozen tower, the vocabulary's text
+    embeddings and the text projection (replicated); the metrics carry each crop's predicted
+    class (`pred`), whether it has a single kind (`single`) and its true class (`true`, this host's)."""
+    rep = mesh_lib.replicated(mesh)
+    frozen = jax.device_put(frozen_params(clip), rep)
+    bank = jax.device_put(clip.degradation_bank()[0], rep)
+    text_proj = jax.device_put(jnp.asarray(clip.params["text_projection"]["kernel"], jnp.float32), rep)
+    names = [n for n, _ in clip.degradation_vocab]
+    step_fn = make_controller_step(config, setup, TowerShape.of(clip), names)
+
+    def step(state: dict, local: Batch) -> tuple[dict, dict]:
+        batch = mesh_lib.global_batch(local, mesh)
+        state, (metrics, pred, single) = step_fn(state, batch, frozen, bank, text_proj)
+        return state, {**metrics, "pred": pred, "single": single, "true": local["target"].argmax(1)}
+
+    return step
+
+
+class KindsSeen(Action):
+    """Keeps controller.json's `kinds`, the vocabulary kinds among the training targets (the only
+    ones the controller names, `DegradationAssessor`): written after each checkpoint and at the end."""
+
+    def __init__(self, every: int, spec_file: Path, spec: dict, names: list[str], seen: np.ndarray):
+        self.every = int(every)
+        self.spec_file, self.spec, self.names, self.seen = spec_file, spec, names, seen
+
+    def due(self, run: Run) -> bool:
+        return super().due(run) and run.step < run.total
+
+    def before_step(self, run: Run, batch: Batch) -> Batch:
+        self.seen |= batch["target"].max(0) > 0
+        return batch
+
+    def save(self) -> None:
+        """Write controller.json (process 0)."""
+        if jax.process_index() == 0:
+            kinds = [n for n, s in zip(self.names, self.seen, strict=True) if s]
+            self.spec_file.write_text(json.dumps({**self.spec, "kinds": kinds}, indent=2) + "\n")
+
+    def __call__(self, run: Run) -> None:
+        self.save()
+
+    def on_end(self, run: Run) -> None:
+        self.save()
+
+
+class Confusion(Action):
+    """plots/confusion.png at the end: true against predicted class of the single-kind training
+    crops of this run's steps."""
+
+    def __init__(self, workdir: Path, names: list[str], start: int):
+        self.workdir, self.names, self.first = workdir, names, start + 1
+        self.counts = np.zeros((len(names), len(names)), np.int64)
+
+    def on_metrics(self, run: Run, records: list[Record]) -> None:
+        for _, m in records:
+            single = np.asarray(m["single"], bool)
+            np.add.at(self.counts, (np.asarray(m["true"])[single], np.asarray(m["pred"])[single]), 1)
+
+    def on_end(self, run: Run) -> None:
+        if jax.process_index() == 0 and self.counts.sum():
+            plot_confusion(self.counts, self.names, self.names, plot_file(self.workdir, CONFUSION_PLOT),
+                           f"controller training crops, steps {self.first}-{run.step}")
 
 
 def plot_confusion(confusion: np.ndarray, rows: list[str], cols: list[str], out: Path, title: str) -> Path:
@@ -178,17 +289,15 @@ def plot_confusion(confusion: np.ndarray, rows: list[str], cols: list[str], out:
     return out
 
 
-def train_controller(config, clip_path: str, workdir: str | Path, *, progress: bool = True) -> dict:
+def train_controller(config, clip_path: str, workdir: str | Path, *, progress: bool = True,
+                     actions: Sequence[Action] = ()) -> dict:
     """Train (or resume) a controller for the CLIP at `clip_path` in `workdir`; returns a summary.
 
     Summary keys: step, start_step, loss, accuracy (last logged window), seconds, cpu_seconds,
-    workdir. Rerunning the same command resumes from the newest checkpoint (model, optimiser, data).
+    interrupted (SIGINT/SIGTERM: stopped at the next multiple of controller_echo squared, with a
+    checkpoint), workdir, threads. Rerunning the same command resumes from the newest checkpoint
+    (model, optimiser, data). `actions` run after the controller's own.
     """
-    # lazy: train sits above priors (train.loop imports priors)
-    from lmdir_jax.train import checkpoints as ckpt
-    from lmdir_jax.train import mesh as mesh_lib
-    from lmdir_jax.train import state as state_lib
-
     config = copy.deepcopy(config)
     config.train.ema_decay = 0.0  # the controller keeps no EMA copy
     workdir = check_workdir(workdir)
@@ -214,14 +323,6 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
             spec.pop("wiring")
     reverse = "wiring" in spec
 
-    def save_spec() -> None:  # with the kinds it learnt: the only ones it names (DegradationAssessor)
-        if jax.process_index() == 0:
-            kinds = [n for n, s in zip(names, seen, strict=True) if s]
-            spec_file.write_text(json.dumps({**spec, "kinds": kinds}, indent=2) + "\n")
-
-    # lazy: train sits above priors (train.loop imports priors)
-    from lmdir_jax.train import distributed
-
     distributed.initialize(float(config.train.get("init_timeout_s", 300)))
     mesh = mesh_lib.mesh_from_config(config)
     if int(config.data.batch_size) % mesh.size:
@@ -229,101 +330,51 @@ def train_controller(config, clip_path: str, workdir: str | Path, *, progress: b
                          f"{mesh.size} devices in the mesh")
     cache = PriorCache(str(config.priors.cache)) if str(config.priors.cache) else None
     iterator = make_train_iterator(config, prior_cache=cache)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        config_file(workdir).write_text(config_to_json(config))
+    write_config(config, workdir)
     spec = {**spec, "clip": str(Path(clip_path).resolve())}
-    save_spec()
+    ckpt_every = int(tc.ckpt_every)
+    kinds = KindsSeen(ckpt_every, spec_file, spec, names, seen)
+    kinds.save()
 
     seed = int(config.seed)
-    clean_prob = float(config.priors.controller_clean_prob)
     model_fn = lambda: Controller.from_clip(clip, seed, reverse=reverse)  # noqa: E731
     setup = state_lib.make_setup(config, mesh, model_fn)
-    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints))
-    restored = ckpt.restore_latest(
-        manager, setup.abstract, iterator, items=("model", "opt", "data"), set_aside=True
-    )
-    start, state = (0, state_lib.init_state(config, setup, model_fn)) if restored is None else restored
-    rep = mesh_lib.replicated(mesh)
-    frozen = jax.device_put(frozen_params(clip), rep)
-    bank = jax.device_put(clip.degradation_bank()[0], rep)
-    text_proj = jax.device_put(jnp.asarray(clip.params["text_projection"]["kernel"], jnp.float32), rep)
-    step_fn = make_controller_step(config, setup, TowerShape.of(clip), names)
-
-    log_every, ckpt_every = max(1, int(tc.log_every)), int(tc.ckpt_every)
-    if start % (echo * echo):
-        raise UsageError(f"the checkpoint at step {start} is not at a multiple of {echo * echo} "
-                         f"(priors.controller_echo={echo} squared): resume with the echo it was trained with")
-    metrics_path = metrics_file(workdir)
-    confusion = np.zeros((len(names), len(names)), np.int64)  # single-label training crops
-    pending: list = []
-    last: dict = {}
-    step, t0, c0 = start, time.perf_counter(), time.process_time()
-    bar = progress_bar(total=total, initial=start, desc="controller", unit="step", dynamic_ncols=True,
-                       disable=not (progress and jax.process_index() == 0), mininterval=1.0)
-
-    def flush() -> None:
-        nonlocal pending, last
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        means = {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
-        if not math.isfinite(means["loss"]):
-            raise RuntimeError(f"controller loss became {means['loss']} at step {pending[-1][0]}")
-        if jax.process_index() == 0:
-            _append_metrics(metrics_path, pending[-1][0], means)
-        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.2f}", refresh=False)
-        last, pending = means, []
-
+    manager = ckpt.make_manager(workdir, keep=int(tc.keep_checkpoints), cleanup=True)
     try:
-        pool_steps = echo * echo
-        while step < total:
-            if step % pool_steps == 0:  # a new pool of E pipeline batches (E = controller_echo)
-                pool, order = echo_pool([next(iterator) for _ in range(echo)], echo,
-                                        np.random.default_rng([seed, step, 1]))
-                b = len(order) // pool_steps  # this process's batch
-            take = order[(step % pool_steps) * b : (step % pool_steps + 1) * b]
-            local = {k: v[take] for k, v in pool.items()}
-            rng = np.random.default_rng([seed, step])
-            lq, gt = _crops(local, size, rng)
-            clean = rng.random(lq.shape[0]) < clean_prob  # the 'clean' class: undegraded crops
-            lq = np.where(clean[:, None, None, None], gt, lq)
-            target = label_targets(np.where(clean[:, None], 0.0, local["deg_vector"]), names)
-            seen |= target.max(0) > 0
-            batch = {"lq": normalize_pixels(lq, clip.mean, clip.std), "gt": normalize_pixels(gt, clip.mean, clip.std),
-                     "target": target}
-            if "scene_states" in local:
-                batch["scene_states"], batch["scene_mask"] = local["scene_states"], local["scene_mask"]
-            batch = mesh_lib.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
-            state, (metrics, pred, single) = step_fn(state, batch, frozen, bank, text_proj)
-            step += 1
-            pending.append((step, metrics))
-            pred, single = np.asarray(pred), np.asarray(single)
-            for t, p, s in zip(target.argmax(1), pred, single, strict=True):
-                if s:
-                    confusion[t, p] += 1
-            bar.update(1)
-            if step % log_every == 0 or step == total:
-                flush()
-            if ckpt_every > 0 and step % ckpt_every == 0 and step < total:
-                flush()
-                ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
-                save_spec()
-        flush()
-        if step > start:  # a finished run rerun trains nothing: its last checkpoint stays as it is
-            ckpt.save(manager, step, state, iterator, meta={"kind": "controller"})
-        save_spec()
-    finally:
-        bar.close()
-        manager.wait_until_finished()
+        restored = ckpt.restore_latest(
+            manager, setup.abstract, iterator, items=("model", "opt", "data"), set_aside=True
+        )
+        if restored is not None and restored[0] % (echo * echo):
+            raise UsageError(f"the checkpoint at step {restored[0]} is not at a multiple of {echo * echo} "
+                             f"(priors.controller_echo={echo} squared): resume with the echo it was "
+                             "trained with")
+    except BaseException:
         manager.close()
-        iterator.close()  # joins the grain workers and releases their shared memory
-    if jax.process_index() == 0 and confusion.sum():
-        plot_confusion(confusion, names, names, plot_file(workdir, CONFUSION_PLOT),
-                       f"controller training crops, steps {start + 1}-{step}")
+        iterator.close()
+        raise
+    start, state = (0, state_lib.init_state(config, setup, model_fn)) if restored is None else restored
+    run = Run(workdir=workdir, total=total, step=start, state=state, batch_size=int(config.data.batch_size),
+              iterator=iterator, manager=manager, mesh=mesh, logger=Logger(workdir),
+              last_saved=start if restored is not None else -1)
+    run.actions = [
+        StopOnSignal(echo * echo),  # a pool boundary: the data resumes exactly only there
+        StopOnNonFinite(),
+        LogMetrics(int(tc.log_every)),
+        Progress(progress, desc="controller"),
+        Checkpoint(ckpt_every, meta={"kind": "controller"}),
+        kinds,
+        Confusion(workdir, names, start),
+        *actions,
+    ]
+    batches = controller_batches(iterator, config, clip, start)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        run_loop(run, controller_step(config, setup, mesh, clip), batches)
+    finally:
+        run.close()
     return {
-        "step": step, "start_step": start, "loss": last.get("loss", float("nan")),
-        "accuracy": last.get("accuracy", float("nan")), "seconds": time.perf_counter() - t0,
-        "cpu_seconds": time.process_time() - c0, "workdir": str(workdir),
-        "threads": os.cpu_count(),
+        "step": run.step, "start_step": start, "loss": run.loss,
+        "accuracy": run.metrics.get("accuracy", float("nan")), "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0, "interrupted": run.interrupted,
+        "workdir": str(workdir), "threads": os.cpu_count(),
     }

@@ -7,7 +7,9 @@ plots, signals.
 - `__call__(run)` after each step where `due(run)` (every `every` steps; 0 = never),
 - `on_metrics(run, records)` whenever device metrics are fetched (`run.flush()`),
 - `on_end(run)` after the last step (not when training raised), `close(run)` always.
-Each action is small and testable on its own with a stand-in `Run`.
+Each action is small and testable on its own with a stand-in `Run`. StopOnSignal, StopOnNonFinite,
+LogMetrics, Progress and Checkpoint serve every model trained here; Validate and Plot show the
+restoration network (the controller adds its own, priors/controller_train.py).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import numpy as np
@@ -32,40 +35,52 @@ from lmdir_jax.train import monitor
 from lmdir_jax.train.step import pop_source_losses
 from lmdir_jax.workdir import TRAIN_GRID, VAL_GRID, grid_name
 
-Record = tuple[int, dict]  # (step, {metric name: float})
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+    from ml_collections import ConfigDict
+
+    from lmdir_jax.priors.clip import ClipPrior
+
+Record = tuple[int, dict]  # (step, {metric name: float, or an array for per-example values})
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stopped without saving the bad state."""
 
 
+class MetricsWriter(Protocol):
+    """Where logged scalars go (`monitor.Logger`: metrics.jsonl and TensorBoard)."""
+
+    def write(self, step: int, scalars: dict) -> None: ...
+
+
 @dataclasses.dataclass
 class Run:
     """What the actions of one training run share (mutable as training goes)."""
 
-    config: Any
     workdir: Path
-    total: int
-    step: int
-    state: Any = None
-    batch_size: int = 1
-    iterator: Any = None
-    manager: Any = None
-    mesh: Any = None
-    logger: Any = None
-    predictor: Any = None
-    clip: Any = None
-    actions: list = dataclasses.field(default_factory=list)
-    start_step: int = 0
+    total: int  # the step to stop at
+    step: int  # steps done (the resumed step at the start)
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)  # model, opt[, ema] pytrees
+    batch_size: int = 1  # examples per step, all processes (images/s)
+    iterator: Iterator[Any] | None = None  # the data iterator whose position checkpoints save (grain's)
+    manager: ocp.CheckpointManager | None = None
+    mesh: jax.sharding.Mesh | None = None
+    logger: MetricsWriter | None = None
+    actions: list[Action] = dataclasses.field(default_factory=list)
     last_saved: int = -1  # step of the last checkpoint written or restored (-1: none)
-    last_batch: dict | None = None
-    pending: list = dataclasses.field(default_factory=list)  # (step, device metrics) not fetched
-    loss: float = float("nan")
+    last_batch: dict[str, np.ndarray] | None = None  # the last step's per-host batch
+    pending: list[Record] = dataclasses.field(default_factory=list)  # device metrics not fetched
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged window means
     images_per_s: float = float("nan")
     stop: bool = False
-    interrupted: bool = False
-    summary: dict = dataclasses.field(default_factory=dict)
-    source_names: list = dataclasses.field(default_factory=list)  # data.sources, in source_id order
+    interrupted: bool = False  # stopped by a signal
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        """The mean loss of the last logged window (NaN before the first)."""
+        return float(self.metrics.get("loss", float("nan")))
 
     def flush(self) -> list[Record]:
         """Fetch the pending device metrics and hand them to every action's `on_metrics`."""
@@ -78,6 +93,17 @@ class Run:
         for action in self.actions:
             action.on_metrics(self, records)
         return records
+
+    def close(self) -> None:
+        """Wait for the last checkpoint, then close the manager, the data iterator (grain's prefetch
+        threads and worker processes) and the logger."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        if hasattr(self.iterator, "close"):
+            self.iterator.close()
+        if hasattr(self.logger, "close"):
+            self.logger.close()
 
 
 class Action:
@@ -121,10 +147,12 @@ class StopOnNonFinite(Action):
 
 
 class LogMetrics(Action):
-    """Every `every` steps: fetch metrics, write their window means and images/s to the logger."""
+    """Every `every` steps: fetch metrics, write the window means of the scalar ones and images/s
+    to the logger; with `source_names` (data.sources, in source_id order) also each source's loss."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, source_names: list[str] | tuple[str, ...] = ()):
         self.every = max(1, int(every))
+        self.source_names = list(source_names)
         self._t = time.perf_counter()
         self._n = 0
 
@@ -138,10 +166,10 @@ class LogMetrics(Action):
         now = time.perf_counter()
         run.images_per_s = len(records) * run.batch_size / max(now - self._t, 1e-9)
         self._t = now
-        per_source = pop_source_losses([dict(m) for _, m in records], run.source_names)
+        per_source = pop_source_losses([dict(m) for _, m in records], self.source_names)
         means = {k: float(np.mean([m[k] for _, m in records]))
                  for k, v in records[0][1].items() if np.ndim(v) == 0}
-        run.loss = means["loss"]
+        run.metrics = means
         if run.logger is not None:
             run.logger.write(records[-1][0], {**means, **per_source, "images_per_s": run.images_per_s})
 
@@ -155,12 +183,14 @@ def _clock(seconds: float) -> str:
 
 class Progress(Action):
     """Progress on `stream` (process 0): a tqdm bar on a terminal; otherwise one line every
-    `interval` seconds (step, loss, images/s, ETA) and a last one at the end, no redraws."""
+    `interval` seconds (step, loss, images/s, ETA) and a last one at the end, no redraws. `desc`
+    starts each line (and names the bar)."""
 
     every = 1
 
-    def __init__(self, enabled: bool = True, stream=None, interval: float = 10.0):
+    def __init__(self, enabled: bool = True, stream=None, interval: float = 10.0, desc: str = "train"):
         self.enabled = enabled
+        self.desc = desc
         self.stream = stream
         self.interval = float(interval)
         self.bar = None
@@ -172,10 +202,10 @@ class Progress(Action):
         self.enabled = self.enabled and monitor.is_main()
         self._first, self._last_line = None, time.perf_counter()
         if self.enabled and is_terminal(self.stream):
-            self.bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
+            self.bar = tqdm(total=run.total, initial=run.step, desc=self.desc, unit="step",
                             dynamic_ncols=True, file=self.stream)
         elif self.enabled:
-            self.stream.write(f"train: starting at step {run.step}/{run.total} (the first step compiles)\n")
+            self.stream.write(f"{self.desc}: starting at step {run.step}/{run.total} (the first step compiles)\n")
             self.stream.flush()
 
     def __call__(self, run: Run) -> None:
@@ -199,7 +229,7 @@ class Progress(Action):
         done = run.step - s0
         eta = (run.total - run.step) * (now - t0) / done if done > 0 else float("nan")
         self.stream.write(
-            f"train: step {run.step}/{run.total} loss {run.loss:.4f} "
+            f"{self.desc}: step {run.step}/{run.total} loss {run.loss:.4f} "
             f"{run.images_per_s:.1f} images/s ETA {_clock(eta)}\n"
         )
         self.stream.flush()
@@ -216,10 +246,12 @@ class Progress(Action):
 
 
 class Checkpoint(Action):
-    """Every `every` steps (not the last) and at the end: an asynchronous orbax checkpoint."""
+    """Every `every` steps (not the last) and at the end: an asynchronous orbax checkpoint of
+    `run.state`, the data position of `run.iterator`, and meta (the mesh's shape and `meta`)."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, meta: dict | None = None):
         self.every = int(every)
+        self.meta = dict(meta or {})
 
     def due(self, run: Run) -> bool:
         return super().due(run) and run.step < run.total
@@ -229,8 +261,8 @@ class Checkpoint(Action):
 
     def save(self, run: Run) -> None:
         run.flush()  # a diverged state raises here and is never saved
-        meta = {"mesh": list(run.mesh.shape.values())} if run.mesh is not None else None
-        ckpt.save(run.manager, run.step, run.state, run.iterator, meta=meta)
+        meta = {"mesh": list(run.mesh.shape.values())} if run.mesh is not None else {}
+        ckpt.save(run.manager, run.step, run.state, run.iterator, meta={**meta, **self.meta})
         run.last_saved = run.step
 
     def on_end(self, run: Run) -> None:
@@ -241,12 +273,14 @@ class Checkpoint(Action):
 class Validate(Action):
     """Every `every` steps: PSNR/SSIM on data.val_source, logged, with plots/val_STEP.png."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, config: ConfigDict, predictor: monitor.Predictor | None):
         self.every = int(every)
+        self.config = config
+        self.predictor = predictor
 
     def __call__(self, run: Run) -> None:
         run.flush()
-        scalars, rows = monitor.validate(run.config, run.state, run.predictor)
+        scalars, rows = monitor.validate(self.config, run.state, self.predictor)
         if scalars:
             run.logger.write(run.step, scalars)
             run.summary.update(scalars)
@@ -255,10 +289,14 @@ class Validate(Action):
 
 class Plot(Action):
     """Every `every` steps and at the end: plots/loss.png and a grid of training patches.
-    every=0: at the end only; every<0: never (no matplotlib, no extra forward pass)."""
+    every=0: at the end only; every<0: never (no matplotlib, no extra forward pass). The grid is
+    the restoration network's (`predictor`, with `clip` for the degradation texts)."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, predictor: monitor.Predictor | None = None,
+                 clip: ClipPrior | None = None):
         self.every = int(every)
+        self.predictor = predictor
+        self.clip = clip
 
     def __call__(self, run: Run) -> None:
         run.flush()
@@ -266,8 +304,8 @@ class Plot(Action):
         self.grid(run)
 
     def grid(self, run: Run) -> None:
-        if run.last_batch is not None and run.predictor is not None:
-            rows = monitor.train_rows(run.predictor, run.state, run.last_batch, run.clip)
+        if run.last_batch is not None and self.predictor is not None:
+            rows = monitor.train_rows(self.predictor, run.state, run.last_batch, self.clip)
             monitor.save_grid(run.workdir, grid_name(TRAIN_GRID, run.step), rows)
 
     def on_end(self, run: Run) -> None:
@@ -279,15 +317,15 @@ class Plot(Action):
 
 
 class StopOnSignal(Action):
-    """SIGINT/SIGTERM: finish the current step, then stop (the end checkpoint saves it).
+    """SIGINT/SIGTERM: finish the current step, then stop (the end checkpoint saves it) at the
+    first step that is a multiple of `every` (a run whose data can resume only there).
 
     A second signal gives up at once (KeyboardInterrupt). With several processes the stop is
-    agreed on every step (a signal reaching one process stops all at the same step).
+    agreed on every `every` steps (a signal reaching one process stops all at the same step).
     """
 
-    every = 1
-
-    def __init__(self):
+    def __init__(self, every: int = 1):
+        self.every = max(1, int(every))
         self.signal: int | None = None
         self._old: dict = {}
         self._processes = 1
@@ -314,17 +352,3 @@ class StopOnSignal(Action):
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
-
-
-def default_actions(config, progress: bool = True) -> list[Action]:
-    """The actions of `train(config, ...)`, in order, from the `train` config section."""
-    tc = config.train
-    return [
-        StopOnSignal(),  # first: its handlers are in place before anything else starts
-        StopOnNonFinite(),
-        LogMetrics(int(tc.log_every)),
-        Progress(progress),
-        Checkpoint(int(tc.ckpt_every)),
-        Validate(int(tc.val_every)),
-        Plot(int(tc.plot_every)),
-    ]

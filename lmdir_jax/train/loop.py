@@ -1,10 +1,16 @@
-"""The training loop: `train(config, workdir) -> dict`.
+"""The training loop, `run_loop(run, step_fn, batches)`, and the restoration network's training,
+`train(config, workdir) -> dict`.
 
-Data (grain) -> global sharded batch -> jitted step -> periodic actions (train/actions.py: logs,
-NaN stop, progress, checkpoints, validation, plots, signals). Rerunning the same command on the
-same workdir resumes from the newest usable checkpoint (model, optimizer, EMA, data position),
-after checking that the config still describes the same run (checkpoints.check_resume_config).
-A run starts at step 0 only in a workdir without checkpoints, or when asked to (`restart`).
+`run_loop` knows no model: it takes host batches from an iterator, calls a step function and the
+periodic actions of train/actions.py (logs, NaN stop, progress, checkpoints, signals, ...). Each
+trained model builds its pieces (state, step function, batch stream, actions) and calls it: `train`
+here, `priors.controller_train.train_controller` for the degradation controller.
+
+`train`: data (grain) -> global sharded batch -> jitted step -> actions (those above, validation,
+plots). Rerunning the same command on the same workdir resumes from the newest usable checkpoint
+(model, optimizer, EMA, data position), after checking that the config still describes the same
+run (checkpoints.check_resume_config). A run starts at step 0 only in a workdir without
+checkpoints, or when asked to (`restart`).
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
@@ -31,9 +38,15 @@ from lmdir_jax.train import state as state_lib
 from lmdir_jax.train import step as step_lib
 from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
     Action,
+    Checkpoint,
+    LogMetrics,
+    Plot,
+    Progress,
     Run,
+    StopOnNonFinite,
+    StopOnSignal,
     TrainingDiverged,
-    default_actions,
+    Validate,
 )
 from lmdir_jax.train.monitor import Logger, Predictor, is_main, plot_loss, read_metrics, validate  # noqa: F401
 from lmdir_jax.workdir import (
@@ -43,6 +56,9 @@ from lmdir_jax.workdir import (
     corrupt_dir,
     previous_run_dir,
 )
+
+Batch = dict[str, Any]  # one host's batch: numpy arrays (and strings)
+StepFn = Callable[[dict, Batch], tuple[dict, dict]]  # (state, host batch) -> (state, device metrics)
 
 
 def write_config(config, workdir: Path) -> None:
@@ -124,32 +140,71 @@ def _compile(step_fn, *args):
     return compiled
 
 
-def run_loop(run: Run, step_fn, clip_params=None) -> None:
-    """Step until `run.total` or an action sets `run.stop`; the actions do everything else."""
-    for action in run.actions:
-        action.start(run)
-    compiled = None
-    while run.step < run.total and not run.stop:
-        local = next(run.iterator)
+def run_loop(run: Run, step_fn: StepFn, batches: Iterator[Batch]) -> None:
+    """Step until `run.total` or an action sets `run.stop`; the actions do everything else.
+
+    Each step takes the next host batch of `batches` (passed through every action's
+    `before_step`), runs `run.state, metrics = step_fn(run.state, batch)` and calls the due
+    actions; the metrics stay on the device until an action fetches them (`run.flush`). At the end
+    the rest are fetched and every action's `on_end` runs; `close` runs always.
+    """
+    try:
         for action in run.actions:
-            local = action.before_step(run, local)
-        batch = mesh_lib.global_batch(local, run.mesh)
-        if run.clip is not None:
-            batch.update(mesh_lib.global_batch(step_lib.host_tokens(run.clip, local["deg_text"]), run.mesh))
+            action.start(run)
+        while run.step < run.total and not run.stop:
+            local = next(batches)
+            for action in run.actions:
+                local = action.before_step(run, local)
+            run.state, metrics = step_fn(run.state, local)
+            run.step += 1
+            run.pending.append((run.step, metrics))
+            run.last_batch = local
+            for action in run.actions:
+                if action.due(run):
+                    action(run)
+        run.flush()
+        for action in run.actions:
+            action.on_end(run)
+    finally:
+        for action in run.actions:
+            action.close(run)
+
+
+def restoration_step(config, setup: state_lib.TrainSetup, mesh, clip=None, clip_params=None) -> StepFn:
+    """The restoration network's `step_fn(state, host batch)` for `run_loop`: the host batch made
+    global over `mesh` (with the CLIP tokens of its degradation texts), the jitted train step
+    (compiled on the first call), and this host's `source_id` added to the metrics."""
+    train_step = step_lib.reusable_train_step(config, setup, clip)
+    compiled = None
+
+    def step(state: dict, local: Batch) -> tuple[dict, dict]:
+        nonlocal compiled
+        batch = mesh_lib.global_batch(local, mesh)
+        if clip is not None:
+            batch.update(mesh_lib.global_batch(step_lib.host_tokens(clip, local["deg_text"]), mesh))
         if compiled is None:
-            compiled = _compile(step_fn, run.state, batch, clip_params)
-        run.state, metrics = compiled(run.state, batch, clip_params)
+            compiled = _compile(train_step, state, batch, clip_params)
+        state, metrics = compiled(state, batch, clip_params)
         if "source_id" in local:  # this host's source of each example (per-source loss)
             metrics = dict(metrics, source_id=local["source_id"])
-        run.step += 1
-        run.pending.append((run.step, metrics))
-        run.last_batch = local
-        for action in run.actions:
-            if action.due(run):
-                action(run)
-    run.flush()
-    for action in run.actions:
-        action.on_end(run)
+        return state, metrics
+
+    return step
+
+
+def default_actions(config, progress: bool = True, *, predictor: Predictor | None = None,
+                    clip=None) -> list[Action]:
+    """The actions of `train(config, ...)`, in order, from the `train` config section."""
+    tc = config.train
+    return [
+        StopOnSignal(),  # first: its handlers are in place before anything else starts
+        StopOnNonFinite(),
+        LogMetrics(int(tc.log_every), source_names(config)),
+        Progress(progress),
+        Checkpoint(int(tc.ckpt_every)),
+        Validate(int(tc.val_every), config, predictor),
+        Plot(int(tc.plot_every), predictor, clip),
+    ]
 
 
 def train(
@@ -190,24 +245,18 @@ def train(
     if clip_params is not None:
         clip_params = jax.device_put(clip_params, mesh_lib.replicated(mesh))
     run = Run(
-        config=config, workdir=workdir, total=total, step=start, state=state, batch_size=gbatch,
-        iterator=iterator, manager=manager, mesh=mesh, logger=Logger(workdir),
-        predictor=Predictor(config, setup, clip), clip=clip, start_step=start,
-        last_saved=start if restored else -1, source_names=source_names(config),
+        workdir=workdir, total=total, step=start, state=state, batch_size=gbatch, iterator=iterator,
+        manager=manager, mesh=mesh, logger=Logger(workdir), last_saved=start if restored else -1,
     )
-    run.actions = [*default_actions(config, progress), *actions]
+    run.actions = [*default_actions(config, progress, predictor=Predictor(config, setup, clip), clip=clip),
+                   *actions]
     run.summary = {"start_step": start, "interrupted": False, "params": state_lib.param_count(state)}
-    step_fn = step_lib.reusable_train_step(config, setup, clip)
+    step_fn = restoration_step(config, setup, mesh, clip, clip_params)
     t0 = time.perf_counter()
     try:
-        run_loop(run, step_fn, clip_params)
+        run_loop(run, step_fn, iterator)
     finally:
-        for action in run.actions:
-            action.close(run)
-        manager.wait_until_finished()
-        manager.close()
-        iterator.close()  # stops grain's prefetch threads and worker processes (shared memory)
-        run.logger.close()
+        run.close()
     run.summary.update(
         step=run.step, loss=run.loss, images_per_s=run.images_per_s,
         seconds=time.perf_counter() - t0, checkpoint_step=run.last_saved,
