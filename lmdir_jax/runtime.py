@@ -174,8 +174,8 @@ def steal_note(before: tuple[int, int] | None, after: tuple[int, int] | None) ->
 def schedule_cpu_for_memory(environ: dict[str, str] | None = None) -> bool:
     """Make XLA:CPU order each compiled program for low peak memory rather than for concurrency.
 
-    For large frozen models in bf16 on CPUs (module docstring): the first SD-1.5 UNet call's peak
-    halves and the call is no slower (docs/benchmarks.md). The flag must be in XLA_FLAGS before jax
+    For large frozen models in bf16 on CPUs (module docstring; the prior cache's peak memory in
+    docs/benchmarks.md). The flag must be in XLA_FLAGS before jax
     starts its backends, so this acts only before then. A flag the user set stays as it is. An XLA
     flag this XLA does not know aborts the process, so a child process tries it first. Returns
     whether the flag is in effect for programs compiled from now on.

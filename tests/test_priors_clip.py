@@ -259,3 +259,58 @@ def test_nnx_clip_equals_transformers_in_both_variants(tmp_path, photos, act, eo
     back, back_cfg = load_text_encoder(tmp_path / "te")
     assert back_cfg == config.text
     np.testing.assert_array_equal(np.asarray(back(ids, mask)[1]), np.asarray(ours.text_model(ids, mask)[1]))
+
+
+def test_safetensors_read_tensor_by_tensor_in_every_dtype_and_damage_named(tmp_path):
+    """Our reader (no memory map) returns what safetensors wrote, dtype and all; a truncated file or
+    a damaged header is one UsageError naming the file."""
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    from lmdir_jax.priors.clip_weights import LazyTensors, SafetensorsFile
+
+    rng = np.random.default_rng(0)
+    want = {
+        "f32": rng.standard_normal((3, 5)).astype(np.float32),
+        "f16": rng.standard_normal((7,)).astype(np.float16),
+        "bf16": rng.standard_normal((2, 2, 3)).astype(jnp.bfloat16),
+        "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(want, str(path), metadata={"format": "pt"})
+    f = SafetensorsFile(path)
+    assert sorted(f.keys()) == sorted(want)
+    for k, v in want.items():
+        got = f.read(k)
+        assert got.dtype == v.dtype and got.shape == v.shape
+        np.testing.assert_array_equal(got, v)
+    lazy = LazyTensors([path])
+    assert lazy["bf16"].dtype == np.float32 and len(lazy) == len(want)
+    np.testing.assert_array_equal(lazy["bf16"], want["bf16"].astype(np.float32))
+
+    data = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-8])
+    with pytest.raises(UsageError, match="cannot read .* from .*short.safetensors"):
+        SafetensorsFile(tmp_path / "short.safetensors")
+    n = int.from_bytes(data[:8], "little")
+    (tmp_path / "head.safetensors").write_bytes(data[:8] + b"{" * n + data[8 + n:])
+    with pytest.raises(UsageError, match="cannot read .*head.safetensors: damaged header"):
+        SafetensorsFile(tmp_path / "head.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(UsageError, match="cannot read .*tiny.safetensors"):
+        SafetensorsFile(tmp_path / "tiny.safetensors")
+
+
+def test_bf16_clip_holds_bf16_weights_and_agrees_with_float32(clip_dir, clip):
+    """dtype bfloat16 casts the weights as they are read (half the memory), and the outputs stay
+    close to the float32 model's."""
+    import jax.numpy as jnp
+
+    half = load_clip(clip_dir, dtype="bfloat16", max_text_len=clip.max_text_len)
+    dtypes = {a.dtype for a in jax.tree.leaves(half.params) if jnp.issubdtype(a.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    want, _ = clip.encode_text(["a photo of a cat"])
+    got, _ = half.encode_text(["a photo of a cat"])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())

@@ -145,3 +145,42 @@ def test_malloc_note_names_the_allocator_in_use(monkeypatch):
     note = runtime.malloc_note()
     if runtime.glibc_version() is not None:
         assert note.startswith("glibc malloc with huge pages") and "apt install" in note
+
+
+# Compiles 64 products of bf16 weights and prints the program's temporary memory in MiB: XLA converts
+# each weight to float32 for its product; scheduled for memory, one converted weight (4 MiB) is alive
+# at a time.
+SCHEDULE_CHILD = """
+import sys
+from lmdir_jax import runtime
+on = runtime.schedule_cpu_for_memory()
+import jax, jax.numpy as jnp
+ws = [jnp.full((1024, 1024), i, jnp.bfloat16) for i in range(64)]
+def f(ws, x):
+    for w in ws:
+        x = jnp.tanh(x @ w.astype(jnp.float32))
+    return x
+m = jax.jit(f).lower(ws, jnp.ones((8, 1024))).compile().memory_analysis()
+print(on, m.temp_size_in_bytes / 2**20)
+"""
+
+
+def test_cpu_scheduled_for_memory_converts_one_weight_at_a_time():
+    env = {k: v for k, v in _clean_env().items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", SCHEDULE_CHILD], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True"
+    assert float(out[1]) <= 16, f"{out[1]} MiB of temporaries: more than a few float32 weights alive at once"
+
+
+def test_cpu_schedule_leaves_a_users_flag_and_a_started_backend_alone():
+    mine = {"XLA_FLAGS": f"--{runtime.MEMORY_SCHEDULE}=true"}
+    assert runtime.schedule_cpu_for_memory(mine) is False
+    assert mine == {"XLA_FLAGS": f"--{runtime.MEMORY_SCHEDULE}=true"}
+    import jax
+
+    jax.devices()  # this process's backend has started: too late to change XLA's flags
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert runtime.schedule_cpu_for_memory(env) is False
+    assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

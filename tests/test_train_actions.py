@@ -316,3 +316,14 @@ def test_plot_action_writes_loss_curve_and_training_grid(tmp_path):
     run.step, run.interrupted = 5, True
     A.Plot(2, predictor).on_end(run)  # interrupted: the curve, but no grid
     assert not (wd / "plots" / "train_000005.png").exists()
+
+
+def test_progress_line_before_any_metrics_shows_no_nan():
+    stream = io.StringIO()
+    run = _run(total=10)
+    p = A.Progress(True, stream=stream, interval=0)
+    p.start(run)
+    run.step = 1
+    p(run)
+    line = stream.getvalue().splitlines()[-1]
+    assert line.startswith("train: step 1/10 loss - - images/s ETA") and "nan" not in line

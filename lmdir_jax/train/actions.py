@@ -228,9 +228,11 @@ class Progress(Action):
         t0, s0 = self._first or (now, run.step)
         done = run.step - s0
         eta = (run.total - run.step) * (now - t0) / done if done > 0 else float("nan")
+        # Before the first logged window there is no loss to show yet: '-', not 'nan'.
+        loss = "-" if math.isnan(run.loss) else f"{run.loss:.4f}"
+        speed = "-" if math.isnan(run.images_per_s) else f"{run.images_per_s:.1f}"
         self.stream.write(
-            f"{self.desc}: step {run.step}/{run.total} loss {run.loss:.4f} "
-            f"{run.images_per_s:.1f} images/s ETA {_clock(eta)}\n"
+            f"{self.desc}: step {run.step}/{run.total} loss {loss} {speed} images/s ETA {_clock(eta)}\n"
         )
         self.stream.flush()
         self._last_line = now
