@@ -65,8 +65,7 @@ told() {  # told N ARGS...: `lmdir evaluate` told each image's true degradation 
   shift
   $LMDIR evaluate --checkpoint "$RUN/train" "$@" --max-images 20 --json "$RUN/eval-told-$n.json"
 }
-rm -f "$RUN"/eval-told-*.json
-{
+blind_and_automatic() {
   echo "Blind (no degradation prior):"
   $LMDIR evaluate --checkpoint "$RUN/train" "${EVAL_ARGS[@]}" --max-images 20 --blind \
     --json "$RUN/eval-blind.json" --csv "$RUN/eval-blind.csv"
@@ -74,7 +73,8 @@ rm -f "$RUN"/eval-told-*.json
   echo "Automatic (the controller names each image's degradation):"
   $LMDIR evaluate --checkpoint "$RUN/train" "${EVAL_ARGS[@]}" --max-images 20 \
     --controller "$RUN/controller" --json "$RUN/eval-automatic.json" --csv "$RUN/eval-automatic.csv"
-  echo
+}
+told_all() {
   echo "Told the true degradation (synthetic sets: each image's label; Rain100L 'rain streaks', SOTS 'haze'):"
   if [ -d $SHARED/CBSD68 ]; then
     told 1 --data $SHARED/CBSD68 --spec noise:25 --oracle
@@ -85,7 +85,22 @@ rm -f "$RUN"/eval-told-*.json
   else
     told 1 "${EVAL_ARGS[@]}" --oracle
   fi
-} | tee "$RUN/eval.txt"
+}
+rm -f "$RUN"/eval-told-*.json "$RUN"/eval-lane-*.txt "$RUN"/eval-lane-*.log
+# Two evaluations at a time: each spends much of its time starting up and compiling on one thread,
+# so two keep both cores busy. Tables go to eval-lane-N.txt, progress and errors to eval-lane-N.log.
+echo "   (two at a time; their progress: $RUN/eval-lane-1.log, $RUN/eval-lane-2.log)"
+(set -e; blind_and_automatic) > "$RUN/eval-lane-1.txt" 2> "$RUN/eval-lane-1.log" &
+LANE=$!
+FAILED=0
+(set -e; told_all) > "$RUN/eval-lane-2.txt" 2> "$RUN/eval-lane-2.log" || FAILED=2
+wait $LANE || FAILED=1
+if [ $FAILED != 0 ]; then
+  echo "evaluation failed: $RUN/eval-lane-$FAILED.log ends with:"
+  tail -n 5 "$RUN/eval-lane-$FAILED.log"
+  exit 1
+fi
+{ cat "$RUN/eval-lane-1.txt"; echo; cat "$RUN/eval-lane-2.txt"; } | tee "$RUN/eval.txt"
 COMPARE=(--eval "blind=$RUN/eval-blind.json" --eval "automatic=$RUN/eval-automatic.json")
 for f in "$RUN"/eval-told-*.json; do COMPARE+=(--eval "told=$f"); done
 
