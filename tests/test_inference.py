@@ -101,19 +101,22 @@ def test_build_priors_modes(tiny_clip):
     img = _photo(50, 70)
     # the automatic mode tells the network the chosen kind's training label, not CLIP's description
     told = dict(zip((k for k, _ in clip.degradation_vocab), clip.conditioning_texts(), strict=True))
-    assert told["rain"] == "moderate rain streaks" and told["clean"] == "no degradation"
+    assert told["rain"] == "rain streaks" and told["clean"] == "no degradation"
 
     # automatic: CLIP's zero-shot weights of the image's centre view pick the kind; the degradation
-    # prior is the weighted mixture of the vocabulary's states; the scene prior is CLIP's caption
+    # prior is exactly what telling the network that kind's text gives; the scene prior is CLIP's
+    # caption
     pri, choice = build_priors(img, c, clip)
     view = clip_view(img, clip.image_size)[None]
-    weights, mixed, mixed_mask = clip.auto_degradation(view)
+    weights = clip.auto_degradation(view)[0]
     best = int(np.argmax(weights[0]))
     assert choice.mode == "auto" and choice.extra["kind"] == clip.degradation_vocab[best][0]
     assert choice.degradation == told[choice.extra["kind"]]
     assert choice.probability == pytest.approx(float(weights[0, best]))
     assert pri.deg_mask.shape == (1, c.priors.max_text_len)
-    _assert_states(pri.deg_states, pri.deg_mask, mixed, mixed_mask)
+    _assert_states(pri.deg_states, pri.deg_mask, *clip.encode_text([choice.degradation]))
+    told_pri, _ = build_priors(img, c, clip, degradation=choice.degradation)
+    np.testing.assert_array_equal(np.asarray(pri.deg_states), np.asarray(told_pri.deg_states))
     assert choice.caption == clip.caption(view)[0]
     _assert_states(pri.scene_states, pri.scene_mask, *clip.encode_text([choice.caption]))
     assert not bool(pri.has_reference.any()) and not np.asarray(pri.reference).any()

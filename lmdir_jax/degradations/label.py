@@ -244,13 +244,15 @@ DEFAULT_VARIANTS: dict[str, str] = {"noise": "gaussian", "blur": "gaussian"}
 
 def conditioning_text(kind: str) -> str | None:
     """What the restoration network is told when the automatic mode picks vocabulary entry `kind`:
-    the kind's canonical label at moderate severity ('moderate rain streaks', 'moderate gaussian
-    noise'; 'no degradation' for clean), a phrasing the network saw in training (`Label.text`).
-    The zero-shot descriptions of `vocabulary()` ('a photo with rain streaks') are what CLIP
-    classifies against; the network never trained on them. None for a kind this module does not
-    know (a custom vocabulary keeps its own text)."""
+    the kind's canonical noun ('rain streaks', 'gaussian noise'; 'no degradation' for clean), the
+    words a user tells it (`lmdir restore --degradation "rain streaks"`). A controller names the
+    kind, not its severity, so no severity word is guessed: the network, which trains with and
+    without them (`Label.text`), judges the strength from the image. The zero-shot descriptions of
+    `vocabulary()` ('a photo with rain streaks') are what CLIP classifies against; the network never
+    trained on them. None for a kind this module does not know (a custom vocabulary keeps its own
+    text)."""
     if kind == "clean":
         return CLEAN_TEXT
     if kind not in KIND_INDEX:
         return None
-    return Degradation(kind, 0.5, DEFAULT_VARIANTS.get(kind)).text()
+    return Degradation(kind, 0.5, DEFAULT_VARIANTS.get(kind)).noun()

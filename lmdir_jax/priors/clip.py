@@ -171,8 +171,8 @@ class ClipPrior:
 
     def conditioning_texts(self) -> list[str]:
         """Per vocabulary entry, the text the restoration network is told when the automatic mode
-        picks it: the entry's canonical training label (`degradations.conditioning_text`, e.g.
-        'moderate rain streaks'), or the entry's own description for a kind it does not know."""
+        picks it: the kind's noun (`degradations.conditioning_text`, e.g. 'rain streaks'), or the
+        entry's own description for a kind it does not know."""
         return [conditioning_text(name) or text for name, text in self.degradation_vocab]
 
     def degradation_bank(self) -> tuple[jax.Array, jax.Array, jax.Array]:
