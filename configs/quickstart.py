@@ -3,7 +3,8 @@
 Run: lmdir train --config configs/quickstart.py --workdir runs/quickstart
 (./scripts/quickstart.sh does this with tiny random priors from `lmdir priors make-tiny`.)
 
-Sized for a 2-core CPU: 1500 steps in about 6 minutes, the whole quick start in 15 (docs/benchmarks.md).
+Sized for a 2-core CPU: 1500 steps in about 5 minutes, the whole quick start in under 10
+(docs/benchmarks.md).
 Multi-task: noise, rain, haze, blur, low light and JPEG, alone or mixed. The PSNR loss weighs every
 example by its relative error, so the mild tasks (noise, rain) are learnt beside the ones with large
 absolute errors (haze, low light): with L1 the same run learns little but haze and low light.
