@@ -355,14 +355,16 @@ def abstract(build) -> tuple[nnx.GraphDef, dict]:
     return graphdef, nnx.to_pure_dict(state)
 
 
+def cast_floats(params: Any, dtype: Any) -> Any:
+    """Cast every floating-point leaf of a params pytree to `dtype` (integer leaves untouched)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def build(graphdef: nnx.GraphDef, params: dict, dtype: Any = None):
     """The module of `graphdef` holding `params` (a pure dict of arrays), floats cast to `dtype` if
     given."""
-    def cast(a):
-        a = jnp.asarray(a)
-        return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
-
-    return nnx.merge(graphdef, jax.tree.map(cast, params))
+    params = jax.tree.map(jnp.asarray, params)
+    return nnx.merge(graphdef, params if dtype is None else cast_floats(params, dtype))
 
 
 def _read_config(folder: Path) -> dict:
@@ -391,7 +393,8 @@ def load_text_encoder(folder: str | Path, dtype: str = "float32") -> tuple[ClipT
     graphdef, shapes = abstract(lambda: ClipTextTransformer(cfg, dtype=dt, rngs=nnx.Rngs(0)))
     tensors = clip_weights.read_tensors(folder)
     prefix = "" if "embeddings.token_embedding.weight" in tensors else "text_model."
-    params = clip_weights.from_hf(tensors, shapes, prefix=prefix, source=folder, convert=jnp.asarray)
+    params = clip_weights.from_hf(tensors, shapes, prefix=prefix, source=folder,
+                                  convert=lambda a: jnp.asarray(a, dt))
     return build(graphdef, params), cfg
 
 

@@ -305,6 +305,7 @@ class StableDiffusion:
         return self.scheduler.step(out, t, latents, steps).astype(jnp.float32)
 
 
+# --------------------------------------------------------------------------------- helpers
 def _as_list(prompts: Sequence[str] | str) -> list[str]:
     return [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -31,11 +30,6 @@ TORCH_BIN = "diffusion_pytorch_model.bin"
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 # The VAE attention's names before diffusers 0.14 (still in some SD 1.x downloads).
 _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def cast_floats(params: Any, dtype: Any) -> Any:
-    """Cast every floating-point leaf of a params pytree to `dtype` (integer leaves untouched)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def read_config(folder: Path) -> dict:
@@ -101,6 +95,8 @@ def _load(module_fn, folder: Path, dtype: str) -> tuple[nnx.GraphDef, Any]:
     params = clip_weights.from_hf(read_weights(folder), shapes, source=folder,
                                   convert=lambda a: jnp.asarray(a, jdtype))
     return graphdef, params
+
+
 def load_unet(folder: str | Path, dtype: str = "float32",
               kernels: str = "auto") -> tuple[UNetConfig, nnx.GraphDef, Any]:
     """A diffusers unet/ folder -> (config, graphdef, params in `dtype`) of our NNX UNet, its attention
@@ -155,4 +151,4 @@ def load_text_encoder(folder: Path, dtype: str = "float32") -> tuple[TextEncoder
         raise UsageError(f"incomplete Stable Diffusion folder: {folder}/config.json is missing")
     module, config = clip_model.load_text_encoder(folder, dtype)
     graphdef, state = nnx.split(module)
-    return TextEncoder(graphdef, config), cast_floats(nnx.to_pure_dict(state), getattr(jnp, dtype))
+    return TextEncoder(graphdef, config), nnx.to_pure_dict(state)  # read in `dtype` already
