@@ -27,9 +27,9 @@ from lmdir_jax.errors import UsageError
 from lmdir_jax.metrics import psnr
 from lmdir_jax.models.priors import Priors, kind_weights
 from lmdir_jax.priors.clip import load_clip
-from lmdir_jax.priors.controller import attach_from_config
 from lmdir_jax.progress import progress_bar
 from lmdir_jax.train.checkpoints import load_for_inference
+from lmdir_jax.train.controller import attach_from_config
 from lmdir_jax.workdir import CONFIG, config_file
 
 

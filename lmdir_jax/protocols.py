@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from lmdir_jax.data.check import FolderReport, check_folder
 from lmdir_jax.data.sources import is_paired_folder, list_images
 from lmdir_jax.errors import UsageError
 
@@ -93,6 +94,27 @@ def find_sets(name: str, root: str | Path) -> tuple[list[tuple[ProtocolSet, Path
         else:
             found.append((ps, path))
     return found, missing
+
+
+def check_sets(protocol: str, root: str, *, decode: str = "auto") -> list[FolderReport]:
+    """`lmdir data check`'s reports for the test sets of `protocol` under `root` (a missing set is
+    a report with one problem line); `decode` as in `data.check.check_folder`."""
+    reports = []
+    seen: dict[str, FolderReport] = {}
+    for ps in protocol_sets(protocol):
+        path = find_set(ps, root) if root else None
+        if path is None:
+            rep = FolderReport(role=f"test:{ps.key}", folder="")
+            rep.problems.append(
+                f"test:{ps.key}: no {ps.label} test set under {root or '(data.root not set)'} "
+                f"(looked for {', '.join(ps.candidates[:3])}, ...)"
+            )
+            reports.append(rep)
+        elif str(path) not in seen:  # CBSD68 serves three columns: walk it once
+            role = f"test:{ps.key.split('-')[0]}"
+            seen[str(path)] = check_folder(role, str(path), paired=ps.spec is None, decode=decode)
+            reports.append(seen[str(path)])
+    return reports
 
 
 def published(name: str) -> list[dict]:

@@ -17,10 +17,10 @@ from lmdir_jax.priors.controller import (
     crop_starts,
     frozen_params,
     label_targets,
-    load_controller,
     native_crops,
     normalize_pixels,
 )
+from lmdir_jax.train.controller import load_controller
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_label_targets_and_native_crops():
 
 
 def test_echo_pools_shuffle_and_visit_each_patch_echo_times():
-    from lmdir_jax.priors.controller_train import _echo, echo_pool
+    from lmdir_jax.train.controller_train import _echo, echo_pool
 
     batches = [{"lq": np.full((3, 4, 4, 3), i, np.float32), "deg_vector": np.eye(3, 8, k=i)} for i in range(2)]
     pool, order = echo_pool(batches, 2, np.random.default_rng(0))
@@ -113,7 +113,7 @@ RESUME = ["config.data.tasks.downsample=0.0", "config.priors.controller_echo=2",
 @pytest.fixture(scope="module")
 def uninterrupted(clip_dir, tmp_path_factory):
     """(summary, workdir) of 8 controller steps in one run (the RESUME settings)."""
-    from lmdir_jax.priors.controller_train import train_controller
+    from lmdir_jax.train.controller_train import train_controller
 
     wd = tmp_path_factory.mktemp("controller") / "a"
     return train_controller(_config(wd, 8, RESUME), str(clip_dir), wd, progress=False), wd
@@ -130,7 +130,7 @@ def _same_params(clip, wd_a, wd_b) -> None:
 
 @pytest.mark.slow
 def test_resume_is_exact(clip_dir, tmp_path, uninterrupted):
-    from lmdir_jax.priors.controller_train import train_controller
+    from lmdir_jax.train.controller_train import train_controller
 
     extra = RESUME
     a, wd_a = uninterrupted
@@ -178,8 +178,8 @@ def test_sigterm_stops_at_a_pool_boundary_and_the_rerun_ends_with_the_uninterrup
     import os
     import signal
 
-    from lmdir_jax.priors.controller_train import train_controller
     from lmdir_jax.train.actions import Action
+    from lmdir_jax.train.controller_train import train_controller
 
     class SigtermAt(Action):
         def before_step(self, run, batch):
@@ -209,7 +209,7 @@ def test_a_short_run_lands_well_above_chance_on_held_out_photos(clip_dir, tmp_pa
     named right at least 8 times in 10 (measured: 9 with the suite's XLA flags, 10 with its
     fusion emitters on; 256 steps: 7; chance 1 in 8), and better than zero-shot."""
     from lmdir_jax.commands.priors import classify
-    from lmdir_jax.priors.controller_train import train_controller
+    from lmdir_jax.train.controller_train import train_controller
 
     config = load_config("controller", ["config.train.steps=512", "config.train.ckpt_every=0",
                                         "config.data.tasks.downsample=0.0"])

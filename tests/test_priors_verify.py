@@ -9,8 +9,9 @@ import torch
 
 from lmdir_jax.cli import main
 from lmdir_jax.priors.clip import load_clip
-from lmdir_jax.priors.controller import Controller, load_controller, save_daclip
+from lmdir_jax.priors.controller import Controller, save_daclip
 from lmdir_jax.priors.verify import TOLERANCE
+from lmdir_jax.train.controller import load_controller
 
 TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}

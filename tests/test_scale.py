@@ -123,7 +123,7 @@ def test_same_seed_same_network_in_either_layout():
 def test_unrolled_scan_same_parameters_values_and_gradients(reference):
     """scan_unroll='unrolled' (what 'auto' picks on CPUs) compiles the same stacked parameters
     without the loop: the same loss, output and gradients as the loop."""
-    from lmdir_jax.models.blocks import resolve_scan_unroll
+    from lmdir_jax.models.backend import resolve_scan_unroll
 
     params, want = reference
     assert resolve_scan_unroll("auto") is (jax.default_backend() == "cpu")
@@ -154,7 +154,7 @@ def test_remat_block_same_values_and_gradients_less_temp_memory(reference):
 def test_kernels_draw_the_same_parameters_and_agree_in_value_and_gradients(reference):
     """The XLA:CPU kernels (models/backend_cpu.py) and lax's convolutions and products: a seed
     draws exactly the same parameters for both, which give the same output and gradients."""
-    from lmdir_jax.models.layers import kernels_of
+    from lmdir_jax.models.backend import kernels_of
 
     params, want = reference
     c = model_config(kernels="xla")

@@ -17,7 +17,7 @@ import numpy as np
 from lmdir_jax.axes import DATA, FSDP
 from lmdir_jax.config import load_config
 from lmdir_jax.errors import UsageError
-from lmdir_jax.models.layers import kernels_of
+from lmdir_jax.models.backend import kernels_of
 from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
 from lmdir_jax.train import mesh as mesh_lib
 from lmdir_jax.train import state as state_lib

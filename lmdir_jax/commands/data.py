@@ -85,9 +85,14 @@ def run_check(args) -> int:
 
     from lmdir_jax.config import load_config
     from lmdir_jax.data.check import check_config, format_check, problems
+    from lmdir_jax.protocols import check_sets
 
     config = load_config(args.config, args.config_overrides)
-    reports = check_config(config, decode="full" if args.full else "auto")
+    decode = "full" if args.full else "auto"
+    reports = check_config(config, decode=decode)
+    if str(config.data.get("protocol", "")):
+        reports += check_sets(str(config.data.protocol), str(config.data.get("root", "")),
+                              decode=decode)
     print(format_check(reports, int(config.data.patch_size)))
     lines = problems(reports)
     for line in lines:

@@ -180,7 +180,8 @@ def run_embed(args) -> int:
 def run_export_daclip(args) -> int:
     """Write a trained controller and its CLIP in DA-CLIP's layout."""
     from lmdir_jax.priors.clip import load_clip
-    from lmdir_jax.priors.controller import load_controller, save_daclip
+    from lmdir_jax.priors.controller import save_daclip
+    from lmdir_jax.train.controller import load_controller
 
     out = check_output_file(args.output, [args.clip, args.controller])
     if out.exists():
@@ -222,7 +223,7 @@ def run_build(args) -> int:
     clip = None
     if args.controller:
         from lmdir_jax.priors.clip import load_clip
-        from lmdir_jax.priors.controller import load_controller
+        from lmdir_jax.train.controller import load_controller
 
         if not Path(args.controller).exists():
             raise UsageError(f"controller folder not found: {args.controller}")
@@ -423,7 +424,7 @@ def run_classify(args) -> int:
     clip = load_clip(args.clip)
     assessor = None
     if args.controller:
-        from lmdir_jax.priors.controller import load_controller
+        from lmdir_jax.train.controller import load_controller
 
         assessor = load_controller(args.controller, clip, grid=args.grid)
     result = classify(clip, args.data, list(args.spec), max_images=args.max_images, seed=args.seed,
@@ -442,8 +443,8 @@ def run_train_controller(args) -> int:
     """Train a controller and print one summary line; NaN loss -> exit 1, SIGINT/SIGTERM -> 130
     (after a checkpoint: rerun to resume)."""
     from lmdir_jax.config import load_config
-    from lmdir_jax.priors.controller_train import train_controller
     from lmdir_jax.train.actions import TrainingDiverged
+    from lmdir_jax.train.controller_train import train_controller
 
     if not Path(args.clip).is_dir():
         raise UsageError(f"CLIP folder not found: {args.clip}")

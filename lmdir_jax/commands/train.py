@@ -32,7 +32,7 @@ def data_problems(config) -> list[str]:
     """
     from lmdir_jax.data.check import check_config, problems
 
-    lines = problems(check_config(config, tests=False, decode="header"))  # the loader decodes next
+    lines = problems(check_config(config, decode="header"))  # the loader decodes next
     for line in lines:
         sys.stderr.write(f"lmdir: error: {line}\n")
     if lines:

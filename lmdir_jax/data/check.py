@@ -1,4 +1,5 @@
-"""`lmdir data check`: walk every training source and test set of a config before anything compiles.
+"""`lmdir data check`: walk every training source of a config before anything compiles (its test
+sets: `protocols.check_sets`, with the same reports).
 
 One row per folder: image count, pairs matched, unpaired files, unreadable files, the smallest image
 against the patch size. Problems (a missing folder, a paired folder with no pairs, a pair whose
@@ -20,7 +21,6 @@ from pathlib import Path
 from PIL import Image
 
 from lmdir_jax.data.io import load_image
-from lmdir_jax.data.pipeline import source_specs
 from lmdir_jax.data.sources import (
     CLEAN_DIRS,
     DEGRADED_DIRS,
@@ -30,6 +30,7 @@ from lmdir_jax.data.sources import (
     is_paired_folder,
     list_images,
     match_pairs,
+    source_specs,
 )
 from lmdir_jax.errors import UsageError
 from lmdir_jax.progress import progress_bar
@@ -147,10 +148,9 @@ def check_folder(role: str, path: str, *, degraded_dir: str = "", clean_dir: str
     return rep
 
 
-def check_config(config, *, tests: bool = True, decode: str = "auto") -> list[FolderReport]:
-    """Reports for the config's training data (data.sources, or data.source), its validation
-    folder and, with `tests`, the test sets of data.protocol under data.root; `decode` as in
-    `check_folder`."""
+def check_config(config, *, decode: str = "auto") -> list[FolderReport]:
+    """Reports for the config's training data (data.sources, or data.source) and its validation
+    folder; `decode` as in `check_folder`. The test sets of data.protocol: `protocols.check_sets`."""
     d = config.data
     reports = []
     try:
@@ -170,26 +170,6 @@ def check_config(config, *, tests: bool = True, decode: str = "auto") -> list[Fo
         reports.append(check_folder("train", str(d.source), decode=decode))
     if str(d.get("val_source", "")):
         reports.append(check_folder("val", str(d.val_source), decode=decode))
-    protocol = str(d.get("protocol", ""))
-    if tests and protocol:
-        # lazy: protocols sits above data (it imports data.sources)
-        from lmdir_jax.protocols import find_set, protocol_sets
-
-        root = str(d.get("root", ""))
-        seen: dict[str, FolderReport] = {}
-        for ps in protocol_sets(protocol):
-            path = find_set(ps, root) if root else None
-            if path is None:
-                rep = FolderReport(role=f"test:{ps.key}", folder="")
-                rep.problems.append(
-                    f"test:{ps.key}: no {ps.label} test set under {root or '(data.root not set)'} "
-                    f"(looked for {', '.join(ps.candidates[:3])}, ...)"
-                )
-                reports.append(rep)
-            elif str(path) not in seen:  # CBSD68 serves three columns: walk it once
-                role = f"test:{ps.key.split('-')[0]}"
-                seen[str(path)] = check_folder(role, str(path), paired=ps.spec is None, decode=decode)
-                reports.append(seen[str(path)])
     return reports
 
 

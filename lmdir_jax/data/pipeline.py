@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import sys
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,14 @@ import numpy as np
 from absl import flags
 from grain.multiprocessing import SharedMemoryArray
 
-from lmdir_jax.data.sources import ImageSource, PairedSource, is_named_source, load_source
+from lmdir_jax.data.sources import (
+    ImageSource,
+    PairedSource,
+    SourceSpec,
+    is_named_source,
+    load_source,
+    source_specs,
+)
 from lmdir_jax.degradations import apply_spec, parse_spec, sample_degradation
 from lmdir_jax.degradations.label import kinds_in_text
 from lmdir_jax.errors import UsageError
@@ -120,52 +126,6 @@ class PriorAttacher:
         element["reference"] = resize_square(np.asarray(ref), r) if has_ref else np.zeros((r, r, 3), np.float32)
         element["has_reference"] = np.bool_(has_ref)
         return element
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One resolved entry of `data.sources` (see `lmdir_jax.data.config.source_config`)."""
-
-    name: str
-    path: str
-    weight: float
-    specs: tuple[str, ...] = ()
-    tasks: tuple[tuple[str, float], ...] = ()
-    text: str = ""
-    degraded_dir: str = ""
-    clean_dir: str = ""
-
-
-def resolve_path(path: str, root: str = "") -> str:
-    """A source path read under `root` when relative ('skimage' and tfds names are left alone)."""
-    path = str(path)
-    if not path or is_named_source(path) or not root:
-        return path
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else Path(root).expanduser() / p)
-
-
-def source_specs(data_config) -> list[SourceSpec]:
-    """The resolved `data.sources` in name order ([] without a mixture); bad weights -> UsageError."""
-    sources = data_config.get("sources") or {}
-    root = str(data_config.get("root", ""))
-    out = []
-    for name in sorted(sources.keys()):
-        sc = sources[name]
-        weight = float(sc.get("weight", 1.0))
-        if not weight > 0 or not np.isfinite(weight):
-            raise UsageError(f"data.sources.{name}.weight must be > 0, got {weight:g}")
-        path = str(sc.get("path", ""))
-        if not path:
-            raise UsageError(f"data.sources.{name}.path is empty")
-        tasks = tuple((k, float(v)) for k, v in dict(sc.get("tasks") or {}).items())
-        out.append(SourceSpec(
-            name=name, path=resolve_path(path, root), weight=weight,
-            specs=tuple(str(x) for x in (sc.get("specs") or ())), tasks=tasks,
-            text=str(sc.get("text", "")), degraded_dir=str(sc.get("degraded_dir", "")),
-            clean_dir=str(sc.get("clean_dir", "")),
-        ))
-    return out
 
 
 def source_names(config) -> list[str]:

@@ -23,6 +23,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -441,3 +442,49 @@ def load_source(spec: str | Path | ImageSource, check: str = "auto") -> ImageSou
     if is_paired_folder(path):
         return PairedSource(path, check=check)
     return FolderSource(path, check=check)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One resolved entry of `data.sources` (see `lmdir_jax.data.config.source_config`)."""
+
+    name: str
+    path: str
+    weight: float
+    specs: tuple[str, ...] = ()
+    tasks: tuple[tuple[str, float], ...] = ()
+    text: str = ""
+    degraded_dir: str = ""
+    clean_dir: str = ""
+
+
+def resolve_path(path: str, root: str = "") -> str:
+    """A source path read under `root` when relative ('skimage' and tfds names are left alone)."""
+    path = str(path)
+    if not path or is_named_source(path) or not root:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else Path(root).expanduser() / p)
+
+
+def source_specs(data_config) -> list[SourceSpec]:
+    """The resolved `data.sources` in name order ([] without a mixture); bad weights -> UsageError."""
+    sources = data_config.get("sources") or {}
+    root = str(data_config.get("root", ""))
+    out = []
+    for name in sorted(sources.keys()):
+        sc = sources[name]
+        weight = float(sc.get("weight", 1.0))
+        if not weight > 0 or not np.isfinite(weight):
+            raise UsageError(f"data.sources.{name}.weight must be > 0, got {weight:g}")
+        path = str(sc.get("path", ""))
+        if not path:
+            raise UsageError(f"data.sources.{name}.path is empty")
+        tasks = tuple((k, float(v)) for k, v in dict(sc.get("tasks") or {}).items())
+        out.append(SourceSpec(
+            name=name, path=resolve_path(path, root), weight=weight,
+            specs=tuple(str(x) for x in (sc.get("specs") or ())), tasks=tasks,
+            text=str(sc.get("text", "")), degraded_dir=str(sc.get("degraded_dir", "")),
+            clean_dir=str(sc.get("clean_dir", "")),
+        ))
+    return out

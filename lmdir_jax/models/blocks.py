@@ -41,8 +41,7 @@ class ChannelAttention(nnx.Module):
     Computed without moving a full-size tensor: q, k and v come from their own slices of the qkv
     and qkv_dw kernels (`conv_parts`, so no 3C-wide tensor is split or concatenated), logits are the
     pixel Gram matrix of the raw q, k divided by the outer product of their norms, and every product
-    contracts the pixel axis of the NHWC layout in place (on XLA:CPU 2x faster than normalising and
-    transposing q, k, v).
+    contracts the pixel axis of the NHWC layout in place (no transposed copy of q, k, v).
     """
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -70,7 +69,7 @@ class ChannelAttention(nnx.Module):
 class GatedFeedForward(nnx.Module):
     """GDFN: hidden = int(C * expansion); 1x1 conv C->2*hidden, 3x3 depth-wise conv, then
     gelu(first half) * second half, 1x1 conv hidden->C. No biases. The two halves are computed
-    from their own kernel slices (`conv_parts`): 11-17% faster on XLA:CPU than splitting.
+    from their own kernel slices (`conv_parts`), not by splitting a 2*hidden-wide tensor.
     """
 
     def __init__(self, dim: int, expansion: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -151,23 +150,6 @@ def remat_policy(name: str):
     return None if policy is None else getattr(jax.checkpoint_policies, policy)
 
 
-SCAN_UNROLLS = ("auto", "loop", "unrolled")
-"""`model.scan_unroll` values: how a scanned stack of blocks is compiled (the parameters are stacked
-either way). 'loop': one block compiled and run n times (compile time independent of depth);
-'unrolled': the n blocks compiled one after another; 'auto': unrolled on CPUs, a loop elsewhere.
-On XLA:CPU the paper step (128², batch 1) took 3.17 s as a loop and 2.80-2.94 s unrolled, with 20 %
-less temporary memory, and compiled in 39 against 85-122 s: docs/benchmarks.md."""
-
-
-def resolve_scan_unroll(name: str) -> bool:
-    """Whether scanned blocks compile unrolled, for a `model.scan_unroll` value."""
-    if name not in SCAN_UNROLLS:
-        raise ValueError(f"model.scan_unroll must be one of {', '.join(SCAN_UNROLLS)}, got {name!r}")
-    if name == "auto":
-        return jax.default_backend() == "cpu"
-    return name == "unrolled"
-
-
 class BlockStack(nnx.Module):
     """The n TransformerBlocks of one U-Net level, run in order.
 
@@ -176,7 +158,7 @@ class BlockStack(nnx.Module):
     of n (logical axis 'layers'; drawn like the unscanned blocks and stacked when built eagerly,
     by nnx.vmap under jit), run by nnx.scan: one block is traced and
     compiled whatever n is. `models.stacking` converts between the two parameter layouts.
-    `unroll=True` compiles the scan unrolled (`SCAN_UNROLLS`), the same parameters.
+    `unroll=True` compiles the scan unrolled (`backend.SCAN_UNROLLS`), the same parameters.
     `remat='block'` wraps each block in nnx.remat (jax.checkpoint, `REMAT_POLICIES`).
     """
 

@@ -37,15 +37,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.embed_bias = True  # bias of the 3x3 patch-embedding conv (Restormer: False)
     c.output_bias = True  # bias of the 3x3 output conv (Restormer: False)
     # Kernels: "xla" (lax convolutions and products), "cpu" (the XLA:CPU forms of
-    # models/backend_cpu.py), "auto" ("cpu" on CPUs, else "xla"). The parameters a seed draws do
-    # not depend on it.
+    # models/backend_cpu.py), "auto" ("cpu" on CPUs, else "xla"); set by models/backend.py. The
+    # parameters a seed draws do not depend on it.
     c.kernels = "auto"
     # Each level's blocks as one nnx.scan over stacked parameters (compile time independent of
     # depth); False: a Python loop over blocks/0, blocks/1, ... (models/stacking.py converts).
     c.scan_blocks = True
     # How scanned blocks compile (the parameters are the same): "loop" (one block, compile time
     # independent of depth), "unrolled" (faster steps on XLA:CPU, longer compile), "auto"
-    # ("unrolled" on CPUs, else "loop"). models/blocks.py, SCAN_UNROLLS.
+    # ("unrolled" on CPUs, else "loop"). models/backend.py.
     c.scan_unroll = "auto"
     c.remat = "none"  # "block": recompute each block's activations in the backward pass
     return c

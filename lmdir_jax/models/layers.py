@@ -6,10 +6,8 @@ Conventions (mirrored exactly by the PyTorch export):
   (in, out) -> ('embed', 'mlp'); stacked (scanned) blocks add 'layers' in front. The rule table
   `train.axis_rules` maps them to mesh axes (by default 'mlp' -> 'fsdp', the rest replicated);
   biases and norms are unannotated (replicated, PartitionSpec());
-- kernels: `model.kernels` picks lax's operations ('xla') or the XLA:CPU forms of
-  `models/backend_cpu.py` ('cpu'); 'auto' is 'cpu' on CPUs, resolved once when `LMDIR` is built
-  (`use_kernels`), whose layers take the choice current when they are created. Initialisers
-  (`models/initializers.py`) do not depend on it: the same seed, the same parameters;
+- convs and dense layers are built with lax's operations; `models/backend.py` swaps in other
+  kernels once, after the network is built (`model.kernels`);
 - LayerNorm: over the channel (last) axis, eps 1e-5, with scale and bias, variance computed as
   mean((x - mean)^2) (no "fast variance" trick);
 - GELU: exact erf form;
@@ -19,8 +17,6 @@ Conventions (mirrored exactly by the PyTorch export):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import jax
@@ -30,43 +26,9 @@ from flax import nnx
 
 from lmdir_jax import architecture
 from lmdir_jax.axes import EMBED, MLP
-from lmdir_jax.models import backend_cpu
 from lmdir_jax.models.initializers import lecun_normal
 
 LN_EPS = architecture.LN_EPS
-KERNELS = ("auto", "xla", "cpu")
-_KERNELS: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmdir_kernels", default=None)
-
-
-def resolve_kernels(name: str) -> str:
-    """'xla' or 'cpu' for a `model.kernels` value; 'auto' is 'cpu' on CPUs, else 'xla'."""
-    if name not in KERNELS:
-        raise ValueError(f"model.kernels must be one of {', '.join(KERNELS)}, got {name!r}")
-    if name == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
-    return name
-
-
-@contextlib.contextmanager
-def use_kernels(name: str):
-    """Layers created inside run the kernels of `name` (`model.kernels`; see module doc)."""
-    token = _KERNELS.set(resolve_kernels(name))
-    try:
-        yield
-    finally:
-        _KERNELS.reset(token)
-
-
-def kernels_of(model_config) -> str:
-    """The `model.kernels` value of a model config (a run saved with the key's former name,
-    `conv_impl`, is read by that name)."""
-    return str(model_config.get("kernels", model_config.get("conv_impl", "auto")))
-
-
-def _on_cpu_kernels() -> bool:
-    return (_KERNELS.get() or resolve_kernels("auto")) == "cpu"
-
-
 default_kernel_init = lecun_normal
 
 
@@ -102,8 +64,6 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(kernel_init, (None, None, EMBED, MLP)),
-        conv_general_dilated=(backend_cpu.conv_general_dilated if _on_cpu_kernels()
-                              else jax.lax.conv_general_dilated),
         rngs=rngs,
     )
 
@@ -149,7 +109,6 @@ def linear(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(kernel_init, (EMBED, MLP)),
-        dot_general=backend_cpu.dot_general if _on_cpu_kernels() else jax.lax.dot_general,
         rngs=rngs,
     )
 

@@ -37,17 +37,11 @@ from flax import nnx
 
 from lmdir_jax import architecture
 from lmdir_jax.architecture import MULTIPLE
-from lmdir_jax.models.blocks import BlockStack, remat_policy, resolve_scan_unroll
+from lmdir_jax.models.backend import kernels_of, resolve_scan_unroll, select_kernels
+from lmdir_jax.models.blocks import BlockStack, remat_policy
 from lmdir_jax.models.conditioning import Conditions
 from lmdir_jax.models.initializers import lecun_normal
-from lmdir_jax.models.layers import (
-    compute_dtype,
-    conv,
-    kernels_of,
-    pixel_shuffle,
-    pixel_unshuffle,
-    use_kernels,
-)
+from lmdir_jax.models.layers import compute_dtype, conv, pixel_shuffle, pixel_unshuffle
 from lmdir_jax.models.pip import PromptInPrompt
 from lmdir_jax.models.priors import Priors
 from lmdir_jax.models.prompt import PromptEncoder
@@ -124,7 +118,7 @@ class LMDIR(nnx.Module):
 
         # eager_sharding off: parameters are created unsharded and only carry logical axis names;
         # the training code creates them in place on its mesh (train/state.py, `train.axis_rules`).
-        with nnx.use_eager_sharding(False), use_kernels(kernels_of(c)):
+        with nnx.use_eager_sharding(False):
             self.prompt = PromptEncoder(
                 int(c.text_dim), int(c.prompt_dim), int(c.prompt_heads),
                 int(c.num_deg_queries), int(c.num_content_queries), rngs=rngs, dtype=dtype,
@@ -154,6 +148,7 @@ class LMDIR(nnx.Module):
                         else lecun_normal)
             self.output = conv(top, 3, 3, use_bias=bool(c.get("output_bias", True)), rngs=rngs,
                                dtype=dtype, kernel_init=out_init)
+        select_kernels(self, kernels_of(c))  # the one backend choice (models/backend.py)
 
     def conditions(self, priors: Priors) -> Conditions:
         """Run the prompt and reference encoders once per batch."""

@@ -232,7 +232,7 @@ class ClipPrior:
         return (weights, *mix_states(weights, states, mask))
 
     def attach_controller(self, assessor) -> None:
-        """Use a trained DA-CLIP controller (`priors.controller.load_controller`) from now on: the
+        """Use a trained DA-CLIP controller (`train.controller.load_controller`) from now on: the
         automatic degradation prior comes from it (native-resolution crops) and the image
         embeddings (captions) from the frozen tower under its control."""
         self.controller = assessor

@@ -22,7 +22,6 @@ JPEG blocks at CLIP's input size.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from lmdir_jax.outputs import atomic_write_bytes
 from lmdir_jax.priors import clip_weights
 from lmdir_jax.priors.clip_model import activation, openclip_state_dict
 from lmdir_jax.priors.config import CONTROLLER_GRID
-from lmdir_jax.workdir import checkpoints_dir
 
 SPEC_FILE = "controller.json"
 
@@ -365,58 +363,6 @@ class DegradationAssessor:
         """(B, P) controlled content embeddings of CLIP-sized NHWC images in [0, 1]."""
         pixels = normalize_pixels(images, self.clip.mean, self.clip.std)
         return np.asarray(self._content(self._state, self.frozen, pixels))
-
-
-def attach_from_config(clip, config, controller: str | None = None):
-    """Attach the controller named by `controller` or `config.priors.controller` to `clip` (a
-    `ClipPrior`); returns the assessor, or None when neither names one."""
-    path = controller or str(config.priors.get("controller", "") or "")
-    if not path or clip is None:
-        return None
-    assessor = load_controller(path, clip, grid=int(config.priors.get("controller_grid", GRID)))
-    clip.attach_controller(assessor)
-    return assessor
-
-
-def load_controller(workdir: str | Path, clip, grid: int = GRID) -> DegradationAssessor:
-    """A trained controller workdir (from `lmdir priors train-controller`), or DA-CLIP's released
-    checkpoint file (`load_daclip_controller`), for `clip`.
-
-    Missing folder, missing spec or checkpoint, or a controller for another CLIP -> UsageError.
-    """
-    # lazy: train sits above priors (train.loop imports priors)
-    from lmdir_jax.train import checkpoints as ckpt
-
-    wd = Path(workdir)
-    if wd.is_file():
-        return load_daclip_controller(wd, clip, grid=grid)
-    if not wd.is_dir():
-        raise UsageError(f"controller folder not found: {wd}")
-    spec_file = wd / SPEC_FILE
-    if not spec_file.is_file():
-        raise UsageError(f"{wd} is not a controller workdir (no {SPEC_FILE}; train one with "
-                         "`lmdir priors train-controller`)")
-    try:
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {spec_file}: {e}") from None
-    check_spec(wd, spec, clip)
-    if not checkpoints_dir(wd).is_dir():
-        raise UsageError(f"no checkpoints in controller folder {wd}")
-    controller = Controller.from_clip(clip, reverse=spec.get("wiring") == "daclip")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = nnx.state(controller)
-    abstract = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)}
-    manager = ckpt.make_manager(wd, keep=1_000_000, async_save=False)
-    try:
-        restored = ckpt.restore_latest(manager, abstract, items=("model",))
-    finally:
-        manager.close()
-    if restored is None:
-        raise UsageError(f"no readable checkpoint in controller folder {wd}")
-    nnx.update(controller, restored[1]["model"])
-    return DegradationAssessor(controller, clip, grid=grid, max_text_len=spec.get("max_text_len"),
-                               kinds=spec.get("kinds"))
 
 
 # --------------------------------------------------------------------------- DA-CLIP's layout

@@ -9,7 +9,7 @@ plots, signals.
 - `on_end(run)` after the last step (not when training raised), `close(run)` always.
 Each action is small and testable on its own with a stand-in `Run`. StopOnSignal, StopOnNonFinite,
 LogMetrics, Progress and Checkpoint serve every model trained here; Validate and Plot show the
-restoration network (the controller adds its own, priors/controller_train.py).
+restoration network (the controller adds its own, train/controller_train.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 `run_loop` knows no model: it takes host batches from an iterator, calls a step function and the
 periodic actions of train/actions.py (logs, NaN stop, progress, checkpoints, signals, ...). Each
 trained model builds its pieces (state, step function, batch stream, actions) and calls it: `train`
-here, `priors.controller_train.train_controller` for the degradation controller.
+here, `train.controller_train.train_controller` for the degradation controller.
 
 `train`: data (grain) -> global sharded batch -> jitted step -> actions (those above, validation,
 plots). Rerunning the same command on the same workdir resumes from the newest usable checkpoint
@@ -30,7 +30,6 @@ from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir  # noqa: F401  (re-exported)
 from lmdir_jax.priors.cache import PriorCache
 from lmdir_jax.priors.clip import load_clip
-from lmdir_jax.priors.controller import attach_from_config
 from lmdir_jax.train import checkpoints as ckpt
 from lmdir_jax.train import distributed
 from lmdir_jax.train import mesh as mesh_lib
@@ -48,6 +47,7 @@ from lmdir_jax.train.actions import (  # noqa: F401  (re-exported)
     TrainingDiverged,
     Validate,
 )
+from lmdir_jax.train.controller import attach_from_config
 from lmdir_jax.train.monitor import Logger, Predictor, is_main, plot_loss, read_metrics, validate  # noqa: F401
 from lmdir_jax.workdir import (
     checkpoints_dir,
@@ -76,7 +76,7 @@ def _load_clip(config):
         return None, None
     clip = load_clip(str(config.priors.clip), max_text_len=int(config.priors.max_text_len))
     clip.check_text_dim(int(config.model.text_dim))
-    attach_from_config(clip, config)  # priors.controller: auto_ratio uses the trained controller
+    attach_from_config(clip, config)  # train.controller: auto_ratio uses the trained controller
     return clip, clip.params
 
 
