@@ -206,7 +206,8 @@ def one_device_state():
 
 def test_sharded_init_in_jit_follows_axis_rules_whatever_the_mesh(one_device_state):
     """init_state creates the state inside jit with its shardings: on a (data=4, fsdp=2) mesh the
-    'mlp' axes are split over fsdp, and the values are those of a 1-device creation."""
+    'mlp' axes are split over fsdp, and the values are those of a 1-device creation and of an
+    eager build: one seed, one set of parameters, however they are created."""
     from lmdir_jax.train import mesh as mesh_lib
     from lmdir_jax.train import state as state_lib
 
@@ -221,15 +222,16 @@ def test_sharded_init_in_jit_follows_axis_rules_whatever_the_mesh(one_device_sta
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(one_device_state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(jnp.std(kernel)) > 0.01  # drawn, not zeros
-    # On CPUs the default builds eagerly (numpy draws) and places: the same sharding, and values
-    # that do not depend on the mesh either.
+    # On CPUs the default builds eagerly and places (what an accelerator creates inside jit is the
+    # in_jit=True state above): the same sharding and exactly the same values, on either mesh.
     eager = state_lib.init_state(config, setup)
     mesh1 = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
     eager1 = state_lib.init_state(config, state_lib.make_setup(config, mesh1))
     ek = eager["model"]["latent"]["blocks"]["ffn"]["inp"]["kernel"][...]
     assert ek.sharding.spec == kernel.sharding.spec
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(eager1), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for built in (eager, eager1):
+        for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(one_device_state), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Another rule table: 'mlp' replicated, 'embed' (kernel inputs) split over fsdp instead.
     config.train.axis_rules = (("layers", None), ("embed", "fsdp"), ("mlp", None), ("heads", None))
     spec = state_lib.make_setup(config, mesh).shardings["model"]["prompt"]["mlp_in"]["kernel"]

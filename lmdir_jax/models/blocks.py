@@ -20,7 +20,7 @@ from lmdir_jax.axes import HEADS, LAYERS
 from lmdir_jax.models.conditioning import Conditions, Modulation, SpatialCrossAttention
 from lmdir_jax.models.layers import conv, conv_parts, gelu
 from lmdir_jax.models.norms import block_norm
-from lmdir_jax.models.stacking import draw_stacked, is_traced
+from lmdir_jax.models.stacking import draw_stacked
 
 
 def _pixel_norms(t: jax.Array) -> jax.Array:
@@ -155,8 +155,8 @@ class BlockStack(nnx.Module):
 
     Unscanned (`scan=False`): `blocks` is an nnx.List of n blocks, parameters blocks/0/...,
     blocks/1/... Scanned: `blocks` is one TransformerBlock whose parameters carry a leading axis
-    of n (logical axis 'layers'; drawn like the unscanned blocks and stacked when built eagerly,
-    by nnx.vmap under jit), run by nnx.scan: one block is traced and
+    of n (logical axis 'layers'; drawn block by block like the unscanned blocks and stacked, so a
+    seed gives the same network in both layouts), run by nnx.scan: one block is traced and
     compiled whatever n is. `models.stacking` converts between the two parameter layouts.
     `unroll=True` compiles the scan unrolled (`backend.SCAN_UNROLLS`), the same parameters.
     `remat='block'` wraps each block in nnx.remat (jax.checkpoint, `REMAT_POLICIES`).
@@ -168,18 +168,8 @@ class BlockStack(nnx.Module):
         self.remat = remat
         self.unroll = bool(unroll)
         self.scanned = bool(scan) and n > 0
-        if self.scanned:
-            @nnx.split_rngs(splits=n)
-            @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n,
-                      transform_metadata={nnx.PARTITION_NAME: LAYERS})
-            def make(rngs: nnx.Rngs) -> TransformerBlock:
-                return TransformerBlock(**block_kwargs, rngs=rngs)
-
-            if is_traced(rngs):
-                self.blocks = make(rngs)
-            else:  # one block after another, as unscanned: the same seed, the same network
-                self.blocks = draw_stacked(lambda: TransformerBlock(**block_kwargs, rngs=rngs), n,
-                                           LAYERS)
+        if self.scanned:  # one block after another, as unscanned: the same seed, the same network
+            self.blocks = draw_stacked(lambda: TransformerBlock(**block_kwargs, rngs=rngs), n, LAYERS)
             self.length = n
         else:
             self.blocks = nnx.List([TransformerBlock(**block_kwargs, rngs=rngs) for _ in range(n)])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -57,23 +58,20 @@ def _walk(tree: Any, convert) -> Any:
     return out
 
 
-def is_traced(rngs) -> bool:
-    """Whether an nnx.Rngs holds tracers (jitted or abstract creation), not concrete keys."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(rngs)))
-
-
 def draw_stacked(make_block: Callable[[], Any], n: int, axis_name: str) -> Any:
     """One module holding n blocks made one after another by `make_block`, stacked: the scanned
     layout, whose variables carry a leading axis of n named `axis_name` in their sharding metadata
-    (what an nnx.vmap with transform_metadata {nnx.PARTITION_NAME: axis_name} makes).
-
-    Eagerly this draws exactly what the unscanned layout draws for the same seed, and uses the
-    numpy initialisers of `models/initializers.py` (an eager nnx.vmap compiles every draw: 28 s for the tiny
-    config on a CPU; tracing one abstractly for the structure took 3 of the 4 s left).
+    (what an nnx.vmap with transform_metadata {nnx.PARTITION_NAME: axis_name} makes). It draws
+    exactly what the unscanned layout draws for the same seed, eagerly or inside jit.
     """
     blocks = [nnx.split(make_block()) for _ in range(n)]  # (graphdef, state) pairs, all alike
-    stacked = jax.tree.map(lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs])),
-                           *(state for _, state in blocks))
+
+    def stack(*xs):
+        if any(isinstance(x, jax.core.Tracer) for x in xs):
+            return jnp.stack(xs)
+        return jax.device_put(np.stack([np.asarray(x) for x in xs]))  # no compile per shape
+
+    stacked = jax.tree.map(stack, *(state for _, state in blocks))
     stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: axis_name})
     return nnx.merge(blocks[0][0], stacked)
 

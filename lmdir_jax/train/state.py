@@ -128,11 +128,11 @@ def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | N
 
     in_jit=True: the whole creation (parameters, optimizer state, EMA) is one jitted program whose
     outputs have the setup's shardings, so every device computes only its own shards and no
-    parameter is ever whole on one host. in_jit=False: built eagerly (numpy initialisers, seconds)
-    and then placed (`mesh.place_identical`). The default (None) jits on accelerators and builds
-    eagerly when every device is a CPU: there the parameters live in host memory anyway, and XLA:CPU
-    takes about 50 s to compile the jax.random draws of even the tiny config. The two draw other
-    numbers from the same distributions; each is the same for any mesh and process count.
+    parameter is ever whole on one host. in_jit=False: built eagerly and then placed
+    (`mesh.place_identical`). Both draw the same numbers for a seed (`models.initializers`). The
+    default (None) jits on accelerators and builds eagerly when every device is a CPU: there the
+    parameters live in host memory anyway, and XLA:CPU compiles the one creation program of even
+    the tiny config far slower than the eager draws run.
     """
     model_fn = model_fn or (lambda: build_model(config))
     if in_jit is None:
