@@ -21,12 +21,12 @@ trained_clip = restore_fixtures.trained_clip
 def test_validation_scores_and_plots(trained_workdir):
     records = [json.loads(x) for x in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_psnr" in r]
-    assert [r["step"] for r in val] == [150]
+    assert [r["step"] for r in val] == [300]
     v = val[0]
     assert v["val_images"] == 2 and 0 < v["val_ssim"] < 1
     assert v["val_psnr"] > v["val_input_psnr"]  # the network restores the held-out photos
     grids = sorted((trained_workdir / "plots").glob("val_*.png"))
-    assert [g.name for g in grids] == ["val_000150.png"]
+    assert [g.name for g in grids] == ["val_000300.png"]
     grid = read_image(grids[0])
     assert grid is not None and grid.shape[0] >= 2 * 48 and grid.std() > 0.02  # two rows of photos
     assert read_image(trained_workdir / "plots" / "loss.png") is not None
@@ -66,7 +66,7 @@ def test_report_of_the_run(trained_workdir, tmp_path, capsys):
     assert "## PSNR side by side" not in text  # no --eval reports given
     assert "training data: `skimage`" in text and "held out, never trained on: coffee, chelsea" in text
     assert "(`coffee.png`) is held out" in text
-    assert "## Training curve" in text and "## Validation" in text and "val_000150.png" in text
+    assert "## Training curve" in text and "## Validation" in text and "val_000300.png" in text
     assert "skimage-heldout noise:25 21.00" in text
     psnrs = [float(x) for x in re.findall(r"(?:degraded|restored) ([\d.]+) dB", text)]
     assert len(psnrs) == 2 and psnrs[1] > psnrs[0]  # restored beats degraded in the report too
