@@ -1,5 +1,7 @@
 """The LMDIR parameters' initialisers: jax.random's numbers, the same for a seed however the network
-is built (eagerly or inside jit, sharded or not, on any backend, with any `model.kernels`).
+is built (eagerly or inside jit, sharded or not, with any `model.kernels`; tested bit for bit on
+CPUs). Another backend draws the same random bits (threefry is integer arithmetic) and turns them
+into normals with its own float arithmetic, to within rounding.
 
 With threefry's partitionable bits (jax's default) the numbers of a draw depend only on the key
 and each number's flat index: a draw of shape S holds, in order, the first prod(S) numbers of any
