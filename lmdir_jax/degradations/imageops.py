@@ -77,6 +77,30 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
     return out
 
 
+def segment_array(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    count: int,
+    length: float,
+    angle_deg: float,
+    jitter: float = 0.2,
+    angle_jitter: float = 3.0,
+) -> np.ndarray:
+    """int32 (count, 2, 2) end points of random line segments (for cv2.polylines with shift=4) of
+    about `length` px at about `angle_deg` (from the horizontal, counter-clockwise), centred
+    uniformly over the HxW canvas grown by length/2 on each side (so streak density does not drop
+    near the borders)."""
+    h, w = shape
+    u = rng.random((count, 4))
+    m = 0.5 * length
+    centre = u[:, :2] * (w + 2 * m, h + 2 * m) - m
+    half = 0.5 * length * (1.0 + jitter * (2.0 * u[:, 2] - 1.0))
+    ang = np.deg2rad(angle_deg + angle_jitter * (2.0 * u[:, 3] - 1.0))
+    d = np.stack([np.cos(ang) * half, -np.sin(ang) * half], 1)
+    pts = np.stack([centre - d, centre + d], 1) * 16.0
+    return np.round(pts).astype(np.int32)
+
+
 def segments(
     rng: np.random.Generator,
     shape: tuple[int, int],
@@ -86,18 +110,8 @@ def segments(
     jitter: float = 0.2,
     angle_jitter: float = 3.0,
 ) -> list[np.ndarray]:
-    """`count` random line segments (for cv2.polylines with shift=4) of about `length` px at about
-    `angle_deg` (from the horizontal, counter-clockwise), centred uniformly over the HxW canvas
-    grown by length/2 on each side (so streak density does not drop near the borders)."""
-    h, w = shape
-    u = rng.random((count, 4))
-    m = 0.5 * length
-    centre = u[:, :2] * (w + 2 * m, h + 2 * m) - m
-    half = 0.5 * length * (1.0 + jitter * (2.0 * u[:, 2] - 1.0))
-    ang = np.deg2rad(angle_deg + angle_jitter * (2.0 * u[:, 3] - 1.0))
-    d = np.stack([np.cos(ang) * half, -np.sin(ang) * half], 1)
-    pts = np.stack([centre - d, centre + d], 1) * 16.0
-    return list(np.round(pts).astype(np.int32))
+    """`segment_array` as a list of (2, 2) arrays, one per segment."""
+    return list(segment_array(rng, shape, count, length, angle_deg, jitter, angle_jitter))
 
 
 def lerp(lo: float, hi: float, t: float) -> float:
