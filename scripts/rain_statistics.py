@@ -21,7 +21,8 @@ Both sides are measured the same way, from the rain layer L = mean over channels
 
 The real side is `--real DIR` with DIR/degraded/NAME and DIR/clean/NAME. The synthetic side draws
 `rain` on the `--photos` at each of `--severities` and at the training distribution (severity
-uniform in `SEVERITY_RANGE`, one kind, as a `tasks={"rain": 1}` source with mix_prob 0 draws it).
+uniform in `SEVERITY_RANGE`, one kind, as a `tasks={"rain": 1}` source with mix_prob 0 draws it),
+and with `--styles` at the training distribution in each named style alone.
 Prints one table (real vs synthetic: the mean over images, with the across-image standard deviation
 of the angle) and writes every per-image value with the summaries to `--json`.
 """
@@ -40,6 +41,7 @@ import numpy as np
 from lmdir_jax.data.io import read_image
 from lmdir_jax.degradations import degrade
 from lmdir_jax.degradations.mixture import SEVERITY_RANGE
+from lmdir_jax.degradations.rain import STYLES, apply_rain, rain_params
 
 STREAK_THRESHOLD = 0.03  # L above this (about 8/255) is a streak pixel
 MIN_COMPONENT = 4  # pixels; smaller components are ignored for length and width
@@ -229,10 +231,11 @@ def real_statistics(root: Path, max_images: int | None) -> list[dict[str, float]
 
 
 def synthetic_statistics(
-    photos: list[Path], severity: float | None, seed: int
+    photos: list[Path], severity: float | None, seed: int, style: str | None = None
 ) -> list[dict[str, float]]:
     """Per-image statistics of `rain` drawn on each photo at `severity` (None: uniform in
-    SEVERITY_RANGE); photo i uses np.random.default_rng([seed, i])."""
+    SEVERITY_RANGE) in `style` (None: drawn, as in training); photo i uses
+    np.random.default_rng([seed, i])."""
     rows = []
     for i, path in enumerate(photos):
         c = read_image(path)
@@ -240,8 +243,13 @@ def synthetic_statistics(
             continue
         rng = np.random.default_rng([seed, i])
         s = float(rng.uniform(*SEVERITY_RANGE)) if severity is None else severity
-        d, label = degrade(c, "rain", rng, s)
-        rows.append(dict(name=path.name, severity=s, params=label.items[0].params, **pair_statistics(c, d)))
+        if style is None:
+            d, label = degrade(c, "rain", rng, s)
+            params = label.items[0].params
+        else:
+            params = rain_params(rng, s, style)
+            d = apply_rain(c, rng, **params)
+        rows.append(dict(name=path.name, severity=s, params=params, **pair_statistics(c, d)))
     return rows
 
 
@@ -269,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", type=Path, help="clean photos to draw synthetic rain on")
     ap.add_argument("--severities", default="",
                     help="comma-separated severities for extra synthetic columns, e.g. 0.2,0.5,0.9")
+    ap.add_argument("--styles", default="",
+                    help=f"comma-separated rain styles ({', '.join(STYLES)}) for extra columns at the "
+                         "training severities, each style alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-images", type=int, default=None, help="at most this many images per side")
     ap.add_argument("--json", type=Path, help="write the summaries and per-image values here")
@@ -276,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.real is None and args.photos is None:
         ap.error("give --real, --photos or both")
     severities = [float(s) for s in args.severities.split(",") if s.strip()]
+    styles = [s.strip() for s in args.styles.split(",") if s.strip()]
+    if set(styles) - set(STYLES):
+        ap.error(f"--styles: unknown style {sorted(set(styles) - set(STYLES))[0]!r}; valid: {', '.join(STYLES)}")
     per_image: dict[str, list[dict[str, float]]] = {}
     if args.real is not None:
         per_image["real"] = real_statistics(args.real, args.max_images)
@@ -285,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no images in {args.photos}")
         lo, hi = SEVERITY_RANGE
         per_image[f"synthetic U({lo:g}, {hi:g})"] = synthetic_statistics(photos, None, args.seed)
+        for style in styles:
+            per_image[f"{style} U({lo:g}, {hi:g})"] = synthetic_statistics(photos, None, args.seed, style)
         for s in severities:
             per_image[f"synthetic {s:g}"] = synthetic_statistics(photos, s, args.seed)
     summaries = {k: summarise(v) for k, v in per_image.items()}
