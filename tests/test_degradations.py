@@ -187,6 +187,38 @@ def test_rain_and_snow_brighten_and_grow_with_severity():
         assert img.mean() < m[0] < m[1], kind
 
 
+def test_rain_draws_both_styles_and_each_blends_as_documented():
+    """`rain` draws the additive (Rain100L's) and the screen style about half the time each, and
+    records the style. The additive style adds the same light to every channel wherever nothing
+    clips, whatever the colour underneath; the screen style adds less to the brighter channels."""
+    from lmdir_jax.degradations.rain import apply_rain, rain_params
+
+    img = np.empty((64, 80, 3), np.float32)
+    img[...] = (0.1, 0.4, 0.7)  # one colour, channels far apart
+    styles = [degrade(img, "rain", np.random.default_rng(i), 0.5)[1].items[0].params["style"]
+              for i in range(200)]
+    assert set(styles) == {"additive", "screen"} and 70 < styles.count("additive") < 130
+    for style in ("additive", "screen"):
+        gains = []
+        for s in (0.2, 0.9):
+            rng = np.random.default_rng(4)
+            p = rain_params(rng, s, style)
+            assert p["style"] == style
+            out = apply_rain(img, rng, **p)
+            added = out - img
+            assert added.min() >= -1e-6
+            unclipped = (out.max(2) < 1.0) & (added.mean(2) > 0.02)
+            spread = (added[..., 0] - added[..., 2])[unclipped]
+            if style == "additive":
+                assert p["width"] == 1 and np.abs(spread).max() < 1e-5
+            else:  # screen: the dark channel gains more than the bright one
+                assert spread.min() > 0
+            gains.append(float(added.mean()))
+        assert 0 < gains[0] < gains[1], style
+    with pytest.raises(ValueError, match="rain style"):
+        rain_params(np.random.default_rng(0), 0.5, "drizzle")
+
+
 def test_downsample_factor_and_low_pass():
     img = _photo(64, 64)
     errs = []

@@ -82,3 +82,18 @@ def test_script_needs_a_side(stats, tmp_path):
         stats.main(["--json", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="no pairs"):
         stats.main(["--real", str(tmp_path)])
+
+
+def test_styles_get_a_column_each_and_blend_as_they_should(stats, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    for i in range(2):
+        write_image(photos / f"{i:03d}.png", _clean(10 + i, 96, 128))
+    out = tmp_path / "styles.json"
+    assert stats.main(["--photos", str(photos), "--styles", "additive,screen", "--json", str(out)]) == 0
+    assert "| statistic | synthetic U(0.1, 1) | additive U(0.1, 1) | screen U(0.1, 1) |" in capsys.readouterr().out
+    summaries = json.loads(out.read_text())["summaries"]
+    assert abs(summaries["additive U(0.1, 1)"]["blend_exponent"]) < 0.1
+    assert summaries["screen U(0.1, 1)"]["blend_exponent"] > 0.8
+    with pytest.raises(SystemExit) as e:
+        stats.main(["--photos", str(photos), "--styles", "drizzle"])
+    assert e.value.code == 2
