@@ -201,6 +201,45 @@ def test_psnr_loss_is_minus_mean_example_psnr_and_bad_loss_names_fail():
         make_train_step(c, None)
 
 
+def test_mislead_tells_only_wrong_kinds():
+    """`priors.wrong_degradation`: the chosen examples get a vocabulary entry naming none of their
+    kinds ('no degradation' only for a degraded one), the others keep their text, exactly."""
+    import jax.numpy as jnp
+
+    from lmdir_jax.degradations.label import KIND_INDEX, KINDS, vocabulary
+    from lmdir_jax.train.step import mislead, vocabulary_kinds
+
+    vocab = vocabulary()
+    kinds = vocabulary_kinds(vocab)
+    assert kinds.sum() == len(KINDS) and not kinds[0].any()  # 'clean' names no kind
+    k, t, d, b = len(vocab), 5, 4, 400
+    states = jnp.arange(k, dtype=jnp.float32)[:, None, None] + jnp.zeros((k, t, d))  # entry id
+    masks = jnp.ones((k, t), bool)
+    vector = np.zeros((b, len(KINDS)), np.float32)
+    vector[0::3, KIND_INDEX["rain"]] = 0.5
+    vector[1::3, KIND_INDEX["noise"]] = 0.5
+    vector[1::3, KIND_INDEX["haze"]] = 0.3  # a mixture; rows 2::3 are clean
+    own = jnp.full((b, t, d), -1.0)
+    own_mask = jnp.zeros((b, t), bool).at[:, 0].set(True)
+    out, out_mask = mislead(own, own_mask, jnp.asarray(vector), (states, masks, kinds),
+                            jax.random.key(0), 0.5)
+    entry = np.asarray(out)[:, 0, 0]
+    told = entry >= 0
+    assert 0.35 < told.mean() < 0.65  # about the ratio
+    for i in np.flatnonzero(told):
+        name = vocab[int(entry[i])][0]
+        present = {KINDS[j] for j in np.flatnonzero(vector[i])}
+        assert name not in present and (name != "clean" or present), (i, name, present)
+        assert np.asarray(out_mask)[i].all()
+    kept = ~told
+    np.testing.assert_array_equal(np.asarray(out)[kept], np.asarray(own)[kept])
+    np.testing.assert_array_equal(np.asarray(out_mask)[kept], np.asarray(own_mask)[kept])
+    names = {vocab[int(e)][0] for e in entry[told]}
+    assert {"clean", "haze", "blur", "jpeg"} <= names  # every wrong entry can be drawn
+    same, _ = mislead(own, own_mask, jnp.asarray(vector), (states, masks, kinds), jax.random.key(0), 0.0)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(own))
+
+
 def _start(workdir: Path, cache: Path, extra: list[str] = (), **env: str) -> subprocess.Popen:
     """`lmdir train` in the background, progress lines on stderr (a pipe: no redraws)."""
     cmd = [sys.executable, "-m", "lmdir_jax.cli", "train", "--config", "tiny",

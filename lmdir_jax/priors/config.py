@@ -34,6 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Training: probability of using the automatic (CLIP zero-shot) degradation prior instead of
     # the synthesis label's text (teacher forcing).
     c.auto_ratio = 0.0
+    # Training: probability of telling an example a wrong kind's noun instead of its label's text,
+    # so that the network checks the text against the image (an automatic mode's controller is
+    # sometimes wrong on real photos; train.step.mislead).
+    c.wrong_degradation = 0.0
     # Training-time prior dropout: each prior is masked with this probability.
     c.drop_degradation = 0.1
     c.drop_scene = 0.1

@@ -4,7 +4,8 @@
 Degradation prior: the batch's label text is tokenized on the host (`deg_ids`, `deg_tmask`) and the
 frozen CLIP text tower runs inside the step on `clip_params` (an argument that is never
 differentiated); with `priors.auto_ratio > 0` that fraction of examples uses the CLIP image tower's
-zero-shot weighted states instead. Without CLIP the degradation and scene priors are masked.
+zero-shot weighted states instead, and with `priors.wrong_degradation > 0` that fraction is told a
+wrong kind's noun (`mislead`). Without CLIP the degradation and scene priors are masked.
 The labels' kind weights (`deg_vector`) enter as `Priors.deg_weights` (PIP's prompt weights), and
 with `model.prompt_module = "pip"` the loss adds `train.pip_orthogonality` times PIP's
 orthogonality regulariser on its degradation prompts.
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lmdir_jax.degradations.label import KIND_INDEX, KINDS
 from lmdir_jax.models.priors import Priors, drop_priors, kind_weights
 from lmdir_jax.train.state import TrainSetup, learning_rate_schedule, schedule_length
 
@@ -29,6 +31,48 @@ from lmdir_jax.train.state import TrainSetup, learning_rate_schedule, schedule_l
 def step_key(seed: int, step: jax.Array) -> jax.Array:
     """The PRNG key of a step, a pure function of (seed, step): resumed runs draw the same."""
     return jax.random.fold_in(jax.random.key(int(seed)), step)
+
+
+def vocabulary_kinds(vocab: list[tuple[str, str]]) -> np.ndarray:
+    """(K, len(KINDS)) float32: row k is 1 at the kind vocabulary entry k names (all zero for 'clean'
+    or a kind `degradations.label` does not know)."""
+    rows = np.zeros((len(vocab), len(KINDS)), np.float32)
+    for k, (name, _) in enumerate(vocab):
+        if name in KIND_INDEX:
+            rows[k, KIND_INDEX[name]] = 1.0
+    return rows
+
+
+def mislead(
+    deg_states: jax.Array,
+    deg_mask: jax.Array,
+    deg_vector: jax.Array,
+    bank: tuple[jax.Array, jax.Array, np.ndarray],
+    key: jax.Array,
+    ratio: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Tell a `ratio` of the examples a wrong degradation: the conditioning text of a vocabulary
+    entry that names none of the example's kinds (`deg_vector` (B, len(KINDS)) > 0), 'no
+    degradation' included for a degraded example, never for a clean one.
+
+    An automatic mode's controller is sometimes wrong on real photos (rain named haze); a network
+    that never saw a wrong text follows it and dehazes a rainy photo. Trained with some, it learns
+    to check the text against the pixels. `bank` is (states (K, T, D), mask (K, T), kinds (K,
+    len(KINDS)) from `vocabulary_kinds`); T must equal the batch's text length.
+    """
+    states, mask, kinds = bank
+    b = deg_states.shape[0]
+    present = (deg_vector > 0).astype(jnp.float32)  # (B, KINDS)
+    names_kind = jnp.asarray(kinds.sum(-1) > 0)  # (K,) False for 'clean'
+    overlap = present @ jnp.asarray(kinds).T  # (B, K)
+    degraded = jnp.any(present > 0, axis=-1)
+    wrong = (overlap == 0) & (names_kind[None] | degraded[:, None])
+    k_use, k_pick = jax.random.split(key)
+    pick = jax.random.categorical(k_pick, jnp.where(wrong, 0.0, -jnp.inf), axis=-1)  # (B,)
+    use = (jax.random.uniform(k_use, (b,)) < ratio) & jnp.any(wrong, axis=-1)
+    deg_states = jnp.where(use[:, None, None], states[pick].astype(deg_states.dtype), deg_states)
+    deg_mask = jnp.where(use[:, None], mask[pick], deg_mask)
+    return deg_states, deg_mask
 
 
 def build_priors(config, batch: dict, clip: Any, clip_params: Any, key: jax.Array) -> Priors:
@@ -46,6 +90,12 @@ def build_priors(config, batch: dict, clip: Any, clip_params: Any, key: jax.Arra
             use_auto = jax.random.uniform(key, (b,)) < ratio
             deg_states = jnp.where(use_auto[:, None, None], auto_states, deg_states)
             deg_mask = jnp.where(use_auto[:, None], auto_mask, deg_mask)
+        wrong = float(config.priors.get("wrong_degradation", 0.0))
+        if wrong > 0 and "deg_vector" in batch:
+            _, states, masks = clip.degradation_bank()
+            bank = (states, masks, vocabulary_kinds(clip.degradation_vocab))
+            deg_states, deg_mask = mislead(deg_states, deg_mask, batch["deg_vector"], bank,
+                                           jax.random.fold_in(key, 1), wrong)
     else:
         deg_states = jnp.zeros((b, 1, d), jnp.float32)
         deg_mask = jnp.zeros((b, 1), bool)
@@ -131,7 +181,7 @@ def make_train_step(config, setup: TrainSetup, clip: Any = None) -> Callable:
     schedule = learning_rate_schedule(config.train)
     orthogonality = (float(config.train.get("pip_orthogonality", 0.0))
                      if str(config.model.get("prompt_module", "lmdir")) == "pip" else 0.0)
-    if clip is not None and float(pc.auto_ratio) > 0:
+    if clip is not None and (float(pc.auto_ratio) > 0 or float(pc.get("wrong_degradation", 0)) > 0):
         clip.degradation_bank()  # computed eagerly once; enters the step as a constant
 
     def train_step(state: dict, batch: dict, clip_params: Any):
