@@ -38,7 +38,9 @@ def get_config():
     c.model.ref_dim = 16
     c.model.text_dim = 32
     c.model.prompt_dim = 32
-    c.priors.drop_degradation = 0.3
+    # Evaluated blind (the protocol), so half of the examples train without their degradation
+    # text: at 0.3 the network dehazed only when told (SOTS sample blind 18.33 dB, told 28.65).
+    c.priors.drop_degradation = 0.5
     c.train.steps = 7000  # about an hour on 2 CPU cores (468 ms per step in `lmdir bench train`)
     c.train.lr = 2e-3
     c.train.min_lr_ratio = 0.05
