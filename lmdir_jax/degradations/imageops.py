@@ -101,19 +101,6 @@ def segment_array(
     return np.round(pts).astype(np.int32)
 
 
-def segments(
-    rng: np.random.Generator,
-    shape: tuple[int, int],
-    count: int,
-    length: float,
-    angle_deg: float,
-    jitter: float = 0.2,
-    angle_jitter: float = 3.0,
-) -> list[np.ndarray]:
-    """`segment_array` as a list of (2, 2) arrays, one per segment."""
-    return list(segment_array(rng, shape, count, length, angle_deg, jitter, angle_jitter))
-
-
 def lerp(lo: float, hi: float, t: float) -> float:
     """lo + (hi - lo) * t."""
     return float(lo + (hi - lo) * t)

@@ -18,6 +18,8 @@ ADDITIVE_SHARE of the images get the additive style.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 
@@ -37,17 +39,16 @@ LENGTH_JITTER = 0.6  # each streak's length varies by +-60%
 SOFTNESS = 0.6  # Gaussian sigma (px) that softens the drawn streaks
 
 
-class _Style:
+class _Style(NamedTuple):
     """The constants of one style (module doc)."""
 
-    def __init__(self, density, length, intensity, max_tilt, angle_jitter, levels, pieces):
-        self.density = density  # (low, high) streaks per pixel over severity
-        self.length = length  # (low, high) px
-        self.intensity = intensity  # (low, high) brightest streak's light
-        self.max_tilt = max_tilt  # degrees away from vertical
-        self.angle_jitter = angle_jitter  # degrees, per streak
-        self.levels = levels  # relative brightness of the streak pieces
-        self.pieces = pieces  # pieces per streak, each at its own level
+    density: tuple[float, float]  # streaks per pixel over severity
+    length: tuple[float, float]  # px
+    intensity: tuple[float, float]  # the brightest streak's light
+    max_tilt: float  # degrees away from vertical
+    angle_jitter: float  # degrees, per streak
+    levels: tuple[float, ...]  # relative brightness of the streak pieces
+    pieces: int  # pieces per streak, each at its own level
 
 
 SCREEN = _Style(density=(0.0006, 0.01), length=(10.0, 36.0), intensity=(0.45, 0.9), max_tilt=20.0,

@@ -10,7 +10,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from lmdir_jax.degradations.imageops import as_float_image, clamp01, clip01, lerp, screen, segments
+from lmdir_jax.degradations.imageops import (
+    as_float_image,
+    clamp01,
+    clip01,
+    lerp,
+    screen,
+    segment_array,
+)
 from lmdir_jax.degradations.label import Label
 
 SMALL_DENSITY_RANGE = (0.002, 0.012)  # small flakes per pixel
@@ -37,7 +44,7 @@ def snow_layer(
         (small_density, small_size, (0.7, 0.9)),
         (large_density, large_size, (0.85, 1.0)),
     ):
-        segs = segments(rng, shape, int(rng.poisson(dens * area)), fall_length, angle, 0.5, 10.0)
+        segs = list(segment_array(rng, shape, int(rng.poisson(dens * area)), fall_length, angle, 0.5, 10.0))
         for g, level in enumerate(levels):
             if segs[g::2]:
                 cv2.polylines(layer, segs[g::2], False, level, int(size), cv2.LINE_AA, 4)
