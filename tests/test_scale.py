@@ -232,6 +232,17 @@ def test_sharded_init_in_jit_follows_axis_rules_whatever_the_mesh(one_device_sta
     for built in (eager, eager1):
         for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(one_device_state), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # train.state_creation picks the path: "jit" is the sharded program above, "auto" on CPUs and
+    # with one process is eager; anything else is one line (UsageError).
+    assert state_lib.creation_in_jit(config, mesh) is False
+    config.train.state_creation = "jit"
+    assert state_lib.creation_in_jit(config, mesh) is True
+    config.train.state_creation = "eager"
+    assert state_lib.creation_in_jit(config, mesh) is False
+    config.train.state_creation = "sharded"
+    with pytest.raises(UsageError, match="train.state_creation must be one of auto, jit, eager"):
+        state_lib.init_state(config, setup)
+    config.train.state_creation = "auto"
     # Another rule table: 'mlp' replicated, 'embed' (kernel inputs) split over fsdp instead.
     config.train.axis_rules = (("layers", None), ("embed", "fsdp"), ("mlp", None), ("heads", None))
     spec = state_lib.make_setup(config, mesh).shardings["model"]["prompt"]["mlp_in"]["kernel"]

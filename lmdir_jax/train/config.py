@@ -27,6 +27,11 @@ def default_config() -> ml_collections.ConfigDict:
     # 0.002 x its 0.01-scaled cosine loss, i.e. 2e-5 x models.pip.orthogonality.
     c.pip_orthogonality = 2e-5
     c.ema_decay = 0.0  # 0 = no EMA parameters
+    # How the train state is created (`train.state.init_state`): "jit" (one sharded program: no
+    # host holds a whole parameter; compiling it takes over a minute for the paper config),
+    # "eager" (drawn on the host, then placed; seconds), or "auto": jit only with several
+    # processes on accelerators.
+    c.state_creation = "auto"
     c.mesh_data = -1  # -1 = all devices (divided by mesh_fsdp)
     c.mesh_fsdp = 1
     # Logical axis names of the model's parameters -> mesh axes ('data', 'fsdp' or None =

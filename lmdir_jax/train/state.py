@@ -122,6 +122,19 @@ def make_setup(config, mesh, model_fn: Callable[[], nnx.Module] | None = None) -
     )
 
 
+STATE_CREATION = ("auto", "jit", "eager")
+
+
+def creation_in_jit(config, mesh: jax.sharding.Mesh) -> bool:
+    """Whether `init_state` creates the state in one jitted program (`train.state_creation`)."""
+    mode = str(config.train.get("state_creation", "auto"))
+    if mode not in STATE_CREATION:
+        raise UsageError(f"train.state_creation must be one of {', '.join(STATE_CREATION)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "jit"
+    return jax.process_count() > 1 and any(d.platform != "cpu" for d in mesh.devices.flat)
+
+
 def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | None = None,
                in_jit: bool | None = None) -> dict:
     """A freshly initialised train state, created in its sharded layout.
@@ -130,13 +143,14 @@ def init_state(config, setup: TrainSetup, model_fn: Callable[[], nnx.Module] | N
     outputs have the setup's shardings, so every device computes only its own shards and no
     parameter is ever whole on one host. in_jit=False: built eagerly and then placed
     (`mesh.place_identical`). Both draw the same numbers for a seed (`models.initializers`). The
-    default (None) jits on accelerators and builds eagerly when every device is a CPU: there the
-    parameters live in host memory anyway, and XLA:CPU compiles the one creation program of even
-    the tiny config far slower than the eager draws run.
+    default (None) follows `train.state_creation`: "jit", "eager", or "auto", which jits only when
+    several processes share the mesh on accelerators. The one creation program is slow to compile
+    (the paper config's state: 91 s on a 2-core CPU and 71 s on an H200, against 21 s eagerly on
+    the CPU; docs/benchmarks.md), and with one process the whole state is that process's anyway.
     """
     model_fn = model_fn or (lambda: build_model(config))
     if in_jit is None:
-        in_jit = any(d.platform != "cpu" for d in setup.mesh.devices.flat)
+        in_jit = creation_in_jit(config, setup.mesh)
     if not in_jit:
         return mesh_lib.place_identical(_create(config, model_fn)[2], setup.shardings)
 
