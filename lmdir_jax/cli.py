@@ -122,11 +122,13 @@ def log_to_stderr() -> None:
 
 
 def console() -> None:
-    """The `lmdir` console script: `main` in a process with a faster malloc (`runtime`)."""
-    from lmdir_jax.runtime import reexec_with_fast_malloc
+    """The `lmdir` console script: `main` in a process with a faster malloc and XLA's persistent
+    compilation cache (`runtime`)."""
+    from lmdir_jax.runtime import enable_compile_cache, reexec_with_fast_malloc
 
     reexec_with_fast_malloc(["-m", "lmdir_jax.cli", *sys.argv[1:]])
     log_to_stderr()
+    enable_compile_cache()
     sys.exit(main())
 
 

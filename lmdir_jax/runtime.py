@@ -20,11 +20,16 @@ Frozen priors in bfloat16 run their matrix products in float32 on CPUs: XLA conv
 before its product, and XLA:CPU's default scheduler, which orders work for concurrency, converts them
 all up front: a float32 copy of the whole network beside the bf16 one. `schedule_cpu_for_memory`
 switches that scheduler to the one that orders work for peak memory (`lmdir priors` commands).
+
+Compiled programs persist between `lmdir` processes (`enable_compile_cache`): a resumed run, a
+second `lmdir train` in a notebook or a repeated `lmdir restore` loads its step from XLA's cache
+instead of compiling it again (docs/training.md, "Compilation cache").
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import importlib.util
 import os
 import subprocess
 import sys
@@ -38,6 +43,8 @@ TCMALLOC_REPORT = ("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 PROC_STAT = "/proc/stat"
 MEMORY_SCHEDULE = "xla_cpu_enable_concurrency_optimized_scheduler"  # an XLA flag; false: memory first
+COMPILE_CACHE = "LMDIR_COMPILE_CACHE"  # a folder, or "0" for none; jax's own variable wins
+COMPILE_CACHE_BYTES = 2 << 30  # the size lmdir's own cache folder is kept under
 MIN_TICKS = 200  # CPU ticks (all CPUs together) below which benchmarks print no stolen share
 
 
@@ -197,3 +204,47 @@ def schedule_cpu_for_memory(environ: dict[str, str] | None = None) -> bool:
         return False
     env["XLA_FLAGS"] = wanted
     return True
+
+
+def compile_cache_dir(environ: dict[str, str]) -> str | None:
+    """The folder `enable_compile_cache` uses: jax's own `JAX_COMPILATION_CACHE_DIR` when set,
+    else `LMDIR_COMPILE_CACHE` ("0" or empty: none), else `$XDG_CACHE_HOME/lmdir/xla`
+    (`~/.cache/lmdir/xla`)."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    path = environ.get(COMPILE_CACHE)
+    if path is not None:
+        return None if path.strip() in ("", "0") else path
+    home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "lmdir", "xla")
+
+
+def enable_compile_cache(environ: dict[str, str] | None = None) -> str | None:
+    """Keep XLA's compiled programs (those that took >= 1 s to compile) in `compile_cache_dir` so
+    that the next process with the same program, shapes, jax version and flags skips compiling it.
+    The folder is made here; one that cannot be made leaves the cache off. lmdir's own folder is
+    kept under 2 GiB (least recently used entries go first). Returns the folder."""
+    env = dict(os.environ) if environ is None else environ
+    path = compile_cache_dir(env)
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    if not env.get("JAX_COMPILATION_CACHE_DIR") and importlib.util.find_spec("filelock") is not None:
+        # lmdir's own folder (not one the user gave jax) stays under COMPILE_CACHE_BYTES.
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+    return path
+
+
+def compile_cache_note() -> str:
+    """'compilation cache DIR' or 'no compilation cache', for benchmark lines that time a compile
+    (a program found in the cache skips XLA's compilation)."""
+    import jax
+
+    path = jax.config.jax_compilation_cache_dir
+    return f"compilation cache {path}" if path else "no compilation cache"

@@ -184,3 +184,30 @@ def test_cpu_schedule_leaves_a_users_flag_and_a_started_backend_alone():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert runtime.schedule_cpu_for_memory(env) is False
     assert env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def test_compile_cache_folder_follows_the_environment():
+    """jax's own variable wins; LMDIR_COMPILE_CACHE names a folder or ("0", empty) none; else the
+    user's cache folder."""
+    jax_dir = {"JAX_COMPILATION_CACHE_DIR": "/j", runtime.COMPILE_CACHE: "/l"}
+    assert runtime.compile_cache_dir(jax_dir) == "/j"
+    assert runtime.compile_cache_dir({runtime.COMPILE_CACHE: "/l"}) == "/l"
+    assert runtime.compile_cache_dir({runtime.COMPILE_CACHE: "0"}) is None
+    assert runtime.compile_cache_dir({runtime.COMPILE_CACHE: ""}) is None
+    assert runtime.compile_cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/lmdir/xla"
+    # "0", or a folder that cannot be made, leaves the cache off (and jax's setting untouched).
+    assert runtime.enable_compile_cache({runtime.COMPILE_CACHE: "0"}) is None
+    assert runtime.enable_compile_cache({runtime.COMPILE_CACHE: "/proc/no/such/folder"}) is None
+
+
+def test_console_script_keeps_compiled_steps_for_the_next_process(tmp_path):
+    """`lmdir` (the console script) writes the compiled train step to the user's cache folder and
+    says so beside the compile time it prints."""
+    env = {k: v for k, v in _clean_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # however fast this machine compiles
+    cmd = [sys.executable, "-m", "lmdir_jax.cli", "bench", "train", "--config", "tiny", "--compile-only"]
+    folder = tmp_path / "xdg" / "lmdir" / "xla"
+    out = subprocess.run(cmd, env={**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}, check=True,
+                         capture_output=True, text=True).stdout
+    assert any(p.name.startswith("jit_train_step") for p in folder.iterdir())
+    assert f"s of CPU time; compilation cache {folder})" in out

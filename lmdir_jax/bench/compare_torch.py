@@ -34,7 +34,7 @@ from lmdir_jax.export import check
 from lmdir_jax.export.convert import flax_to_torch_state, model_config_dict
 from lmdir_jax.models import build_model
 from lmdir_jax.models.priors import Priors
-from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
+from lmdir_jax.runtime import compile_cache_note, cpu_times, malloc_note, steal_note
 
 
 def register(bsub) -> None:
@@ -154,7 +154,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     jax.block_until_ready(jax_step(params, lq_j, gt_j, priors))
     jax_compile = time.perf_counter() - t0
-    print(f"  jax first step (compile): {jax_compile:.1f} s", flush=True)
+    print(f"  jax first step (compile): {jax_compile:.1f} s ({compile_cache_note()})", flush=True)
     jax_timer = _Timer(lambda: jax.block_until_ready(jax_step(params, lq_j, gt_j, priors)), "jax")
     # Each framework is timed in blocks of steps, JAX first, with a pause between: JAX steps taken
     # in turn with PyTorch's one by one ran up to 1.8x slower on a 2-core CPU (docs/benchmarks.md).

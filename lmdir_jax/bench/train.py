@@ -18,7 +18,7 @@ from lmdir_jax.axes import DATA, FSDP
 from lmdir_jax.config import load_config
 from lmdir_jax.errors import UsageError
 from lmdir_jax.models.backend import kernels_of
-from lmdir_jax.runtime import cpu_times, malloc_note, steal_note
+from lmdir_jax.runtime import compile_cache_note, cpu_times, malloc_note, steal_note
 from lmdir_jax.train import mesh as mesh_lib
 from lmdir_jax.train import state as state_lib
 from lmdir_jax.train import step as step_lib
@@ -112,7 +112,7 @@ def run(args) -> int:
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     flops = float((cost or {}).get("flops", float("nan")))
-    print(f"compile {t_compile:.1f} s ({c_compile:.1f} s of CPU time)")
+    print(f"compile {t_compile:.1f} s ({c_compile:.1f} s of CPU time; {compile_cache_note()})")
     print(memory_line(compiled), flush=True)
     if args.compile_only:
         return 0
