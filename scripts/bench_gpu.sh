@@ -2,11 +2,12 @@
 # GPU benchmarks of docs/benchmarks.md ("GPU"), in the order they matter; each step has its own time
 # limit, so one slow step leaves the others' numbers. Logs go to $OUT (default bench-gpu/).
 #
-#   scripts/bench_gpu.sh [STEPS...]      STEPS: train torch remat eager scan-off (default: train torch)
+#   scripts/bench_gpu.sh [STEPS...]      STEPS: torch train remat eager scan-off (default: torch train)
 #
-# train:    lmdir bench train, paper config, bf16, batch 32 x 128^2, scanned blocks
 # torch:    lmdir bench compare-torch, paper config, bf16 (JAX bf16 compute | PyTorch bf16 autocast +
-#           torch.compile), batch 8 x 128^2
+#           torch.compile), batch 8 x 128^2: JAX's step and the baseline in one command (on an H200
+#           JAX's first step alone compiles for 2 minutes; docs/benchmarks.md, "GPU")
+# train:    lmdir bench train, paper config, bf16, batch 32 x 128^2, scanned blocks
 # remat:    XLA memory analysis of the paper step at batch 8 x 256^2, remat none and block
 # eager:    compare-torch as `torch`, PyTorch without torch.compile
 # scan-off: compile time of the paper step with unrolled blocks (slow: minutes)
@@ -16,7 +17,7 @@ mkdir -p "$OUT"
 LMDIR=${LMDIR:-"python3 -m lmdir_jax.cli"}
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(train torch)
+[ ${#steps[@]} -eq 0 ] && steps=(torch train)
 
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.txt
     local name=$1 limit=$2
@@ -33,8 +34,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
 
 for s in "${steps[@]}"; do
     case $s in
-    train) step train 600 $LMDIR bench train --config paper --steps 20 --warmup 3 ;;
-    torch) step torch 600 $LMDIR bench compare-torch --config paper --dtype bfloat16 --compile \
+    train) step train 300 $LMDIR bench train --config paper --steps 20 --warmup 3 ;;
+    torch) step torch 420 $LMDIR bench compare-torch --config paper --dtype bfloat16 --compile \
                --size 128 --batch 8 --steps 10 --warmup 3 --rounds 3 ;;
     remat) for r in none block; do
                step remat 150 $LMDIR bench train --config paper --compile-only --config.data.batch_size=8 \
