@@ -219,6 +219,39 @@ def test_bad_task_weights(source):
     for bad in (dict(read_threads=0), dict(prefetch=-1)):
         with pytest.raises(UsageError, match="read_threads"):
             make_train_iterator(_config(**bad), source=source, process_index=0, process_count=1)
+    with pytest.raises(UsageError, match=r"data.rain_additive_share must be in \[0, 1\], got 1.5"):
+        make_train_iterator(_config(rain_additive_share=1.5), source=source, process_index=0,
+                            process_count=1)
+
+
+def test_rain_style_share_reaches_sampled_and_spec_examples():
+    """`data.rain_additive_share` sets the rain style of every training example, sampled or from a
+    source's fixed specs: 0 gives only the screen style, 1 only the additive one. On a one-colour
+    patch the additive style adds the same light to each channel, the screen style more to the
+    darker ones (degradations/rain.py)."""
+    from lmdir_jax.data.pipeline import TrainTransform
+    from lmdir_jax.data.sources import SourceSpec
+
+    clean = np.empty((48, 48, 3), np.float32)
+    clean[...] = (0.1, 0.4, 0.7)
+    item = {"clean": clean, "key": "a"}
+    specs = SourceSpec(name="rain", path=".", weight=1.0, specs=("rain:0.5", "rain:heavy"))
+    for share in (0.0, 1.0):
+        data = _config(rain_additive_share=share, mix_prob=0.0, patch_size=48).data
+        data.tasks = {"rain": 1.0}
+        for transform in (TrainTransform(data), TrainTransform(data, source=specs)):
+            spread = []
+            for i in range(8):
+                out = transform(item, np.random.default_rng(i))
+                added = out["lq"] - out["gt"]
+                lit = (out["lq"].max(2) < 1.0) & (added.mean(2) > 0.02)
+                spread.append((added[..., 0] - added[..., 2])[lit])
+            spread = np.concatenate(spread)
+            assert spread.size > 20
+            if share == 1.0:
+                assert np.abs(spread).max() < 1e-5
+            else:
+                assert spread.min() > 0
 
 
 def test_eval_pairs_clean_folder_is_deterministic(folder):

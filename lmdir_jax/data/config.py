@@ -28,6 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.tasks = ml_collections.ConfigDict(
         dict(noise=1.0, blur=1.0, jpeg=1.0, rain=1.0, haze=1.0, lowlight=1.0, downsample=1.0, snow=0.0)
     )
+    # The share of rain examples drawn in the additive style, thin grey streaks like Rain100L's;
+    # the others are the heavy screen-blended style (lmdir_jax/degradations/rain.py).
+    c.rain_additive_share = 0.5
     c.mix_prob = 0.3  # probability an example gets a mixture of 2..max_kinds kinds
     c.max_kinds = 3
     # Probability that a training example's degradation text is a random phrasing of its label

@@ -37,6 +37,7 @@ from lmdir_jax.data.sources import (
 )
 from lmdir_jax.degradations import apply_spec, parse_spec, sample_degradation
 from lmdir_jax.degradations.label import kinds_in_text
+from lmdir_jax.degradations.rain import ADDITIVE_SHARE
 from lmdir_jax.errors import UsageError
 
 log = logging.getLogger("lmdir_jax.data")
@@ -151,6 +152,12 @@ def _source_seed(seed: int, name: str) -> int:
     return int(np.random.SeedSequence([int(seed), zlib.crc32(name.encode())]).generate_state(1)[0])
 
 
+def kind_options(data_config) -> dict[str, dict[str, float]]:
+    """The degradation kinds' keyword options a data config sets (`mixture.KindOptions`): rain's
+    share of the additive (Rain100L) style, `data.rain_additive_share`."""
+    return {"rain": {"additive_share": float(data_config.get("rain_additive_share", ADDITIVE_SHARE))}}
+
+
 class TrainTransform:
     """random_map function: crop, augment and degrade one source item into a training example.
 
@@ -167,6 +174,7 @@ class TrainTransform:
         self.mix_prob = float(data_config.mix_prob)
         self.max_kinds = int(data_config.max_kinds)
         self.random_phrasing = float(data_config.get("random_phrasing", 0.0))
+        self.kind_options = kind_options(data_config)
         self.paired_text = str(data_config.get("paired_text", ""))
         self.priors = priors
         self.source, self.source_id = source, int(source_id)
@@ -193,9 +201,10 @@ class TrainTransform:
             gt = np.ascontiguousarray(gt, dtype=np.float32)
             if self.specs:
                 items = self.specs[int(rng.integers(len(self.specs)))]
-                lq, label = apply_spec(gt, items, rng)
+                lq, label = apply_spec(gt, items, rng, self.kind_options)
             else:
-                lq, label = sample_degradation(gt, rng, self.weights, self.mix_prob, self.max_kinds)
+                lq, label = sample_degradation(gt, rng, self.weights, self.mix_prob, self.max_kinds,
+                                               self.kind_options)
             vector = np.asarray(label.vector(), np.float32)
             text = label.text(rng) if rng.random() < self.random_phrasing else label.text()
         out = {
@@ -236,6 +245,9 @@ def _validate(config, process_count: int) -> int:
             f"data.read_threads must be >= 1 and data.prefetch >= 0, got {d.read_threads} and {d.prefetch}"
         )
     _check_tasks({k: float(v) for k, v in dict(d.tasks).items()}, "data.tasks")
+    share = kind_options(d)["rain"]["additive_share"]
+    if not 0.0 <= share <= 1.0:
+        raise UsageError(f"data.rain_additive_share must be in [0, 1], got {share:g}")
     for spec in source_specs(d):
         if spec.tasks:
             _check_tasks(dict(spec.tasks), f"data.sources.{spec.name}.tasks")

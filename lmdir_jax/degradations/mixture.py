@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,9 @@ from lmdir_jax.degradations.rain import rain
 from lmdir_jax.degradations.resample import downsample
 from lmdir_jax.degradations.snow import snow
 
-DegradeFn = Callable[[np.ndarray, np.random.Generator, float], tuple[np.ndarray, Label]]
+DegradeFn = Callable[..., tuple[np.ndarray, Label]]  # (image, rng, severity, **options)
+# Per-kind keyword options of the kind functions, e.g. {"rain": {"additive_share": 0.7}}.
+KindOptions = Mapping[str, Mapping[str, Any]]
 
 KIND_FUNCTIONS: dict[str, DegradeFn] = {
     "rain": rain,
@@ -36,18 +39,20 @@ MIXTURE_SEVERITY_RANGE = (0.1, 0.8)  # milder per kind when several are combined
 
 
 def degrade(
-    image: np.ndarray, kind: str, rng: np.random.Generator, severity: float
+    image: np.ndarray, kind: str, rng: np.random.Generator, severity: float,
+    options: KindOptions | None = None,
 ) -> tuple[np.ndarray, Label]:
-    """Apply one kind by name at a severity in [0, 1]."""
+    """Apply one kind by name at a severity in [0, 1], with its keyword `options` if any."""
     if kind not in KIND_FUNCTIONS:
         raise ValueError(f"unknown degradation kind {kind!r}; valid: {', '.join(KINDS)}")
-    return KIND_FUNCTIONS[kind](image, rng, severity)
+    return KIND_FUNCTIONS[kind](image, rng, severity, **(options or {}).get(kind, {}))
 
 
 def apply_kinds(
     image: np.ndarray,
     rng: np.random.Generator,
     kinds: Mapping[str, float] | Sequence[tuple[str, float]],
+    options: KindOptions | None = None,
 ) -> tuple[np.ndarray, Label]:
     """Apply several (kind, severity) pairs in `KINDS` order, whatever the order given."""
     pairs = list(kinds.items()) if isinstance(kinds, Mapping) else list(kinds)
@@ -55,7 +60,7 @@ def apply_kinds(
     out = as_float_image(image)
     labels = []
     for kind, sev in pairs:
-        out, lab = degrade(out, kind, rng, sev)
+        out, lab = degrade(out, kind, rng, sev, options)
         labels.append(lab)
     if not labels:
         out = out.copy()
@@ -87,9 +92,10 @@ def sample_degradation(
     weights: Mapping[str, float],
     mix_prob: float = 0.3,
     max_kinds: int = 3,
+    options: KindOptions | None = None,
 ) -> tuple[np.ndarray, Label]:
     """A random training degradation: kinds by `sample_kinds`, each at a uniform random severity
-    (0.1-1 alone, 0.1-0.8 in a mixture), applied in `KINDS` order."""
+    (0.1-1 alone, 0.1-0.8 in a mixture), applied in `KINDS` order with their `options`."""
     kinds = sample_kinds(rng, weights, mix_prob, max_kinds)
     lo, hi = SEVERITY_RANGE if len(kinds) == 1 else MIXTURE_SEVERITY_RANGE
-    return apply_kinds(image, rng, [(k, float(rng.uniform(lo, hi))) for k in kinds])
+    return apply_kinds(image, rng, [(k, float(rng.uniform(lo, hi))) for k in kinds], options)

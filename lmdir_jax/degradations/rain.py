@@ -13,7 +13,8 @@ Parameters: style, density (streaks per pixel), length (px), angle (degrees from
 is vertical), width (px) and intensity (the brightest streak's light). Each streak's length varies
 by +-60%; a Gaussian blur (sigma 0.6 px) softens the streaks. Severity raises density, length and
 intensity (and the screen style's width) together. `rain:S` in a spec is severity S in [0, 1];
-ADDITIVE_SHARE of the images get the additive style.
+a share `additive_share` of the images (default ADDITIVE_SHARE; in training `data.rain_additive_share`)
+get the additive style.
 """
 
 from __future__ import annotations
@@ -120,11 +121,13 @@ def apply_rain(
     return np.minimum(out, 1.0, out=out)  # the layer is >= 0: only 1 can be exceeded
 
 
-def rain_params(rng: np.random.Generator, severity: float, style: str | None = None) -> dict:
-    """Draw rain parameters for a severity in [0, 1] (the style too unless given)."""
+def rain_params(rng: np.random.Generator, severity: float, style: str | None = None,
+                additive_share: float = ADDITIVE_SHARE) -> dict:
+    """Draw rain parameters for a severity in [0, 1]; the style too unless given (additive with
+    probability `additive_share`)."""
     s = clamp01(severity)
     if style is None:
-        style = "additive" if rng.random() < ADDITIVE_SHARE else "screen"
+        style = "additive" if rng.random() < additive_share else "screen"
     st = _style(style)
     width = int(1 + (rng.random() < 0.05 + 0.35 * s)) if style == "screen" else 1
     return dict(
@@ -137,7 +140,8 @@ def rain_params(rng: np.random.Generator, severity: float, style: str | None = N
     )
 
 
-def rain(image: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, Label]:
+def rain(image: np.ndarray, rng: np.random.Generator, severity: float,
+         additive_share: float = ADDITIVE_SHARE) -> tuple[np.ndarray, Label]:
     """Rain streaks at the given severity (style and parameters drawn by `rain_params`)."""
-    p = rain_params(rng, severity)
+    p = rain_params(rng, severity, additive_share=additive_share)
     return apply_rain(image, rng, **p), Label.single("rain", clamp01(severity), **p)

@@ -18,7 +18,7 @@ from lmdir_jax.degradations.imageops import as_float_image
 from lmdir_jax.degradations.jpeg import jpeg_quality
 from lmdir_jax.degradations.label import KINDS, Label
 from lmdir_jax.degradations.lowlight import lowlight_gamma
-from lmdir_jax.degradations.mixture import KIND_FUNCTIONS
+from lmdir_jax.degradations.mixture import KIND_FUNCTIONS, KindOptions
 from lmdir_jax.degradations.noise import gaussian_noise_sigma
 from lmdir_jax.degradations.resample import downsample_factor
 from lmdir_jax.errors import UsageError
@@ -41,8 +41,9 @@ VALUE_HELP: dict[str, tuple[str, float, float]] = {
 Apply = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, Label]]
 
 
-def _value_fn(kind: str, v: float) -> Apply:
-    """The function applying `kind` with numeric spec value `v` (already range-checked)."""
+def _value_fn(kind: str, v: float, options: dict | None = None) -> Apply:
+    """The function applying `kind` with numeric spec value `v` (already range-checked); `options`
+    are the keyword options of a severity kind's function (`mixture.KindOptions`)."""
     if kind == "noise":
         return lambda im, rng: gaussian_noise_sigma(im, rng, v)
     if kind == "jpeg":
@@ -55,8 +56,8 @@ def _value_fn(kind: str, v: float) -> Apply:
         return lambda im, rng: haze_beta(im, rng, v)
     if kind == "lowlight" and v > 1.0:
         return lambda im, rng: lowlight_gamma(im, rng, v)
-    fn = KIND_FUNCTIONS[kind]
-    return lambda im, rng: fn(im, rng, v)  # a severity (rain, snow, lowlight <= 1)
+    fn, opts = KIND_FUNCTIONS[kind], options or {}
+    return lambda im, rng: fn(im, rng, v, **opts)  # a severity (rain, snow, lowlight <= 1)
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,14 @@ class SpecItem:
         v = self.value
         return f"{self.kind}:{v:g}" if isinstance(v, float) else f"{self.kind}:{v}"
 
-    def apply(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Label]:
-        """Apply this item to an image."""
+    def apply(self, image: np.ndarray, rng: np.random.Generator,
+              options: KindOptions | None = None) -> tuple[np.ndarray, Label]:
+        """Apply this item to an image (with its kind's keyword `options`, if any)."""
+        opts = dict((options or {}).get(self.kind, {}))
         if self.value is None or isinstance(self.value, str):
             sev = DEFAULT_SEVERITY if self.value is None else SEVERITY_LEVELS[self.value]
-            return KIND_FUNCTIONS[self.kind](image, rng, sev)
-        return _value_fn(self.kind, self.value)(image, rng)
+            return KIND_FUNCTIONS[self.kind](image, rng, sev, **opts)
+        return _value_fn(self.kind, self.value, opts)(image, rng)
 
 
 def _bad(part: str, why: str) -> UsageError:
@@ -132,13 +135,15 @@ def format_spec(items: list[SpecItem]) -> str:
 
 
 def apply_spec(
-    image: np.ndarray, spec: str | list[SpecItem], rng: np.random.Generator
+    image: np.ndarray, spec: str | list[SpecItem], rng: np.random.Generator,
+    options: KindOptions | None = None,
 ) -> tuple[np.ndarray, Label]:
-    """Degrade an image by a spec (string or parsed items), in `KINDS` order."""
+    """Degrade an image by a spec (string or parsed items), in `KINDS` order; `options` as in
+    `mixture.sample_degradation`."""
     items = parse_spec(spec) if isinstance(spec, str) else spec
     out = as_float_image(image).copy()
     labels = []
     for it in items:
-        out, lab = it.apply(out, rng)
+        out, lab = it.apply(out, rng, options)
         labels.append(lab)
     return out, Label.merge(labels)
