@@ -8,7 +8,7 @@ from lmdir_jax.data.evaluation import iter_eval_pairs
 from lmdir_jax.data.io import write_image
 from lmdir_jax.data.pipeline import make_train_iterator, pad_to
 from lmdir_jax.data.sources import FolderSource, load_source
-from lmdir_jax.degradations import KINDS, apply_spec, parse_spec
+from lmdir_jax.degradations import KINDS, Label, apply_spec, parse_spec
 from lmdir_jax.errors import UsageError
 
 P = 16
@@ -219,9 +219,32 @@ def test_bad_task_weights(source):
     for bad in (dict(read_threads=0), dict(prefetch=-1)):
         with pytest.raises(UsageError, match="read_threads"):
             make_train_iterator(_config(**bad), source=source, process_index=0, process_count=1)
-    with pytest.raises(UsageError, match=r"data.rain_additive_share must be in \[0, 1\], got 1.5"):
-        make_train_iterator(_config(rain_additive_share=1.5), source=source, process_index=0,
-                            process_count=1)
+    for name in ("rain_additive_share", "noun_text"):
+        with pytest.raises(UsageError, match=rf"data.{name} must be in \[0, 1\], got 1.5"):
+            make_train_iterator(_config(**{name: 1.5}), source=source, process_index=0,
+                                process_count=1)
+
+
+def test_noun_text_tells_the_kinds_nouns_alone():
+    """`data.noun_text` is the share of examples told only their kinds' nouns, the automatic mode's
+    words ('gaussian noise'); the others keep their severity word (without random phrasing)."""
+    from lmdir_jax.data.pipeline import TrainTransform
+
+    item = {"clean": np.random.default_rng(0).random((24, 24, 3)).astype(np.float32), "key": "a"}
+    texts = {}
+    for share in (0.0, 0.5, 1.0):
+        data = _config(noun_text=share, random_phrasing=0.0, mix_prob=0.0).data
+        data.tasks = {"noise": 1.0}
+        transform = TrainTransform(data)
+        texts[share] = [str(transform(item, np.random.default_rng(i))["deg_text"]) for i in range(40)]
+    nouns = {"gaussian noise", "poisson-gaussian noise"}
+    assert set(texts[1.0]) <= nouns
+    assert all(t.split(" ", 1)[1] in nouns and t.split()[0] in ("light", "moderate", "heavy")
+               for t in texts[0.0])
+    assert 10 < sum(t in nouns for t in texts[0.5]) < 30
+    assert Label.merge([Label.single("rain", 0.9), Label.single("noise", 0.2, "gaussian")]).noun_text() == \
+        "rain streaks and gaussian noise"
+    assert Label.merge([]).noun_text() == "no degradation"
 
 
 def test_rain_style_share_reaches_sampled_and_spec_examples():

@@ -36,6 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Probability that a training example's degradation text is a random phrasing of its label
     # ("strong rain", "a photo with mist") instead of the canonical one (robust user-guided text).
     c.random_phrasing = 0.5
+    # Probability that it is only its kinds' nouns ("gaussian noise", `Label.noun_text`), before the
+    # phrasings above: the words the automatic mode tells the network and a user types, which a
+    # network trained on the phrasings alone rarely sees (docs/priors.md, "What the network is told").
+    c.noun_text = 0.25
     # Degradation text given to pairs from a paired-folder source (their label is unknown).
     c.paired_text = ""
     # Validation: a folder (clean images degraded with val_spec at a fixed seed, or a paired folder).

@@ -174,6 +174,7 @@ class TrainTransform:
         self.mix_prob = float(data_config.mix_prob)
         self.max_kinds = int(data_config.max_kinds)
         self.random_phrasing = float(data_config.get("random_phrasing", 0.0))
+        self.noun_text = float(data_config.get("noun_text", 0.0))
         self.kind_options = kind_options(data_config)
         self.paired_text = str(data_config.get("paired_text", ""))
         self.priors = priors
@@ -206,7 +207,10 @@ class TrainTransform:
                 lq, label = sample_degradation(gt, rng, self.weights, self.mix_prob, self.max_kinds,
                                                self.kind_options)
             vector = np.asarray(label.vector(), np.float32)
-            text = label.text(rng) if rng.random() < self.random_phrasing else label.text()
+            if self.noun_text and rng.random() < self.noun_text:
+                text = label.noun_text()
+            else:
+                text = label.text(rng) if rng.random() < self.random_phrasing else label.text()
         out = {
             "lq": np.ascontiguousarray(lq, dtype=np.float32),
             "gt": np.ascontiguousarray(gt, dtype=np.float32),
@@ -245,9 +249,10 @@ def _validate(config, process_count: int) -> int:
             f"data.read_threads must be >= 1 and data.prefetch >= 0, got {d.read_threads} and {d.prefetch}"
         )
     _check_tasks({k: float(v) for k, v in dict(d.tasks).items()}, "data.tasks")
-    share = kind_options(d)["rain"]["additive_share"]
-    if not 0.0 <= share <= 1.0:
-        raise UsageError(f"data.rain_additive_share must be in [0, 1], got {share:g}")
+    for name in ("rain_additive_share", "noun_text", "random_phrasing"):
+        value = float(d.get(name, 0.0))
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"data.{name} must be in [0, 1], got {value:g}")
     for spec in source_specs(d):
         if spec.tasks:
             _check_tasks(dict(spec.tasks), f"data.sources.{spec.name}.tasks")

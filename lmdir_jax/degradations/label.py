@@ -173,6 +173,12 @@ class Label:
         """True when no degradation was applied."""
         return not self.items
 
+    def noun_text(self) -> str:
+        """The kinds' nouns alone, 'rain streaks and gaussian noise' ('no degradation' when clean):
+        what the automatic mode tells the network for one kind (`conditioning_text`) and what a
+        user types."""
+        return _join([d.noun() for d in self.items]) if self.items else CLEAN_TEXT
+
     def text(self, rng: np.random.Generator | None = None) -> str:
         """Canonical phrase ('heavy rain streaks and moderate gaussian noise') or, given rng, one of
         several phrasings of the same content (for training-time text diversity)."""
