@@ -50,6 +50,9 @@ OVERRIDES = [
     "--config.data.val_size=48",
     "--config.data.val_max_images=2",
     "--config.data.mix_prob=0.0",
+    # The texts of the measured runs above: each example its label's canonical text or a random
+    # phrasing of it, none told its nouns alone (the draw of texts decides the run as well).
+    "--config.data.noun_text=0.0",
     *(f"--config.data.tasks.{k}={1.0 if k in TASKS else 0.0}"
       for k in ("noise", "blur", "jpeg", "rain", "haze", "lowlight", "downsample", "snow")),
 ]
