@@ -18,7 +18,7 @@ from lmdir_jax.degradations.imageops import as_float_image
 from lmdir_jax.degradations.jpeg import jpeg_quality
 from lmdir_jax.degradations.label import KINDS, Label
 from lmdir_jax.degradations.lowlight import lowlight_gamma
-from lmdir_jax.degradations.mixture import KIND_FUNCTIONS, KindOptions
+from lmdir_jax.degradations.mixture import KindOptions, degrade
 from lmdir_jax.degradations.noise import gaussian_noise_sigma
 from lmdir_jax.degradations.resample import downsample_factor
 from lmdir_jax.errors import UsageError
@@ -41,9 +41,9 @@ VALUE_HELP: dict[str, tuple[str, float, float]] = {
 Apply = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, Label]]
 
 
-def _value_fn(kind: str, v: float, options: dict | None = None) -> Apply:
+def _value_fn(kind: str, v: float, options: KindOptions | None = None) -> Apply:
     """The function applying `kind` with numeric spec value `v` (already range-checked); `options`
-    are the keyword options of a severity kind's function (`mixture.KindOptions`)."""
+    reach a severity kind's function as in `mixture.degrade`."""
     if kind == "noise":
         return lambda im, rng: gaussian_noise_sigma(im, rng, v)
     if kind == "jpeg":
@@ -56,8 +56,7 @@ def _value_fn(kind: str, v: float, options: dict | None = None) -> Apply:
         return lambda im, rng: haze_beta(im, rng, v)
     if kind == "lowlight" and v > 1.0:
         return lambda im, rng: lowlight_gamma(im, rng, v)
-    fn, opts = KIND_FUNCTIONS[kind], options or {}
-    return lambda im, rng: fn(im, rng, v, **opts)  # a severity (rain, snow, lowlight <= 1)
+    return lambda im, rng: degrade(im, kind, rng, v, options)  # a severity (rain, snow, lowlight <= 1)
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,10 @@ class SpecItem:
     def apply(self, image: np.ndarray, rng: np.random.Generator,
               options: KindOptions | None = None) -> tuple[np.ndarray, Label]:
         """Apply this item to an image (with its kind's keyword `options`, if any)."""
-        opts = dict((options or {}).get(self.kind, {}))
         if self.value is None or isinstance(self.value, str):
             sev = DEFAULT_SEVERITY if self.value is None else SEVERITY_LEVELS[self.value]
-            return KIND_FUNCTIONS[self.kind](image, rng, sev, **opts)
-        return _value_fn(self.kind, self.value, opts)(image, rng)
+            return degrade(image, self.kind, rng, sev, options)
+        return _value_fn(self.kind, self.value, options)(image, rng)
 
 
 def _bad(part: str, why: str) -> UsageError:
