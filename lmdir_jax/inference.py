@@ -244,17 +244,14 @@ def build_priors(
     elif clip is not None and auto:
         vocab = clip.degradation_vocab
         if getattr(clip, "controller", None) is not None:  # trained controller: native crops
-            weights = clip.auto_degradation(image[None, ..., :3])[0]
+            weights, states, masks = clip.auto_degradation(image[None, ..., :3])
         else:
             small = clip_view(image, clip.image_size)
-            weights = clip.auto_degradation(small[None])[0]
+            weights, states, masks = clip.auto_degradation(small[None])
         weights = np.asarray(weights)[0]
         best = int(np.argmax(weights))
-        # The network is told the most likely kind's text, as a user would tell it, not a blend of
-        # every kind's text weighted by the probabilities (a prior it never trained on).
-        _, states, masks = clip.degradation_bank()
-        deg_states, deg_mask = _fit_text(np.asarray(states)[best : best + 1], np.asarray(masks)[best : best + 1],
-                                         text_len)
+        # The network is told the most likely kind's text, as a user would tell it (`most_likely_states`).
+        deg_states, deg_mask = _fit_text(np.asarray(states), np.asarray(masks), text_len)
         choice.mode = "auto"
         choice.degradation = clip.conditioning_texts()[best]  # what the network is told
         choice.probability = float(weights[best])

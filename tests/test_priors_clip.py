@@ -140,8 +140,9 @@ def test_auto_degradation_follows_planted_similarity(clip, monkeypatch):
     logits = clip.logit_scale * np.asarray(feats)[planted] @ np.asarray(feats).T
     expect = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(w, expect / expect.sum(1, keepdims=True), rtol=1e-4)
-    np.testing.assert_allclose(s, np.einsum("bk,ktd->btd", w, np.asarray(states)), atol=1e-5)
-    assert (m == np.asarray(mask).any(axis=0)).all() and m.shape == (3, clip.max_text_len)
+    # the network is told each image's most likely entry, as the automatic mode tells it
+    np.testing.assert_allclose(s, np.asarray(states)[planted], atol=1e-6)
+    assert (m == np.asarray(mask)[planted]).all() and m.shape == (3, clip.max_text_len)
 
 
 def test_auto_degradation_eager_and_default_vocabulary(clip_dir):

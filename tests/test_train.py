@@ -240,6 +240,30 @@ def test_mislead_tells_only_wrong_kinds():
     np.testing.assert_array_equal(np.asarray(same), np.asarray(own))
 
 
+def test_auto_ratio_tells_what_the_automatic_mode_tells(clip_dir):
+    """`priors.auto_ratio` 1: every example is told its most likely vocabulary entry's text, exactly
+    what the automatic mode of `lmdir restore` tells the network for that image (not a blend of
+    the entries' texts weighted by their probabilities)."""
+    import jax.numpy as jnp
+
+    from lmdir_jax.inference import build_priors as inference_priors
+    from lmdir_jax.priors.clip import load_clip
+    from lmdir_jax.train.step import build_priors
+
+    c = load_config("tiny", ["config.priors.auto_ratio=1.0"])
+    clip = load_clip(clip_dir, max_text_len=c.priors.max_text_len)
+    s, b = clip.image_size, 6
+    rng = np.random.default_rng(0)
+    lq = (rng.random((b, 1, 1, 3)) * rng.random((b, s, s, 1))).astype(np.float32)  # tinted noise
+    ids, mask = clip.tokenize(["gaussian noise"] * b)
+    batch = {"lq": jnp.asarray(lq), "deg_ids": jnp.asarray(ids), "deg_tmask": jnp.asarray(mask)}
+    got = build_priors(c, batch, clip, clip.params, jax.random.key(0))
+    for i in range(b):
+        want, _ = inference_priors(lq[i], c, clip, auto_caption=False)
+        np.testing.assert_allclose(np.asarray(got.deg_states[i]), np.asarray(want.deg_states[0]), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got.deg_mask[i]), np.asarray(want.deg_mask[0]))
+
+
 def _start(workdir: Path, cache: Path, extra: list[str] = (), **env: str) -> subprocess.Popen:
     """`lmdir train` in the background, progress lines on stderr (a pipe: no redraws)."""
     cmd = [sys.executable, "-m", "lmdir_jax.cli", "train", "--config", "tiny",

@@ -46,12 +46,14 @@ def _normalize(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
 
-def mix_states(weights: jax.Array, states: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Text states sum_k w_k states_k (B, T, D) of vocabulary weights (B, K), and the union of the
-    vocabulary masks (B, T): the automatic degradation prior of the weights."""
-    mixed = jnp.einsum("bk,ktd->btd", weights, states)
-    union = jnp.broadcast_to(mask.any(axis=0), (weights.shape[0], mask.shape[1]))
-    return mixed, union
+def most_likely_states(
+    weights: jax.Array, states: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The automatic degradation prior of vocabulary weights (B, K): the text states (B, T, D) and
+    mask (B, T) of each example's most likely entry, the text the automatic mode tells the network
+    (a blend of every entry's states weighted by the probabilities is a prior it never sees told)."""
+    best = jnp.argmax(weights, axis=-1)
+    return states[best], mask[best]
 
 
 class ClipPrior:
@@ -220,16 +222,18 @@ class ClipPrior:
         """Pure automatic degradation prior (AutoDIR-style) for use inside a jitted step.
 
         Zero-shot softmax weights (B, K) of the images against the degradation vocabulary (logit
-        scale from the model), the weighted text states sum_k w_k states_k (B, T, D) and the union of
-        the vocabulary masks (B, T). `bank` is `degradation_bank()` (computed eagerly when omitted).
+        scale from the model; a trained controller's when one is attached), and the text states
+        (B, T, D) and mask (B, T) of each image's most likely entry: what the automatic mode tells
+        the network (`most_likely_states`). `bank` is `degradation_bank()` (computed eagerly when
+        omitted).
         """
         feats, states, mask = self.degradation_bank() if bank is None else bank
         if self.controller is not None:  # the trained controller (native-resolution tiles)
-            return (w := self.controller.weights_fn(images), *mix_states(w, states, mask))
+            return (w := self.controller.weights_fn(images), *most_likely_states(w, states, mask))
         img = self.image_features(params, images)
         scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
         weights = jax.nn.softmax(scale * img @ feats.T, axis=-1)
-        return (weights, *mix_states(weights, states, mask))
+        return (weights, *most_likely_states(weights, states, mask))
 
     def attach_controller(self, assessor) -> None:
         """Use a trained DA-CLIP controller (`train.controller.load_controller`) from now on: the
@@ -253,7 +257,8 @@ class ClipPrior:
         return np.asarray(self._jit_image_feats(self.params, jnp.asarray(images, jnp.float32)))
 
     def auto_degradation(self, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask).
+        """Automatic degradation prior of NHWC images in [0, 1]: (weights (B, K), states, mask), the
+        states and mask those of each image's most likely entry (`most_likely_states`).
 
         With a controller attached the weights are its probabilities averaged over native crops of
         each image (give the images at full resolution); otherwise zero-shot CLIP.
@@ -261,7 +266,7 @@ class ClipPrior:
         if self.controller is not None:
             _, states, mask = self.degradation_bank()
             w = np.stack([self.controller.probabilities(img) for img in np.asarray(images, np.float32)])
-            s, m = mix_states(jnp.asarray(w), states, mask)
+            s, m = most_likely_states(jnp.asarray(w), states, mask)
             return w, np.asarray(s), np.asarray(m)
         bank = self.degradation_bank()  # eager, outside the trace; passed as an argument
         w, s, m = self._jit_auto(self.params, jnp.asarray(images, jnp.float32), bank)

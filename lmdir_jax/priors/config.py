@@ -31,8 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
     # step is far cheaper than synthesising its degraded patches, so echoing buys many more steps
     # per CPU second. train.steps and train.ckpt_every must be multiples of E * E.
     c.controller_echo = 1
-    # Training: probability of using the automatic (CLIP zero-shot) degradation prior instead of
-    # the synthesis label's text (teacher forcing).
+    # Training: probability of telling an example the automatic mode's choice (the most likely
+    # vocabulary entry's text, by zero-shot CLIP or the controller) instead of its label's text.
     c.auto_ratio = 0.0
     # Training: probability of telling an example a wrong kind's noun instead of its label's text,
     # so that the network checks the text against the image (an automatic mode's controller is

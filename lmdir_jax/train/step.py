@@ -3,8 +3,9 @@
 
 Degradation prior: the batch's label text is tokenized on the host (`deg_ids`, `deg_tmask`) and the
 frozen CLIP text tower runs inside the step on `clip_params` (an argument that is never
-differentiated); with `priors.auto_ratio > 0` that fraction of examples uses the CLIP image tower's
-zero-shot weighted states instead, and with `priors.wrong_degradation > 0` that fraction is told a
+differentiated); with `priors.auto_ratio > 0` that fraction of examples is told what the
+automatic mode would tell it instead (the most likely vocabulary entry's text, by zero-shot CLIP
+or the attached controller), and with `priors.wrong_degradation > 0` that fraction is told a
 wrong kind's noun (`mislead`). Without CLIP the degradation and scene priors are masked.
 The labels' kind weights (`deg_vector`) enter as `Priors.deg_weights` (PIP's prompt weights), and
 with `model.prompt_module = "pip"` the loss adds `train.pip_orthogonality` times PIP's
