@@ -1,7 +1,9 @@
 """Quick-start config: multi-task restoration trained on the scikit-image sample photos on a CPU.
 
 Run: lmdir train --config configs/quickstart.py --workdir runs/quickstart
-(./scripts/quickstart.sh does this with tiny random priors from `lmdir priors make-tiny`.)
+(./scripts/quickstart.sh does this with tiny random priors from `lmdir priors make-tiny` and a
+controller trained first, adding --config.priors.controller=DIR --config.priors.auto_ratio=0.25:
+a quarter of the examples are told the controller's choice, as the automatic mode tells it.)
 
 Sized for a 2-core CPU: 1500 steps in about 5 minutes, the whole quick start in under 10
 (docs/benchmarks.md).

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Quick start, from nothing: create .venv and install, make tiny random CLIP / Stable Diffusion priors,
-# build the prior cache, train the quick-start model on the photos that ship with scikit-image
-# (less two held-out photos) and a degradation controller for the automatic mode, restore a held-out
-# sample, evaluate blind / automatic / told the degradation (on ../shared test sets, or on the
-# held-out photos without them), and write a report with the three side by side. Re-running resumes
-# training and reuses what is done.
+# build the prior cache, train a degradation controller for the automatic mode, then the quick-start
+# model on the photos that ship with scikit-image (less two held-out photos; a quarter of its
+# examples are told the controller's choice), restore a held-out sample, evaluate blind / automatic /
+# told the degradation (on ../shared test sets, or on the held-out photos without them), and write a
+# report with the three side by side. Re-running resumes training and reuses what is done.
 # Environment: RUN=folder (default runs/quickstart), CONTROLLER_STEPS (default: configs/controller.py's
 # 4096; a multiple of 256). Extra args are passed to `lmdir train`
 # (e.g. ./scripts/quickstart.sh --config.train.steps=200).
@@ -26,14 +26,7 @@ echo "== [2/7] prior cache: captions, CLIP scene states and SD reference images 
 $LMDIR priors build --data skimage --clip "$RUN/priors-tiny/clip" --sd "$RUN/priors-tiny/sd" \
   --output "$RUN/prior-cache" --steps 10
 
-echo "== [3/7] training the quick-start model (configs/quickstart.py)"
-if [ "$(uname)" = Linux ] && ! $PY -c "import sys; from lmdir_jax.runtime import find_tcmalloc; sys.exit(not find_tcmalloc())"; then
-  echo "   (tip: 'sudo apt install libtcmalloc-minimal4' makes CPU training faster; lmdir uses it by itself)"
-fi
-$LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
-  --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" "$@"
-
-echo "== [4/7] degradation controller (DA-CLIP, configs/controller.py): the automatic mode's guess of the degradation"
+echo "== [3/7] degradation controller (DA-CLIP, configs/controller.py): the automatic mode's guess of the degradation"
 # Trained on photos like the test sets' when ../shared has them (BSDS training photos), else on
 # the skimage photos; never on a test folder.
 CONTROLLER_DATA=skimage
@@ -43,6 +36,16 @@ if [ ! -f "$RUN/controller/controller.json" ] || [ ! -d "$RUN/controller/plots" 
     --workdir "$RUN/controller" --config.data.source="$CONTROLLER_DATA" \
     ${CONTROLLER_STEPS:+--config.train.steps=$CONTROLLER_STEPS} --config.data.tasks.downsample=0.0
 fi
+
+echo "== [4/7] training the quick-start model (configs/quickstart.py)"
+if [ "$(uname)" = Linux ] && ! $PY -c "import sys; from lmdir_jax.runtime import find_tcmalloc; sys.exit(not find_tcmalloc())"; then
+  echo "   (tip: 'sudo apt install libtcmalloc-minimal4' makes CPU training faster; lmdir uses it by itself)"
+fi
+# A quarter of the examples are told what the automatic mode would tell them, the controller's
+# choice (priors.auto_ratio), so the network learns what its guesses mean, mistakes included.
+$LMDIR train --config configs/quickstart.py --workdir "$RUN/train" \
+  --config.priors.clip="$RUN/priors-tiny/clip" --config.priors.cache="$RUN/prior-cache" \
+  --config.priors.controller="$RUN/controller" --config.priors.auto_ratio=0.25 "$@"
 
 echo "== [5/7] restoring a sample (noise + JPEG on a held-out photo the model never trained on; blind)"
 SAMPLE=$($PY -c "import os, skimage; print(os.path.join(skimage.data_dir, 'coffee.png'))")
