@@ -60,3 +60,15 @@ def test_unknown_command_exits_2_with_one_line(capsys):
 def test_override_on_command_without_config_exits_2(capsys):
     assert main(["report", "--workdir", "x", "--output", "y.md", "--config.train.steps=3"]) == 2
     assert "no --config overrides" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["config.priors.auto_ratio=25", "config.priors.drop_scene=-0.1"])
+def test_prior_share_outside_0_1_exits_2_before_any_work(tmp_path, capsys, override):
+    """A priors probability outside [0, 1] (auto_ratio=25 for 0.25) is refused in one line, and no
+    run folder is made."""
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--workdir", str(workdir), f"--{override}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = override.split("=")[0].removeprefix("config.")
+    assert len(err) == 1 and f"{name} must be in [0, 1]" in err[0], err
+    assert not workdir.exists()

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from lmdir_jax.errors import UsageError
+
 # Crops per side the degradation controller judges an image by (GRID x GRID native-resolution
 # crops, probabilities averaged): 5 x 5 named 95.6 % of the CBSD68 photos right under 8 single
 # degradations, 3 x 3 94.3 % (docs/priors.md).
@@ -43,3 +45,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.drop_scene = 0.1
     c.drop_reference = 0.2
     return c
+
+
+SHARES = ("auto_ratio", "wrong_degradation", "drop_degradation", "drop_scene", "drop_reference")
+
+
+def check_shares(priors: ml_collections.ConfigDict) -> None:
+    """Raise a UsageError for a `priors` probability (`SHARES`) outside [0, 1], so that a typo such
+    as auto_ratio=25 is refused instead of silently meaning 'always'."""
+    for name in SHARES:
+        value = float(priors.get(name, 0.0))
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"priors.{name} must be in [0, 1], got {value:g}")

@@ -30,6 +30,7 @@ from lmdir_jax.errors import UsageError
 from lmdir_jax.outputs import check_workdir  # noqa: F401  (re-exported)
 from lmdir_jax.priors.cache import PriorCache
 from lmdir_jax.priors.clip import load_clip
+from lmdir_jax.priors.config import check_shares
 from lmdir_jax.train import checkpoints as ckpt
 from lmdir_jax.train import distributed
 from lmdir_jax.train import mesh as mesh_lib
@@ -223,6 +224,7 @@ def train(
     total = int(tc.steps)
     if total < 1:
         raise UsageError(f"train.steps must be >= 1, got {total}")
+    check_shares(config.priors)
     distributed.initialize(float(tc.get("init_timeout_s", 300)))
     mesh = mesh_lib.mesh_from_config(config)
     gbatch = int(config.data.batch_size)
