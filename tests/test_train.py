@@ -264,6 +264,53 @@ def test_auto_ratio_tells_what_the_automatic_mode_tells(clip_dir):
         np.testing.assert_array_equal(np.asarray(got.deg_mask[i]), np.asarray(want.deg_mask[0]))
 
 
+def test_drawn_states_follow_the_probabilities():
+    """`drawn_states` tells each entry about as often as its probability, never a 0 one."""
+    import jax.numpy as jnp
+
+    from lmdir_jax.priors.clip import drawn_states
+
+    k, t, n = 4, 3, 4000
+    states = jnp.arange(k, dtype=jnp.float32)[:, None, None] * jnp.ones((k, t, 2))
+    mask = jnp.arange(t)[None] <= jnp.arange(k)[:, None]  # entry j has j + 1 tokens
+    weights = jnp.tile(jnp.asarray([[0.6, 0.0, 0.3, 0.1]]), (n, 1))
+    got, got_mask = drawn_states(weights, states, mask, jax.random.key(0))
+    picked = np.asarray(got[:, 0, 0]).astype(int)
+    np.testing.assert_array_equal(np.asarray(got_mask), np.asarray(mask)[picked])
+    share = np.bincount(picked, minlength=k) / n
+    np.testing.assert_allclose(share, [0.6, 0.0, 0.3, 0.1], atol=0.03)
+
+
+def test_auto_sample_tells_the_mistakes_of_an_uncertain_guess(clip_dir):
+    """`priors.auto_sample`: an example is told an entry drawn with the automatic mode's
+    probabilities, so an image whose most likely entry is far from sure is sometimes told
+    another; the draw comes from the step's key (same key, same draw)."""
+    import jax.numpy as jnp
+
+    from lmdir_jax.priors.clip import load_clip
+    from lmdir_jax.train.step import build_priors
+
+    c = load_config("tiny", ["config.priors.auto_ratio=1.0", "config.priors.auto_sample=True"])
+    clip = load_clip(clip_dir, max_text_len=c.priors.max_text_len)
+    s, b = clip.image_size, 64
+    lq = np.full((b, s, s, 3), 0.5, np.float32)  # one image, many times: one distribution
+    ids, mask = clip.tokenize(["gaussian noise"] * b)
+    batch = {"lq": jnp.asarray(lq), "deg_ids": jnp.asarray(ids), "deg_tmask": jnp.asarray(mask)}
+    weights = clip.auto_degradation(lq[:1])[0]
+    _, bank, _ = clip.degradation_bank()
+    got = build_priors(c, batch, clip, clip.params, jax.random.key(0))
+    again = build_priors(c, batch, clip, clip.params, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(got.deg_states), np.asarray(again.deg_states))
+    entry = [int(np.argmin(np.abs(np.asarray(bank) - np.asarray(x)[None]).sum((1, 2))))
+             for x in got.deg_states]
+    for i, e in enumerate(entry):  # each example is told one vocabulary entry's text exactly
+        np.testing.assert_allclose(np.asarray(got.deg_states[i]), np.asarray(bank[e]), atol=1e-5)
+    assert float(weights.max()) < 0.9  # a random tiny CLIP is far from sure
+    top = int(np.argmax(weights[0]))
+    assert 0 < entry.count(top) < b  # told the most likely entry often, other entries too
+    assert entry.count(top) / b > float(weights[0].max()) - 0.2
+
+
 def _start(workdir: Path, cache: Path, extra: list[str] = (), **env: str) -> subprocess.Popen:
     """`lmdir train` in the background, progress lines on stderr (a pipe: no redraws)."""
     cmd = [sys.executable, "-m", "lmdir_jax.cli", "train", "--config", "tiny",

@@ -56,6 +56,16 @@ def most_likely_states(
     return states[best], mask[best]
 
 
+def drawn_states(
+    weights: jax.Array, states: jax.Array, mask: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The text states (B, T, D) and mask (B, T) of one vocabulary entry per example, drawn with
+    the probabilities `weights` (B, K): an entry the automatic mode names for an image in a share
+    of such images, its mistakes included (training's `priors.auto_sample`)."""
+    pick = jax.random.categorical(key, jnp.log(jnp.clip(weights, 1e-9)), axis=-1)
+    return states[pick], mask[pick]
+
+
 class ClipPrior:
     """A frozen CLIP model with its tokenizer and preprocessing, as the restoration priors use it.
 

@@ -36,6 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Training: probability of telling an example the automatic mode's choice (the most likely
     # vocabulary entry's text, by zero-shot CLIP or the controller) instead of its label's text.
     c.auto_ratio = 0.0
+    # Training: with auto_ratio, tell an entry drawn with the automatic mode's probabilities instead
+    # of the most likely one, so that the network is told a wrong name about as often as the
+    # automatic mode would nearly give it one (an uncertain guess), and learns to restore all the same.
+    c.auto_sample = False
     # Training: probability of telling an example a wrong kind's noun instead of its label's text,
     # so that the network checks the text against the image (an automatic mode's controller is
     # sometimes wrong on real photos; train.step.mislead).

@@ -5,7 +5,7 @@ Degradation prior: the batch's label text is tokenized on the host (`deg_ids`, `
 frozen CLIP text tower runs inside the step on `clip_params` (an argument that is never
 differentiated); with `priors.auto_ratio > 0` that fraction of examples is told what the
 automatic mode would tell it instead (the most likely vocabulary entry's text, by zero-shot CLIP
-or the attached controller), and with `priors.wrong_degradation > 0` that fraction is told a
+or the attached controller; drawn with its probabilities under `priors.auto_sample`), and with `priors.wrong_degradation > 0` that fraction is told a
 wrong kind's noun (`mislead`). Without CLIP the degradation and scene priors are masked.
 The labels' kind weights (`deg_vector`) enter as `Priors.deg_weights` (PIP's prompt weights), and
 with `model.prompt_module = "pip"` the loss adds `train.pip_orthogonality` times PIP's
@@ -26,6 +26,7 @@ from flax import nnx
 
 from lmdir_jax.degradations.label import KIND_INDEX, KINDS
 from lmdir_jax.models.priors import Priors, drop_priors, kind_weights
+from lmdir_jax.priors.clip import drawn_states
 from lmdir_jax.train.state import TrainSetup, learning_rate_schedule, schedule_length
 
 
@@ -87,7 +88,10 @@ def build_priors(config, batch: dict, clip: Any, clip_params: Any, key: jax.Arra
         deg_states = clip.text_states(clip_params, batch["deg_ids"], deg_mask)
         ratio = float(config.priors.auto_ratio)
         if ratio > 0:
-            _, auto_states, auto_mask = clip.auto_degradation_fn(clip_params, lq)
+            weights, auto_states, auto_mask = clip.auto_degradation_fn(clip_params, lq)
+            if config.priors.get("auto_sample", False):
+                _, states, masks = clip.degradation_bank()
+                auto_states, auto_mask = drawn_states(weights, states, masks, jax.random.fold_in(key, 2))
             use_auto = jax.random.uniform(key, (b,)) < ratio
             deg_states = jnp.where(use_auto[:, None, None], auto_states, deg_states)
             deg_mask = jnp.where(use_auto[:, None], auto_mask, deg_mask)
